@@ -1,0 +1,3 @@
+from amtrain.cli import main
+
+main()

@@ -1,0 +1,278 @@
+"""A dataset is a folder: token shards + `manifest.json`.
+
+    DIR/
+      manifest.json          written last, atomically: the dataset is complete iff it exists
+      train/<unit>.bin       shards (format.py), one per prep unit and split
+      train/<unit>.idx.npy   uint64 start offset of every document in that shard
+      val/...
+      .units/<unit>.json     one record per finished prep unit (resumability)
+
+Prep pipelines cut their input into deterministic *units* (a file, or a byte range of a big
+one) and write each unit's shards in one go through `DatasetBuilder.write_unit`; a rerun skips
+the units whose record exists, so an interrupted prep resumed gives the same shards as an
+uninterrupted one. `finalize` writes the manifest from the records of the planned units.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from amtrain.errors import ShardError
+from amtrain.store.format import open_shard, read_header, write_bytes_atomic, write_shard
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "amtrain-dataset"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ShardRecord:
+    file: str  # relative to the dataset folder
+    split: str
+    num_tokens: int
+    num_docs: int
+    crc32: int
+    source: str = ""
+
+    @property
+    def index_file(self) -> str:
+        return self.file[: -len(".bin")] + ".idx.npy"
+
+
+@dataclass
+class Manifest:
+    tokenizer: str
+    vocab_size: int
+    special_ids: dict[str, int]
+    shards: list[ShardRecord]
+    tokenizer_params: dict = field(default_factory=dict)
+    command: str = ""
+    created: str = ""
+    extra: dict = field(default_factory=dict)  # modality-specific facts (layout, codec, filters...)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def splits(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for s in self.shards:
+            d = out.setdefault(s.split, {"shards": 0, "tokens": 0, "docs": 0})
+            d["shards"] += 1
+            d["tokens"] += s.num_tokens
+            d["docs"] += s.num_docs
+        return out
+
+    def to_json(self) -> str:
+        d = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tokenizer": self.tokenizer,
+             "tokenizer_params": self.tokenizer_params, "vocab_size": self.vocab_size,
+             "special_ids": self.special_ids, "splits": self.splits,
+             "shards": [s.__dict__ for s in self.shards], "command": self.command,
+             "created": self.created, "extra": self.extra, "skipped": self.skipped}
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def load(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise ShardError(f"{folder}: no {MANIFEST}; the folder is not a finished dataset, run `amtrain prep-text` (or prep-midi/prep-audio) into it")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path}: not valid JSON ({e}); re-run prep") from None
+        if d.get("format") != MANIFEST_FORMAT or d.get("version") != MANIFEST_VERSION:
+            raise ShardError(f"{path}: not an amtrain dataset manifest version {MANIFEST_VERSION}; re-run prep")
+        try:
+            return cls(tokenizer=d["tokenizer"], vocab_size=d["vocab_size"], special_ids=d["special_ids"],
+                       shards=[ShardRecord(**s) for s in d["shards"]],
+                       tokenizer_params=d.get("tokenizer_params", {}), command=d.get("command", ""),
+                       created=d.get("created", ""), extra=d.get("extra", {}), skipped=d.get("skipped", []))
+        except (KeyError, TypeError) as e:
+            raise ShardError(f"{path}: malformed manifest ({e}); re-run prep") from None
+
+
+class Dataset:
+    """Read side: a manifest checked against its shards' headers (cheap, on open)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = Manifest.load(self.folder)
+        for s in self.manifest.shards:
+            h = read_header(self.folder / s.file)
+            if h.vocab_size != self.manifest.vocab_size:
+                raise ShardError(f"{self.folder / s.file}: header vocab size {h.vocab_size} contradicts manifest vocab size {self.manifest.vocab_size}; re-run prep")
+            if h.num_tokens != s.num_tokens:
+                raise ShardError(f"{self.folder / s.file}: holds {h.num_tokens} tokens but {MANIFEST} says {s.num_tokens}; the manifest does not match its shards, re-run prep")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    def shards(self, split: str) -> list[ShardRecord]:
+        return [s for s in self.manifest.shards if s.split == split]
+
+    def require_split(self, split: str) -> list[ShardRecord]:
+        shards = self.shards(split)
+        if not shards:
+            have = ", ".join(sorted(self.manifest.splits)) or "none"
+            raise ShardError(f"{self.folder}: no '{split}' split (has: {have}); re-run prep with a {split} fraction")
+        return shards
+
+    def tokens(self, split: str) -> list[np.ndarray]:
+        """One read-only memmap per shard of the split, in manifest order."""
+        return [open_shard(self.folder / s.file) for s in self.require_split(split)]
+
+    def doc_starts(self, record: ShardRecord) -> np.ndarray:
+        path = self.folder / record.index_file
+        try:
+            starts = np.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ShardError(f"{path}: document index unreadable ({e}); re-run prep") from None
+        if starts.size != record.num_docs:
+            raise ShardError(f"{path}: {starts.size} documents but {MANIFEST} says {record.num_docs}; re-run prep")
+        return starts
+
+    def documents(self, split: str):
+        """Yield every document of a split as an array view, in order."""
+        for rec in self.require_split(split):
+            toks = open_shard(self.folder / rec.file)
+            bounds = np.append(self.doc_starts(rec).astype(np.int64), toks.size).tolist()
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                yield toks[a:b]
+
+
+def concat_docs(docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents; return (tokens, start offsets)."""
+    lengths = np.fromiter((d.size for d in docs), dtype=np.uint64, count=len(docs))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64) if docs else np.zeros(0, np.uint64)
+    tokens = np.concatenate(docs) if docs else np.zeros(0, np.uint32)
+    return tokens, starts
+
+
+class DatasetBuilder:
+    """Write side: resumable, unit by unit; the manifest last."""
+
+    def __init__(self, folder: str | Path, tokenizer: str, vocab_size: int, special_ids: dict[str, int],
+                 tokenizer_params: dict | None = None, extra: dict | None = None):
+        self.folder = Path(folder)
+        self.tokenizer = tokenizer
+        self.tokenizer_params = tokenizer_params or {}
+        self.vocab_size = vocab_size
+        self.special_ids = special_ids
+        self.extra = extra or {}
+        (self.folder / ".units").mkdir(parents=True, exist_ok=True)
+
+    def _record_path(self, unit_id: str) -> Path:
+        return self.folder / ".units" / f"{unit_id}.json"
+
+    def load_unit(self, unit_id: str) -> list[ShardRecord] | None:
+        """The unit's shard records if it finished (record and shards present), else None."""
+        path = self._record_path(unit_id)
+        if not path.is_file():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+            if rec["vocab_size"] != self.vocab_size or rec["tokenizer"] != self.tokenizer:
+                return None  # made with another tokenizer: redo
+            shards = [ShardRecord(**s) for s in rec["shards"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+        if all((self.folder / s.file).is_file() for s in shards):
+            return shards
+        return None
+
+    def write_unit(self, unit_id: str, docs_by_split: dict[str, list[np.ndarray]], source: str = "",
+                   max_shard_tokens: int = 1 << 28) -> list[ShardRecord]:
+        """Write one unit's documents as shards (one per split, more if over max_shard_tokens),
+        then the unit's record. Documents never straddle shards."""
+        records = []
+        for split, docs in sorted(docs_by_split.items()):
+            for part, group in enumerate(_group_docs(docs, max_shard_tokens)):
+                name = f"{split}/{unit_id}" + (f"-{part}" if part else "")
+                tokens, starts = concat_docs(group)
+                header = write_shard(self.folder / f"{name}.bin", tokens, self.vocab_size)
+                rec = ShardRecord(f"{name}.bin", split, int(tokens.size), len(group), header.crc32, source)
+                _save_npy_atomic(self.folder / rec.index_file, starts)
+                records.append(rec)
+        body = {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "source": source,
+                "shards": [r.__dict__ for r in records]}
+        write_bytes_atomic(self._record_path(unit_id), json.dumps(body).encode())
+        return records
+
+    def finalize(self, unit_ids: list[str], skipped: list[dict] | None = None, command: str | None = None) -> Manifest:
+        shards = []
+        for uid in unit_ids:
+            recs = self.load_unit(uid)
+            assert recs is not None, f"unit {uid} not finished before finalize"
+            shards.extend(recs)
+        manifest = Manifest(self.tokenizer, self.vocab_size, self.special_ids, shards,
+                            tokenizer_params=self.tokenizer_params,
+                            command=command if command is not None else _invocation(),
+                            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=self.extra,
+                            skipped=skipped or [])
+        write_bytes_atomic(self.folder / MANIFEST, manifest.to_json().encode())
+        return manifest
+
+
+def _invocation() -> str:
+    argv0 = Path(sys.argv[0]).name
+    prog = "amtrain" if argv0 in ("amtrain", "__main__.py") else sys.argv[0]
+    return shlex.join([prog, *sys.argv[1:]])
+
+
+def _group_docs(docs: list[np.ndarray], max_tokens: int):
+    group, n = [], 0
+    for d in docs:
+        if group and n + d.size > max_tokens:
+            yield group
+            group, n = [], 0
+        group.append(d)
+        n += d.size
+    if group:
+        yield group
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def validate_dataset(folder: str | Path) -> list[str]:
+    """Full scan: manifest vs shards, every shard's header, checksum and ids, document indexes."""
+    from amtrain.store.format import validate_shard
+
+    folder = Path(folder)
+    try:
+        manifest = Manifest.load(folder)
+    except ShardError as e:
+        return [str(e)]
+    problems = []
+    for rec in manifest.shards:
+        path = folder / rec.file
+        found = validate_shard(path, manifest.vocab_size)
+        problems += found
+        if found:
+            continue
+        h = read_header(path)
+        if h.num_tokens != rec.num_tokens:
+            problems.append(f"{path}: holds {h.num_tokens} tokens but {MANIFEST} says {rec.num_tokens}")
+        if h.crc32 != rec.crc32:
+            problems.append(f"{path}: checksum {h.crc32:#010x} differs from {MANIFEST}'s {rec.crc32:#010x}; the shard was replaced")
+        try:
+            starts = np.load(folder / rec.index_file)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"{folder / rec.index_file}: document index unreadable ({e})")
+            continue
+        if starts.size != rec.num_docs:
+            problems.append(f"{folder / rec.index_file}: {starts.size} documents, {MANIFEST} says {rec.num_docs}")
+        elif starts.size and (starts[0] != 0 or np.any(np.diff(starts.astype(np.int64)) <= 0) or starts[-1] >= h.num_tokens):
+            problems.append(f"{folder / rec.index_file}: document offsets are not increasing within the shard")
+    return problems

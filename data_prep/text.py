@@ -1,0 +1,209 @@
+"""Text corpora (.txt, .jsonl) -> token shards (`amtrain prep-text`).
+
+Documents:
+  .txt   `--txt-docs paragraph` (default): blank-line separated; `line`: one per line;
+         `file`: the whole file.
+  .jsonl one JSON object per line; the document is its `--text-field` (default "text").
+Every document is preceded by the end-of-text id (as modded-nanogpt's fineweb.py does), and
+goes to train or val by a hash of its UTF-8 bytes, so the split is deterministic and does not
+depend on file order or on how the corpus is cut into units.
+
+Big files are cut into units of about `unit_bytes` at document boundaries; each unit becomes
+its own shards. Units already finished are skipped, so a rerun resumes (and is idempotent).
+Encoding runs tiktoken's `encode_ordinary_batch` over all cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from amtrain.store import DatasetBuilder
+from amtrain.tokens import get_tokenizer
+from data_prep.common import SkipReport, expand_inputs, progress
+
+SUFFIXES = (".txt", ".jsonl")
+DOC_MODES = ("paragraph", "line", "file")
+_SEPARATORS = {"paragraph": b"\n\n", "line": b"\n"}
+_PARAGRAPH_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    path: Path
+    start: int  # nominal byte range; real boundaries move forward to the next separator
+    end: int
+    sep: bytes | None
+
+
+@dataclass
+class PrepSummary:
+    docs: dict[str, int]
+    tokens: dict[str, int]
+    bytes_read: int
+    seconds: float
+    units_done: int
+    units_skipped_finished: int
+    skipped: list[dict]
+    out: Path
+
+
+def plan_units(files: list[Path], txt_docs: str, unit_bytes: int, salt: str) -> list[Unit]:
+    units = []
+    for i, path in enumerate(files):
+        st = path.stat()
+        mode = "line" if path.suffix.lower() == ".jsonl" else txt_docs
+        sep = _SEPARATORS.get(mode)
+        num = max(1, -(-st.st_size // unit_bytes)) if sep else 1
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{salt}".encode()
+        tag = hashlib.sha1(key).hexdigest()[:10]
+        for k in range(num):
+            end = (k + 1) * unit_bytes if k + 1 < num else st.st_size
+            units.append(Unit(f"{i:05d}-{k:04d}-{tag}", path, k * unit_bytes, end, sep))
+    return units
+
+
+def read_unit(unit: Unit) -> bytes:
+    """The unit's bytes: from the first separator at/after `start` (0 for the first unit) up to
+    and including the first separator at/after `end`, so no document is cut."""
+    with open(unit.path, "rb") as f:
+        begin = 0 if unit.start == 0 else _next_boundary(f, unit.start, unit.sep)
+        stop = _next_boundary(f, unit.end, unit.sep) if unit.sep else None
+        f.seek(begin)
+        return f.read() if stop is None else f.read(max(0, stop - begin))
+
+
+def _next_boundary(f, pos: int, sep: bytes) -> int:
+    """Offset just after the first `sep` that ends at or after `pos` (EOF if none)."""
+    f.seek(max(0, pos - len(sep) + 1))
+    base = f.tell()
+    buf = b""
+    while True:
+        chunk = f.read(1 << 16)
+        buf += chunk
+        i = buf.find(sep)
+        if i >= 0:
+            return base + i + len(sep)
+        if not chunk:
+            return base + len(buf)
+        keep = len(sep) - 1
+        base += len(buf) - keep
+        buf = buf[len(buf) - keep:] if keep else b""
+
+
+def split_documents(raw: bytes, path: Path, mode: str, text_field: str, errors: str) -> tuple[list[str], int]:
+    """-> (documents, number of bad jsonl records). Raises UnicodeDecodeError under errors='strict'."""
+    text = raw.decode("utf-8", errors=errors)
+    if path.suffix.lower() == ".jsonl":
+        docs, bad = [], 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                bad += 1
+                continue
+            if isinstance(value, str) and value:
+                docs.append(value)
+            else:
+                bad += 1
+        return docs, bad
+    if mode == "file":
+        return ([text] if text.strip() else []), 0
+    parts = _PARAGRAPH_SPLIT.split(text) if mode == "paragraph" else text.split("\n")
+    return [p.strip("\n") for p in parts if p.strip()], 0
+
+
+def is_val(doc: str, val_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+def encode_docs(tok, docs: list[str], num_threads: int) -> list[np.ndarray]:
+    """Each document as [EOT, *ids] in the smallest dtype that holds the vocabulary."""
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    out = []
+    for ids in tok.encode_batch(docs, num_threads=num_threads):
+        a = np.empty(len(ids) + 1, dtype=dtype)
+        a[0] = tok.eot_id
+        a[1:] = ids
+        out.append(a)
+    return out
+
+
+def prep_text(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", txt_docs: str = "paragraph",
+              text_field: str = "text", val_fraction: float = 0.05, errors: str = "replace",
+              workers: int = 1, unit_bytes: int = 32 << 20, show_progress: bool = True) -> PrepSummary:
+    from amtrain.errors import UserError
+
+    if txt_docs not in DOC_MODES:
+        raise UserError(f"--txt-docs {txt_docs!r}: choose one of {', '.join(DOC_MODES)}")
+    if errors not in ("replace", "strict"):
+        raise UserError(f"--errors {errors!r}: choose 'replace' (U+FFFD for bad bytes) or 'strict' (skip the file)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    tok = get_tokenizer(tokenizer)
+    files = expand_inputs(inputs, SUFFIXES)
+    salt = f"{tokenizer}|{txt_docs}|{text_field}|{val_fraction}|{errors}|{unit_bytes}"
+    units = plan_units(files, txt_docs, unit_bytes, salt)
+    builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
+                             extra={"modality": "text", "txt_docs": txt_docs, "text_field": text_field,
+                                    "val_fraction": val_fraction, "eot_prepended": True})
+    skips = SkipReport()
+    docs_n = {"train": 0, "val": 0}
+    toks_n = {"train": 0, "val": 0}
+    done_units, resumed, nbytes = [], 0, 0
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("prep-text", total=len(units), visible=show_progress)
+        for unit in units:
+            records = builder.load_unit(unit.id)
+            if records is None:
+                records, read = _run_unit(unit, tok, builder, txt_docs, text_field, errors, val_fraction, workers, skips)
+                nbytes += read
+            else:
+                resumed += 1
+            bar.advance(task)
+            if records is None:
+                continue
+            done_units.append(unit.id)
+            for r in records:
+                docs_n[r.split] += r.num_docs
+                toks_n[r.split] += r.num_tokens
+    builder.finalize(done_units, skipped=skips.items)
+    return PrepSummary(docs_n, toks_n, nbytes, time.perf_counter() - t0, len(done_units) - resumed,
+                       resumed, skips.items, Path(out))
+
+
+def _run_unit(unit, tok, builder, txt_docs, text_field, errors, val_fraction, workers, skips):
+    try:
+        raw = read_unit(unit)
+    except FileNotFoundError:
+        skips.add(unit.path, "file disappeared during the run")
+        return None, 0
+    except OSError as e:
+        skips.add(unit.path, f"unreadable ({e.strerror})")
+        return None, 0
+    mode = "line" if unit.path.suffix.lower() == ".jsonl" else txt_docs
+    try:
+        docs, bad = split_documents(raw, unit.path, mode, text_field, errors)
+    except UnicodeDecodeError as e:
+        skips.add(unit.path, f"invalid UTF-8 at byte {unit.start + e.start}; rerun with --errors replace to keep it")
+        return None, len(raw)
+    if bad:
+        skips.add(unit.path, f"{bad} jsonl records without a string {text_field!r} field (records skipped)", fatal=False)
+    if not docs and unit.start == 0 and not raw.strip():
+        skips.add(unit.path, "empty file", fatal=False)
+    encoded = encode_docs(tok, docs, workers)
+    by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for doc, ids in zip(docs, encoded, strict=True):
+        by_split["val" if is_val(doc, val_fraction) else "train"].append(ids)
+    return builder.write_unit(unit.id, by_split, source=f"{unit.path}:{unit.start}"), len(raw)
