@@ -1,0 +1,1 @@
+"""Batches from shards: packing, span corruption, curriculum, priority sampling; rank-aware, resumable."""

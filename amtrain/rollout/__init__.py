@@ -1,0 +1,1 @@
+"""Generation: sampling, KV cache, continuation / infill strategies, stitching, decoding to files."""

@@ -1,0 +1,1 @@
+"""Training: the ONLY place that imports deepspeed / torch.distributed (engine, loop, checkpoints, logging)."""
