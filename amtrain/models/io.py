@@ -22,6 +22,7 @@ from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.models.decoder import Decoder, DecoderConfig
+from amtrain.models.lstm import LSTMLM, LSTMConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -36,6 +37,7 @@ def register_arch(name: str, config_cls: type, model_cls: type[nn.Module]) -> No
 
 
 register_arch("decoder", DecoderConfig, Decoder)
+register_arch("lstm", LSTMConfig, LSTMLM)
 
 
 def arch_of(model: nn.Module) -> str:
