@@ -17,15 +17,27 @@ channel 10. Velocity is AMT's default 72 (events carry none).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from amtrain.midi.events import Notes
-from amtrain.tokens.midi import (ANTICIPATE, AUTOREGRESS, CONTROL_OFFSET, DRUMS, DUR_OFFSET,
-                                 MAX_DUR, MAX_NOTE, MAX_PITCH, MAX_TIME, NOTE_OFFSET, REST,
-                                 SEPARATOR, TIME_RESOLUTION, VOCAB_SIZE)
+from amtrain.tokens.midi import (
+    ANTICIPATE,
+    AUTOREGRESS,
+    CONTROL_OFFSET,
+    DRUMS,
+    DUR_OFFSET,
+    MAX_DUR,
+    MAX_NOTE,
+    MAX_PITCH,
+    MAX_TIME,
+    NOTE_OFFSET,
+    REST,
+    SEPARATOR,
+    TIME_RESOLUTION,
+)
 
 TICKS_PER_QUARTER = TIME_RESOLUTION // 2  # 120 bpm: 2 quarters a second -> 1 tick = 10 ms
 DEFAULT_VELOCITY = 72
@@ -41,6 +53,8 @@ class DecodeReport:
     num_flags: int = 0
     num_invalid: int = 0  # ids skipped one by one
     num_malformed: int = 0  # time ids whose triple was broken
+    is_control: np.ndarray | None = None  # (num_notes,) bool, aligned with the returned notes
+    boundaries: list[int] = field(default_factory=list)  # bins where each later piece starts
 
     def summary(self) -> str:
         return (f"{self.num_ids} ids -> {self.num_notes} notes ({self.num_controls} from controls), "
@@ -74,6 +88,7 @@ def ids_to_notes(ids) -> tuple[Notes, DecodeReport]:
             rep.num_separators += 1
             offset += track_max
             track_max = 0
+            rep.boundaries.append(offset)
             i += 3
             continue
         is_time = 0 <= x < MAX_TIME or CONTROL_OFFSET <= x < CONTROL_OFFSET + MAX_TIME
@@ -94,11 +109,12 @@ def ids_to_notes(ids) -> tuple[Notes, DecodeReport]:
         rep.num_controls += base > 0
         track_max = max(track_max, t + d)
         instr, pitch = divmod(n - NOTE_OFFSET, MAX_PITCH)
-        rows.append((t + offset, d, pitch, instr))
+        rows.append((t + offset, d, pitch, instr, base > 0))
     rep.num_notes = len(rows)
-    a = np.array(rows, np.int64).reshape(-1, 4)
+    a = np.array(rows, np.int64).reshape(-1, 5)
     order = np.argsort(a[:, 0], kind="stable")
     a = a[order]
+    rep.is_control = a[:, 4].astype(bool)
     notes = Notes(a[:, 0], a[:, 1], a[:, 2], a[:, 3], np.full(len(a), DEFAULT_VELOCITY, np.int64))
     return notes, rep
 

@@ -35,8 +35,15 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from amtrain.tokens.midi import (DRUMS, DUR_OFFSET, MAX_DUR, MAX_PITCH, NOTE_OFFSET, TIME_OFFSET,
-                                 TIME_RESOLUTION)
+from amtrain.tokens.midi import (
+    DRUMS,
+    DUR_OFFSET,
+    MAX_DUR,
+    MAX_PITCH,
+    NOTE_OFFSET,
+    TIME_OFFSET,
+    TIME_RESOLUTION,
+)
 
 DEFAULT_TEMPO = 500000  # microseconds per quarter note (120 bpm), mido's DEFAULT_TEMPO
 MAX_MESSAGE_LENGTH = 1000000  # mido's limit on one message's payload

@@ -25,11 +25,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from amtrain.tokens.midi import (ANTICIPATE, ATIME_OFFSET, AUTOREGRESS, CONTROL_OFFSET, DELTA,
-                                 DUR_OFFSET, EVENT_SIZE, MAX_PITCH, MAX_TIME, MAX_TRACK_INSTR,
-                                 MAX_TRACK_TIME_IN_SECONDS, MIN_TRACK_EVENTS,
-                                 MIN_TRACK_TIME_IN_SECONDS, NOTE_OFFSET, REST, SEPARATOR,
-                                 TIME_OFFSET, TIME_RESOLUTION, M)
+from amtrain.tokens.midi import (
+    ANTICIPATE,
+    ATIME_OFFSET,
+    AUTOREGRESS,
+    CONTROL_OFFSET,
+    DELTA,
+    DUR_OFFSET,
+    EVENT_SIZE,
+    MAX_PITCH,
+    MAX_TIME,
+    MAX_TRACK_INSTR,
+    MAX_TRACK_TIME_IN_SECONDS,
+    MIN_TRACK_EVENTS,
+    MIN_TRACK_TIME_IN_SECONDS,
+    NOTE_OFFSET,
+    REST,
+    SEPARATOR,
+    TIME_OFFSET,
+    TIME_RESOLUTION,
+    M,
+)
 
 ANTICIPATION_RATES = 10
 SPAN_RATE = 0.05  # AMT's lambda for span augmentation: a span every 20 s on average
