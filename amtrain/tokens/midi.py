@@ -136,5 +136,8 @@ class MidiTokenizer:
             out.append("+" + ",".join(map(str, ids[len(ids) - tail:])))
         return " | ".join(out)
 
+    def layout(self) -> list[tuple[str, int, int, str]]:
+        return layout()
+
     def params(self) -> dict:
         return {}
