@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 
 from amtrain.midi.events import notes_to_events, read_notes
 from amtrain.midi.tokenize import anticipate, drop_reason, pad, relativize, tokenize_pieces
-from amtrain.tokens.midi import (ATIME_OFFSET, CONTROL_OFFSET, DELTA, DUR_OFFSET, NOTE_OFFSET, REST,
-                                 SEPARATOR, TIME_RESOLUTION)
+from amtrain.tokens.midi import (
+    ATIME_OFFSET,
+    CONTROL_OFFSET,
+    DELTA,
+    DUR_OFFSET,
+    NOTE_OFFSET,
+    REST,
+    SEPARATOR,
+    TIME_RESOLUTION,
+)
 from tests import reference_amt as ref
 from tests.midi_helpers import MIDI_FILES, SMALL_FILES
 

@@ -93,14 +93,10 @@ def _load_ids(tokens: Path, line: int):
 
     if not tokens.is_file():
         raise UserError(f"{tokens}: no such token file; give a .txt of ids (one sequence a line) or a .npy")
-    seqs = read_token_file(tokens)
+    seqs = read_token_file(tokens, line)
     if not seqs:
         raise UserError(f"{tokens}: no token lines")
-    if line == 0:
-        return np.concatenate(seqs)
-    if not 1 <= line <= len(seqs):
-        raise UserError(f"--line {line}: {tokens} has {len(seqs)} sequences (1..{len(seqs)}, or 0 for all)")
-    return seqs[line - 1]
+    return np.concatenate(seqs)
 
 
 def decode_midi(
