@@ -61,7 +61,7 @@ def prep_midi(
         s = import_token_files([str(p) for p in from_tokens], out, token_split)
         lens = ", ".join(f"{n:,} x {length}" for length, n in sorted(s.lengths.items()))
         con.print(f"[bold]{out}[/]: imported {s.num_sequences:,} sequences, {s.num_tokens:,} ids into "
-                  f"'{token_split}' ({lens or 'resumed'}); {s.num_bad_lines} bad lines skipped", highlight=False)
+                  f"'{token_split}' ({lens or 'resumed'}); {s.num_bad_lines} bad lines skipped", highlight=False, soft_wrap=True)
         if s.num_bad_lines:
             raise typer.Exit(1)
         return
@@ -74,12 +74,12 @@ def prep_midi(
     con.print(
         f"[bold]{out}[/]: {s.num_files} files ({s.num_resumed} already parsed, {s.num_corrupt} corrupt skipped); "
         f"pieces kept train/val/test {s.num_pieces['train']}/{s.num_pieces['val']}/{s.num_pieces['test']}; "
-        f"dropped by filters: {drops}", highlight=False)
+        f"dropped by filters: {drops}", highlight=False, soft_wrap=True)
     con.print(
         f"sequences train/val/test {s.num_sequences['train']:,}/{s.num_sequences['val']:,}/{s.num_sequences['test']:,} "
         f"(1024 ids each); {s.num_rests:,} REST events, {s.num_truncated:,} durations capped, "
         f"{s.num_dropped_overflow} sequences dropped (time >= 100 s); parse {s.files_per_s:.1f} files/s, "
-        f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s", highlight=False)
+        f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s", highlight=False, soft_wrap=True)
     if s.num_corrupt:
         Console(stderr=True).print(f"[red]{s.num_corrupt} file(s) skipped as unreadable/corrupt[/]; the rest is written")
         raise typer.Exit(1)
@@ -143,7 +143,7 @@ def vocab(name: str = typer.Argument(..., help="Tokenizer: midi | gpt2 | ascii |
     tok = get_tokenizer(name)
     con = Console()
     con.print(f"[bold]{tok.name}[/]: vocab size {tok.vocab_size:,}; eot {tok.eot_id}; specials {tok.special_ids}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     layout = getattr(tok, "layout", None)  # tokenizers with blocks describe them
     if callable(layout):
         table = Table("block", "offset", "size", "last id", "meaning")
