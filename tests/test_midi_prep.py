@@ -87,6 +87,12 @@ def test_parallel_equals_serial_and_md5_split(tmp_path):
         assert _docs(tmp_path / "a", split) == _docs(tmp_path / "b", split)
     assert a.num_sequences == b.num_sequences
     digits = {f.name: hashlib.md5(f.read_bytes()).hexdigest()[0] for f in MIDI_FILES}
+    # AMT's Lakh layout: one stream per first MD5 digit, each seeded 0, train = digits 0-d in order
+    expected = []
+    for digit in "0123456789abcd":
+        members = [str(f) for f in MIDI_FILES if digits[f.name] == digit]
+        expected += ref.tokenize(members, 3)[0] if members else []
+    assert _docs(tmp_path / "a", "train") == expected
     assert a.num_pieces["val"] == sum(d == "e" for d in digits.values())
     assert a.num_pieces["test"] == sum(d == "f" for d in digits.values())
     # val/test are never augmented: every val sequence is autoregressive
