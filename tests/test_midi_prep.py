@@ -16,7 +16,7 @@ from amtrain.store import Dataset
 from amtrain.tokens.midi import DRUMS, VOCAB_SIZE
 from data_prep.midi import MidiPrepConfig, apply_variant, file_split, import_token_files, prep_midi
 from tests import reference_amt as ref
-from tests.midi_helpers import MIDI_DIR, MIDI_FILES, smf
+from tests.midi_helpers import MIDI_DIR, MIDI_FILES, smf, vlq
 
 
 def _docs(folder, split):
@@ -34,6 +34,8 @@ def corpus(tmp_path_factory):
     (d / "zz_empty.mid").write_bytes(b"")
     (d / "zz_text.midi").write_bytes(b"this is not MIDI at all\n")
     (d / "zz_absurd.mid").write_bytes(smf([b"\xff\xff\xff\xff\x7f\x90\x3c\x40\x00\xff\x2f\x00"]))
+    notes = b"".join(vlq(48) + bytes([0x90, 60 + i, 64]) + vlq(48) + bytes([0x80, 60 + i, 0]) for i in range(20))
+    (d / "yy_valid_but_short.mid").write_bytes(smf([notes + b"\x00\xff\x2f\x00"]))  # 20 notes, 10 s
     return d
 
 
@@ -57,7 +59,9 @@ def test_shards_equal_amt_sequences(prepped):
 
 def test_corrupt_files_are_reported_by_name_and_batch_goes_on(prepped):
     out, s = prepped
-    assert s.num_corrupt == 4 and s.num_files == len(MIDI_FILES) + 4
+    assert s.num_corrupt == 4 and s.num_files == len(MIDI_FILES) + 5
+    assert s.dropped == {"few_events": 1, "short": 0, "long": 0, "instruments": 0}
+    assert s.num_pieces == {"train": len(MIDI_FILES), "val": 0, "test": 0}
     reasons = {i["file"].rsplit("/", 1)[-1]: i["reason"] for i in Dataset(out).manifest.skipped}
     assert "truncated" in reasons["zz_truncated.mid"] and "empty" in reasons["zz_empty.mid"]
     assert "not a MIDI file" in reasons["zz_text.midi"] and "absurd tick" in reasons["zz_absurd.mid"]

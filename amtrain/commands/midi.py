@@ -129,7 +129,7 @@ def plot_midi(
             raise UserError(f"{source}: {e}") from None
         typer.echo(f"{out}: piano roll of {source}")
         return
-    _, rep = plot_ids(_load_ids(source, line), out, title=source.name)
+    _, rep = plot_ids(_load_ids(source, line), out, title=f"{source.name}, " + (f"line {line}" if line else "all lines"))
     typer.echo(f"{out}: {rep.summary()}")
 
 
