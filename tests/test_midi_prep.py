@@ -157,3 +157,12 @@ def test_prep_midi_command(repo_root, corpus, tmp_path):
     assert r.returncode == 1  # corrupt inputs make the exit code non-zero, the rest is written
     assert "zz_truncated.mid" in r.stderr and "4 file(s) skipped" in r.stderr
     assert "dropped by filters" in r.stdout and Dataset(tmp_path / "c").manifest.splits["train"]["docs"] > 0
+
+
+def test_from_tokens_command(repo_root, tmp_path):
+    txt = tmp_path / "tokenized-events-e.txt"
+    txt.write_text("55026 0 10010 11060\n55026 5 99999 11060\n")
+    r = subprocess.run([sys.executable, "-m", "amtrain", "prep-midi", "--from-tokens", str(txt), "--token-split", "val",
+                        "--out", str(tmp_path / "t")], cwd=repo_root, capture_output=True, text=True)
+    assert r.returncode == 1 and f"{txt}:2" in r.stderr and "99999 outside" in r.stderr
+    assert "imported 1 sequences" in r.stdout and _docs(tmp_path / "t", "val") == [[55026, 0, 10010, 11060]]
