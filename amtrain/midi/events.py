@@ -59,10 +59,11 @@ _ERRORS = {
     4: "undefined status byte",
     5: "data byte above 127",
     6: "message longer than 1,000,000 bytes",
-    7: "delta time longer than 4 bytes (absurd tick value)",
+    7: "variable-length number longer than 4 bytes (absurd tick value)",
     8: "meta message too short for its type",
     9: "invalid key signature",
     10: "absolute tick beyond 2^53 (absurd tick value)",
+    11: "running status after a message that has no data bytes",
 }
 
 # bytes in a channel/system message including the status byte; 0 = undefined (mido's SPEC_BY_STATUS)
@@ -187,7 +188,7 @@ def _scan(buf, length, meta_min):
                     return 6, pos, fmt, tpb, tick, kind, chan, d1, d2, n
                 if pos + mlen > buf.size:
                     return 1, pos, fmt, tpb, tick, kind, chan, d1, d2, n
-                if mlen < meta_min[mtype] and not (mtype == 0x00 and mlen == 0):
+                if mlen < meta_min[mtype]:
                     return 8, pos, fmt, tpb, tick, kind, chan, d1, d2, n
                 if mtype == 0x00 and mlen == 1:
                     return 8, pos, fmt, tpb, tick, kind, chan, d1, d2, n
@@ -218,6 +219,8 @@ def _scan(buf, length, meta_min):
                 mlen = length[status]
                 if mlen == 0:
                     return 4, pos, fmt, tpb, tick, kind, chan, d1, d2, n
+                if peek >= 0 and mlen < 2:
+                    return 11, pos, fmt, tpb, tick, kind, chan, d1, d2, n
                 need = mlen - 1 - (1 if peek >= 0 else 0)
                 if pos + need > buf.size:
                     return 1, pos, fmt, tpb, tick, kind, chan, d1, d2, n
