@@ -111,3 +111,39 @@ def test_semantics_match_mido_on_edge_cases(tmp_path):
     path = tmp_path / "edge.mid"
     path.write_bytes(smf([t1, t2]))
     assert read_notes(path).to_compound() == ref.midi_to_compound(str(path))
+
+
+def _random_midi(rng: np.random.Generator, path):
+    """A random but valid multi-track file: notes with overlaps and velocity-0 offs, program and
+    tempo changes, controls, pitch bends, text metas, drums, several tracks sharing channels."""
+    mid = mido.MidiFile(type=int(rng.integers(0, 2)), ticks_per_beat=int(rng.choice([96, 120, 384, 480, 1000, 10080])))
+    for _ in range(1 if mid.type == 0 else int(rng.integers(1, 5))):
+        track = mido.MidiTrack()
+        for _ in range(int(rng.integers(20, 200))):
+            dt = int(rng.choice([0, 0, 1, 7, 24, 30, 60, 120, 240, 1000]))
+            ch = int(rng.choice([0, 1, 2, 9]))
+            kind = rng.integers(0, 10)
+            if kind < 4:
+                msg = mido.Message("note_on", channel=ch, note=int(rng.integers(55, 62)), velocity=int(rng.integers(1, 128)), time=dt)
+            elif kind < 7:
+                msg = mido.Message("note_on" if kind == 6 else "note_off", channel=ch, note=int(rng.integers(55, 62)), velocity=0, time=dt)
+            elif kind == 7:
+                msg = mido.Message("program_change", channel=ch, program=int(rng.integers(0, 128)), time=dt)
+            elif kind == 8:
+                msg = mido.MetaMessage("set_tempo", tempo=int(rng.integers(200000, 1500000)), time=dt)
+            else:
+                msg = rng.choice([mido.Message("control_change", channel=ch, control=64, value=127, time=dt),
+                                  mido.Message("pitchwheel", channel=ch, pitch=100, time=dt),
+                                  mido.MetaMessage("text", text="x", time=dt)])
+            track.append(msg)
+        mid.tracks.append(track)
+    mid.save(path)
+
+
+def test_random_files_identical_to_amt(tmp_path):
+    """60 random files: every message kind AMT looks at, ties at half bins, FIFO pairing."""
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        path = tmp_path / f"r{i}.mid"
+        _random_midi(rng, path)
+        assert read_notes(path).to_compound() == ref.midi_to_compound(str(path)), f"file {i}"
