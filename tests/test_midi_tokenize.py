@@ -21,7 +21,7 @@ from amtrain.tokens.midi import (
     TIME_RESOLUTION,
 )
 from tests import reference_amt as ref
-from tests.midi_helpers import MIDI_FILES, SMALL_FILES
+from tests.midi_helpers import MIDI_DIR, MIDI_FILES, SMALL_FILES
 
 
 def ours(files, augment):
@@ -57,7 +57,7 @@ def test_augment_1_identical_to_amt_all_files_one_stream():
 @pytest.mark.slow
 def test_augment_10_identical_to_amt():
     """AMT's training augmentation (spans, random, instrument subsets) with the same RNG draws."""
-    got = assert_same(SMALL_FILES + [MIDI_FILES[0]], 10)
+    got = assert_same(SMALL_FILES + [MIDI_DIR / "music21_test04_beethoven_sym7_mvt2.mid"], 10)  # 10 instruments
     flags = {int(s[0]) for s in got}
     assert flags == {ref.AUTOREGRESS, ref.ANTICIPATE}
 
