@@ -108,6 +108,7 @@ class UnitResult:
     num_notes: int = 0
     reasons: list[str] = field(default_factory=list)  # per variant: "" kept, else drop reason
     md5: str = ""
+    num_out_of_range: int = 0  # notes transposed out of 0..127, dropped (all variants)
 
 
 def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
@@ -129,7 +130,8 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
     variants = cfg.variants() if res.split == "train" else [(0, 1.0)]
     arrays = {}
     for v, (semi, factor) in enumerate(variants):
-        vnotes, _ = apply_variant(notes, semi, factor) if (semi, factor) != (0, 1.0) else (notes, 0)
+        vnotes, dropped = apply_variant(notes, semi, factor) if (semi, factor) != (0, 1.0) else (notes, 0)
+        res.num_out_of_range += dropped
         events, num_truncated = notes_to_events(vnotes)
         reason = drop_reason(events) or ""
         res.reasons.append(reason)
@@ -137,7 +139,8 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
             arrays[f"events{v}"] = events.astype(np.int32)
             arrays[f"truncated{v}"] = np.array(num_truncated)
     buf = io.BytesIO()
-    np.savez(buf, split=np.array(res.split), md5=np.array(res.md5), reasons=np.array(res.reasons + ["#"]), num_notes=np.array(res.num_notes), **arrays)
+    np.savez(buf, split=np.array(res.split), md5=np.array(res.md5), reasons=np.array(res.reasons + ["#"]), num_notes=np.array(res.num_notes),
+             num_out_of_range=np.array(res.num_out_of_range), **arrays)
     _write_cache(Path(cache_dir) / f"{uid}.npz", buf.getvalue())
     return res
 
@@ -159,7 +162,8 @@ def load_unit(cache_dir: Path, uid: str, path: str) -> UnitResult | None:
         with np.load(f) as z:
             arrays = {k: z[k] for k in z.files}  # reads (and CRC-checks) every member
         return UnitResult(uid, path, str(arrays["split"]), "", int(arrays["num_notes"]),
-                          [str(r) for r in arrays["reasons"][:-1]], str(arrays["md5"]))
+                          [str(r) for r in arrays["reasons"][:-1]], str(arrays["md5"]),
+                          int(arrays["num_out_of_range"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
@@ -184,6 +188,7 @@ class MidiPrepSummary:
     num_rests: int
     num_truncated: int
     num_notes: int  # notes parsed (files parsed in this run)
+    num_out_of_range: int  # notes dropped by --transpose (pitch left 0..127)
     seconds_parse: float
     seconds_total: float
     skipped: list[dict]
@@ -293,7 +298,8 @@ def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = N
     builder.finalize(unit_ids, skipped=skips.items)
     return MidiPrepSummary(len(files), skips.num_errors, resumed, dropped, pieces, seq_counts,
                            sum(g.num_dropped_overflow for g in done), sum(g.num_rests for g in done),
-                           sum(g.num_truncated for g in done), num_notes, seconds,
+                           sum(g.num_truncated for g in done), num_notes,
+                           sum(r.num_out_of_range for r in results.values()), seconds,
                            time.perf_counter() - t_start, skips.items, Path(out))
 
 

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from amtrain.midi.events import read_notes
 from amtrain.store import Dataset
 from amtrain.tokens.midi import DRUMS, VOCAB_SIZE
 from data_prep.midi import MidiPrepConfig, apply_variant, file_split, import_token_files, prep_midi
@@ -128,6 +129,8 @@ def test_variants_only_in_train_and_counted(tmp_path):
     s = prep_midi(files, tmp_path / "v", MidiPrepConfig(split="ratio", val_fraction=0, test_fraction=0,
                   transpose=(-2, 0, 2), stretch=(1.0, 1.25)), workers=1, show_progress=False)
     assert s.num_pieces["train"] == 6
+    notes = read_notes(files[0])
+    assert s.num_out_of_range == 2 * int(np.count_nonzero(notes.pitch < 2) + np.count_nonzero(notes.pitch > 125))
     docs = _docs(tmp_path / "v", "train")
     base = prep_midi(files, tmp_path / "b", MidiPrepConfig(split="ratio", val_fraction=0, test_fraction=0),
                      workers=1, show_progress=False)

@@ -78,7 +78,8 @@ def prep_midi(
     con.print(
         f"sequences train/val/test {s.num_sequences['train']:,}/{s.num_sequences['val']:,}/{s.num_sequences['test']:,} "
         f"(1024 ids each); {s.num_rests:,} REST events, {s.num_truncated:,} durations capped, "
-        f"{s.num_dropped_overflow} sequences dropped (time >= 100 s); parse {s.files_per_s:.1f} files/s, "
+        f"{s.num_dropped_overflow} sequences dropped (time >= 100 s), {s.num_out_of_range} notes transposed "
+        f"out of range dropped; parse {s.files_per_s:.1f} files/s, "
         f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s", highlight=False, soft_wrap=True)
     if s.num_corrupt:
         Console(stderr=True).print(f"[red]{s.num_corrupt} file(s) skipped as unreadable/corrupt[/]; the rest is written")
