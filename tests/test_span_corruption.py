@@ -206,3 +206,17 @@ def test_targets_length_too_short_names_the_denoiser():
     batcher, denoisers = make_batcher(targets_length=20)
     with pytest.raises(ValueError, match="targets_length"):
         batcher.batch(4, denoisers)
+
+
+def test_binary_search_equals_t5_linear_search():
+    """compute_input_and_target_lengths finds what T5's grow-while-it-fits loop finds."""
+    for unit in (1, 3):
+        for denoiser in (Denoiser("R", 0.15, 3), Denoiser("X", 0.5, 32), Denoiser("S", 0.4)):
+            for inputs_length in (20, 63, 128, 257, 512):
+                n = 2
+                while span_lengths_after(n + 1, denoiser, unit)[0] <= inputs_length:
+                    n += 1
+                expected = (n * unit, span_lengths_after(n, denoiser, unit)[1])
+                assert compute_input_and_target_lengths(
+                    inputs_length, denoiser.noise_density, denoiser.mean_span_length, unit,
+                    denoiser.task) == expected

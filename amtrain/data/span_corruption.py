@@ -165,18 +165,24 @@ def compute_input_and_target_lengths(inputs_length: int, noise_density: float,
     `targets_length` target tokens (sentinels + dropped tokens + EOS).
 
     The search of T5's `random_spans_helper` (t5/data/preprocessors.py) and nanoT5's
-    `compute_input_and_target_lengths` (nanoT5/utils/copied_utils.py): grow the raw length while
-    the inputs still fit. The inputs are filled exactly unless one more unit would add more than
+    `compute_input_and_target_lengths` (nanoT5/utils/copied_utils.py): the longest raw chunk whose
+    inputs still fit. The inputs are filled exactly unless one more unit would add more than
     one input token (possible with unit > 1, rarely with unit = 1); the batch then pads the gap.
     Differences from T5: lengths count in units, the UL2 mode token is counted (num_prefix), and
     nanoT5's "targets = inputs at density 0.5" adjustment is left out (it leaves the inputs one
     token short)."""
     denoiser = Denoiser(task, noise_density, mean_span_length)
-    num_units = 2
-    if span_lengths_after(num_units, denoiser, unit, num_prefix)[0] > inputs_length:
+    def fits(n: int) -> bool:
+        return span_lengths_after(n, denoiser, unit, num_prefix)[0] <= inputs_length
+
+    if not fits(2):
         raise ValueError(f"inputs_length {inputs_length} is too short for unit {unit}")
-    while span_lengths_after(num_units + 1, denoiser, unit, num_prefix)[0] <= inputs_length:
-        num_units += 1
+    # fits(low), not fits(high): inputs > kept units >= n (1 - density) - 1/2; inputs grow with n
+    low, high = 2, math.ceil((inputs_length + 1) / (1 - noise_density)) + 1
+    while high - low > 1:  # largest fitting chunk (binary search in place of T5's linear one)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    num_units = low
     num_targets = span_lengths_after(num_units, denoiser, unit, num_prefix)[1]
     return num_units * unit, num_targets
 
