@@ -118,10 +118,35 @@ def test_loss_ignores_minus_100_and_per_example_loss():
     y[1, 4:] = -100
     with torch.no_grad():
         logits, loss = model(x, labels=y)
-        per = per_example_loss(logits, y)
-    flat = torch.nn.functional.cross_entropy(logits[0], y[0])
-    torch.testing.assert_close(per[0], flat)
+        _, token_nll = model(x, labels=y, reduction="none")
+    per = per_example_loss(token_nll, y)
+    assert (token_nll[1, 4:] == 0).all()
+    torch.testing.assert_close(per[0], torch.nn.functional.cross_entropy(logits[0], y[0]))
+    torch.testing.assert_close(per[1], torch.nn.functional.cross_entropy(logits[1, :4], y[1, :4]))
     torch.testing.assert_close(loss, (per[0] * 6 + per[1] * 4) / 10)
+
+
+def test_training_path_without_logits_matches():
+    """return_logits=False (LM head at labelled positions only) gives the same loss and grads."""
+    torch.manual_seed(0)
+    model = T5(tiny_cfg())
+    x = torch.randint(0, 128, (3, 9))
+    y = torch.randint(0, 128, (3, 7))
+    y[0, 2:] = -100
+    y[2, 5:] = -100
+    _, full = model(x, labels=y)
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, fast = model(x, labels=y, return_logits=False)
+    fast.backward()
+    assert logits is None
+    torch.testing.assert_close(fast, full)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+    _, per_token = model(x, labels=y, return_logits=False, reduction="none")
+    _, per_token_full = model(x, labels=y, reduction="none")
+    torch.testing.assert_close(per_token, per_token_full)
 
 
 # --- KV cache ------------------------------------------------------------------------------

@@ -429,21 +429,31 @@ class T5(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                decoder_attention_mask: torch.Tensor | None = None, return_logits: bool = True,
+                reduction: str = "mean") -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, S), labels (B, T) with -100 = ignore (or decoder_input_ids (B, T)).
-        Returns (logits (B, T, V), mean cross-entropy over labels != -100, or None)."""
+
+        Returns (logits (B, T, V) or None, loss or None). The loss is the cross-entropy over
+        labels != -100: their mean (`reduction="mean"`) or per position (B, T) with 0 where
+        ignored (`reduction="none"`, e.g. for loss per denoising task). `return_logits=False`
+        (training) applies the LM head only at labelled positions: padded targets cost nothing."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5.forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
         encoder_out = self.encode(input_ids, attention_mask)
-        logits = self.decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        h = self.decoder(self.embed(decoder_input_ids), encoder_out, attention_mask,
+                         decoder_attention_mask)  # (B, T, D)
+        if return_logits:
+            logits = self.lm_head(h)  # (B, T, V)
+            return logits, (None if labels is None else token_loss(logits, labels, reduction))
+        if labels is None:
+            raise ValueError("T5.forward with return_logits=False needs labels")
+        keep = labels != IGNORE_INDEX  # (B, T)
+        nll = F.cross_entropy(self.lm_head(h[keep]).float(), labels[keep], reduction="none")  # (N,)
+        if reduction == "mean":
+            return None, nll.mean()
+        return None, torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
 
     # -- HF conversion ----------------------------------------------------------------------
 
@@ -472,13 +482,23 @@ class T5(nn.Module):
         return sd
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V), (B, T) -> (B,) mean cross-entropy over each example's labels != -100 (for loss
-    per denoising task); examples without labels give 0."""
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of (B, T, V) logits against (B, T) labels, -100 ignored: the mean over
+    labelled positions, or (B, T) per position with 0 where ignored (reduction="none")."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                          reduction="none")  # (B, T)
+                          reduction="none")  # (B, T), 0 where ignored
+    if reduction == "none":
+        return nll
+    return nll.sum() / (labels != IGNORE_INDEX).sum()
+
+
+def per_example_loss(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-position loss (reduction="none") -> (B,) mean over each example's labelled
+    positions (0 for an example without labels): loss per denoising task."""
     count = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
-    return nll.sum(1) / count
+    return token_nll.sum(1) / count
 
 
 # HF key <-> our key. HF: {encoder,decoder}.block.{i}.layer.{j}.<sub>; encoder j: 0 attn, 1 ffn;
