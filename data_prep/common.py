@@ -42,7 +42,7 @@ class SkipReport:
         from rich.console import Console
 
         self.items.append({"file": str(path), "reason": reason, "error": fatal})
-        Console(stderr=True).print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
 
     @property
     def num_errors(self) -> int:
@@ -50,8 +50,14 @@ class SkipReport:
 
 
 def progress():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False)

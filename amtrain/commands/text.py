@@ -34,14 +34,14 @@ def prep_text(
             val_fraction=val_fraction, errors=errors, workers=workers or default_workers(),
             unit_bytes=unit_mb << 20)
     mb = s.bytes_read / 1e6
-    Console().print(
+    Console(soft_wrap=True).print(
         f"[bold]{out}[/]: {sum(s.docs.values()):,} documents, {sum(s.tokens.values()):,} tokens "
         f"(train {s.tokens['train']:,} / val {s.tokens['val']:,}); {s.units_done} units written, "
         f"{s.units_skipped_finished} already done; {mb:.1f} MB in {s.seconds:.2f} s "
         f"({mb / max(s.seconds, 1e-9):.1f} MB/s)", highlight=False)
     errors_n = sum(1 for i in s.skipped if i["error"])
     if errors_n:
-        Console(stderr=True).print(f"[red]{errors_n} input(s) skipped with errors[/]; the rest is written")
+        Console(stderr=True, soft_wrap=True).print(f"[red]{errors_n} input(s) skipped with errors[/]; the rest is written")
         raise typer.Exit(1)
 
 
@@ -66,7 +66,7 @@ def inspect(
     if validate:
         problems = validate_dataset(folder)
         for p in problems:
-            Console(stderr=True).print(f"[red]problem[/] {p}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"[red]problem[/] {p}", highlight=False)
         if problems:
             raise typer.Exit(1)
     ds = Dataset(folder)

@@ -9,7 +9,7 @@ ascii — one id per byte of the UTF-8 text (0-255), then specials:
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ ENDOFTEXT = "<|endoftext|>"
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpt2_encoding(ranks_file: str = str(GPT2_RANKS_FILE)):
     """The tiktoken Encoding for GPT-2, read from a local ranks file."""
     import tiktoken

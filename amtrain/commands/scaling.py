@@ -1,0 +1,97 @@
+"""`amtrain scaling run|fit|plot`: a ladder of model sizes per architecture, power-law fits, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from amtrain.errors import UserError
+
+scaling = typer.Typer(help="Scaling studies: run a ladder of sizes, fit L(N), plot.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(scaling, name="scaling")
+
+
+def _fits(rows, num_boot: int, seed: int):
+    from amtrain.scaling.fit import fit_with_bootstrap
+
+    fits = {}
+    for arch in sorted({r["arch"] for r in rows}):
+        sub = [r for r in rows if r["arch"] == arch]
+        if len({r["non_embedding_params"] for r in sub}) >= 3:
+            fits[arch] = fit_with_bootstrap([r["non_embedding_params"] for r in sub], [r["val_loss"] for r in sub],
+                                            num_boot=num_boot, seed=seed)
+    return fits
+
+
+@scaling.command("run")
+def run(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (from amtrain prep-*)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder: runs/ and results.csv."),
+    sizes: str = typer.Option("tiny,small,medium", help="Comma-separated sizes (debug, tiny, small, medium, large)."),
+    arch: str = typer.Option("transformer,lstm", help="Comma-separated architectures: transformer, lstm."),
+    tokens: int = typer.Option(0, help="Token budget per run (0 = one epoch of the train split)."),
+    seq_len: int = typer.Option(128, help="Training window length."),
+    micro_batch: int = typer.Option(8, help="Sequences per micro-batch per process."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    nproc: int = typer.Option(1, help="Processes per run (torchrun) — tokens per step scale with it."),
+    ds_config: str = typer.Option("ds_configs/zero2.json", help="DeepSpeed engine config for every run."),
+    lr: float = typer.Option(0.0, help="Peak learning rate for every run (0 = the run config default)."),
+) -> None:
+    """Train one model per (architecture, size) under identical settings; append results.csv."""
+    from amtrain.scaling.run import StudySettings, run_study
+
+    settings = StudySettings(data=data, out=out, tokens=tokens or None, seq_len=seq_len, micro_batch=micro_batch,
+                             grad_accum=grad_accum, nproc=nproc, ds_config=ds_config, lr=lr or None)
+    results = run_study(settings, arch.split(","), sizes.split(","), log=typer.echo)
+    typer.echo(f"results: {results}  (next: amtrain scaling fit {results}; amtrain scaling plot {results} --out {out})")
+
+
+@scaling.command("fit")
+def fit(
+    results: Path = typer.Argument(..., help="results.csv written by `amtrain scaling run`."),
+    num_boot: int = typer.Option(200, help="Bootstrap resamples for the α interval."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+) -> None:
+    """Fit L(N) = a·N^(−α) + c per architecture (Huber in log space) with a bootstrap CI for α."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from amtrain.scaling.fit import fit_data_power_law
+    from amtrain.scaling.results import read_results
+
+    rows = read_results(results)
+    fits = _fits(rows, num_boot, seed)
+    if not fits:
+        raise UserError(f"{results}: no architecture has runs at 3 or more sizes; a fit needs 3")
+    table = Table("arch", "runs", "a", "α", "α 90% CI", "c (irreducible)")
+    for arch, f in fits.items():
+        table.add_row(arch, str(f.num_runs), f"{f.law.a:.4g}", f"{f.law.alpha:.4f}",
+                      f"[{f.alpha_ci[0]:.4f}, {f.alpha_ci[1]:.4f}]", f"{f.law.c:.4f}")
+    Console().print(table)
+    for arch in fits:
+        sub = [r for r in rows if r["arch"] == arch]
+        if len({r["tokens"] for r in sub}) >= 2 and len(sub) >= 5:
+            law = fit_data_power_law([r["non_embedding_params"] for r in sub], [r["tokens"] for r in sub],
+                                     [r["val_loss"] for r in sub])
+            Console().print(f"{arch}: L(N, D) = {law.E:.4f} + {law.A:.4g}/N^{law.alpha:.4f} + {law.B:.4g}/D^{law.beta:.4f}")
+
+
+@scaling.command("plot")
+def plot(
+    results: Path = typer.Argument(..., help="results.csv written by `amtrain scaling run`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs."),
+    num_boot: int = typer.Option(200, help="Bootstrap resamples for the α interval."),
+) -> None:
+    """PNGs: validation loss against parameters with fitted curves, and every run's training curve."""
+    from amtrain.scaling.plot import plot_loss_vs_params, plot_training_curves
+    from amtrain.scaling.results import read_results
+
+    rows = read_results(results)
+    out.mkdir(parents=True, exist_ok=True)
+    a = plot_loss_vs_params(rows, _fits(rows, num_boot, 0), out / "loss_vs_params.png")
+    b = plot_training_curves(rows, out / "training_curves.png")
+    typer.echo(f"wrote {a} and {b}")

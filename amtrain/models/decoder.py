@@ -1,0 +1,199 @@
+"""The decoder-only transformer: `DecoderConfig` (typed, validated) and `Decoder` (token
+embedding -> L parallel or serial blocks -> final norm -> tied output projection), with a KV
+cache for generation and the FLOP count used for MFU. torch only, single-device code.
+
+Shape legend:
+    B  batch       T  positions in this call     D  d_model     H  heads    Dh  D // H
+    L  layers      V  padded vocab (multiple of `pad_vocab_multiple`)      F  d_ff
+
+Decisions:
+- Parallel blocks (PaLM / GPT-J) by default, `block="serial"` for the GPT-2 pre-norm layout;
+  see `amtrain.models.layers.ParallelBlock` for the diagram.
+- RoPE, no learned position embeddings; no bias terms anywhere.
+- Input and output embeddings are tied (one (V, D) matrix, counted once).
+- The vocabulary is padded up to a multiple of 64 for matmul efficiency. Padded ids never
+  occur in data, get trained only towards "never", and are cut off before sampling
+  (`amtrain.rollout.sampling`); `forward` itself returns all V columns.
+- Init as GPT-2 / nanoGPT: N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2L)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amtrain.models.layers import (
+    FLASH_AVAILABLE,
+    CausalSelfAttention,
+    KVCache,
+    ParallelBlock,
+    SerialBlock,
+    make_norm,
+    residual_init_std,
+)
+
+__all__ = ["DecoderConfig", "Decoder", "KVCache"]
+
+BLOCKS = ("parallel", "serial")
+NORMS = ("layernorm", "rmsnorm")
+ATTN_IMPLS = ("auto", "sdpa", "flash")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    """Ids the tokenizer can produce (the dataset manifest's `vocab_size`)."""
+    num_layers: int
+    num_heads: int
+    d_model: int
+    d_ff: int | None = None
+    """MLP hidden width; None -> 4 * d_model."""
+    max_seq_len: int = 1024
+    """Longest sequence (context) the model is trained and sampled at; sizes the RoPE tables."""
+    block: str = "parallel"
+    """"parallel": y = x + Attn(Norm(x)) + MLP(Norm(x)); "serial": GPT-2 pre-norm."""
+    norm: str = "layernorm"
+    """"layernorm" (no bias) or "rmsnorm"."""
+    rope_theta: float = 10000.0
+    """RoPE base; larger values stretch the longest wavelength for long contexts."""
+    dropout: float = 0.0
+    """Dropout on attention weights and on each residual branch (training only)."""
+    attn_impl: str = "auto"
+    """"auto": flash-attn when installed and on CUDA fp16/bf16, else SDPA; "sdpa"; "flash" (required)."""
+    pad_vocab_multiple: int = 64
+    """Output/embedding rows are padded to a multiple of this."""
+
+    def __post_init__(self):
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_seq_len",
+                     "pad_vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name}: must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.num_heads={self.num_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"model.d_model: head width d_model/num_heads = {self.d_model // self.num_heads} "
+                             "must be even for RoPE; change model.d_model or model.num_heads")
+        _check_choice("block", self.block, BLOCKS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta: must be > 0, got {self.rope_theta}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"model.{name}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer language model. See the module docstring for the decisions."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.attn_impl == "flash" and not FLASH_AVAILABLE:
+            raise ValueError("model.attn_impl: 'flash' but flash-attn is not installed "
+                             "(pip install 'amtrain[gpu]'); use 'auto' to fall back to SDPA")
+        self.cfg = cfg
+        V, D = cfg.padded_vocab_size, cfg.d_model
+        self.embed = nn.Embedding(V, D)
+        block_cls = ParallelBlock if cfg.block == "parallel" else SerialBlock
+        self.blocks = nn.ModuleList(
+            block_cls(cfg.norm, D, cfg.d_ff, self._attention(i), cfg.dropout) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg.norm, D)
+        self.lm_head = nn.Linear(D, V, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied: one (V, D) parameter
+        self.drop = nn.Dropout(cfg.dropout)
+        self._init_weights()
+
+    def _attention(self, layer_idx: int) -> CausalSelfAttention:
+        c = self.cfg
+        return CausalSelfAttention(c.d_model, c.num_heads, c.max_seq_len, c.rope_theta, c.dropout,
+                                   c.attn_impl, layer_idx)
+
+    def _init_weights(self) -> None:
+        # GPT-2 / nanoGPT (karpathy/nanoGPT model.py `_init_weights` and the c_proj rescale).
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for block in self.blocks:  # projections that write into the residual stream
+            for proj in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=residual_init_std(self.cfg.num_layers))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean
+        cross-entropy over positions whose target is not -100. With a cache, idx holds the T
+        positions after the cache's `pos` and the cache advances by T."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.drop(self.embed(idx))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x, cache)  # (B, T, D)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if cache is not None:
+            cache.pos += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` positions (default
+        device/dtype: the model's)."""
+        c = self.cfg
+        if max_len > c.max_seq_len:
+            raise ValueError(f"cache of {max_len} positions exceeds model.max_seq_len={c.max_seq_len}")
+        w = self.embed.weight
+        return KVCache.empty(c.num_layers, batch_size, c.num_heads, max_len, c.head_dim,
+                             device or w.device, dtype or w.dtype)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups as in nanoGPT `configure_optimizers`: matrices (embedding, Linear
+        weights) decay, 1-D norm gains do not. Each parameter appears once (tied counted once)."""
+        params = list(self.parameters())
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied embedding counted once); `non_embedding` leaves out the
+        (V, D) embedding / output matrix (Kaplan et al. 2020 convention)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at context `seq_len`, PaLM appendix B:
+
+            6 N + 12 L H Dh T   (= 6 N + 12 L D T)
+
+        N = every parameter that is a matmul weight, the tied (V, D) matrix included once
+        because the output projection multiplies by it (the input lookup costs no FLOPs); the
+        norm gains are in N too (negligible). The second term is the attention scores and
+        the weighted sum of values (2 matmuls of T x Dh per head, x3 for backward), counted
+        for the full T x T square as PaLM does, i.e. ignoring the causal half.
+        MFU = tokens/s * flops_per_token(T) / peak FLOP/s.
+        """
+        c = self.cfg
+        return 6.0 * self.num_params() + 12.0 * c.num_layers * c.d_model * seq_len
+

@@ -1,0 +1,1 @@
+"""Scaling studies: a ladder of sizes per architecture, power-law fits, plots."""

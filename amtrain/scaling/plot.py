@@ -1,0 +1,84 @@
+"""Plots of a scaling study (PNG): validation loss against parameters with the fitted laws, and
+every run's training curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from amtrain.scaling.fit import FitResult
+
+COLORS = {"transformer": "tab:blue", "lstm": "tab:orange"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_vs_params(rows: list[dict], fits: dict[str, FitResult], out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arch in sorted({r["arch"] for r in rows}):
+        sub = [r for r in rows if r["arch"] == arch]
+        n = np.array([r["non_embedding_params"] for r in sub], float)
+        loss = np.array([r["val_loss"] for r in sub])
+        color = COLORS.get(arch)
+        ax.scatter(n, loss, color=color, zorder=3, label=f"{arch} runs")
+        if arch in fits:
+            f = fits[arch]
+            grid = np.logspace(np.log10(n.min()) - 0.3, np.log10(n.max()) + 0.3, 100)
+            lo, hi = f.alpha_ci
+            ax.plot(grid, f.law(grid), color=color,
+                    label=f"{arch}: {f.law.a:.3g}·N^(−{f.law.alpha:.3f}) + {f.law.c:.3f}  (α 90% CI [{lo:.3f}, {hi:.3f}])")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Scaling: validation loss against model size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def read_curve(run_dir: Path, kind: str = "train", key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(tokens seen, value) of one run's metrics.jsonl records of a kind."""
+    xs, ys = [], []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return np.zeros(0), np.zeros(0)
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == kind and key in rec:
+            xs.append(rec.get("tokens_seen", rec["step"]))
+            ys.append(rec[key])
+    return np.array(xs, float), np.array(ys, float)
+
+
+def plot_training_curves(rows: list[dict], out: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ["-", "--", ":", "-."]
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["non_embedding_params"] for r in rows if r["size"] == s))
+    for r in rows:
+        x, y = read_curve(Path(r["run_dir"]))
+        if x.size:
+            ax.plot(x, y, color=COLORS.get(r["arch"]), linestyle=styles[sizes.index(r["size"]) % len(styles)],
+                    label=f"{r['arch']} {r['size']} ({r['non_embedding_params'] / 1e6:.2f}M)")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("Training curves")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

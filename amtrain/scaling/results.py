@@ -1,0 +1,58 @@
+"""The results table of a scaling study: one CSV row per finished (architecture, size) run.
+
+Columns (RESULT_COLUMNS): arch, size, params (total), non_embedding_params, tokens (trained on),
+train_loss (mean of the last logged train losses), val_loss (final), wall_s, tokens_per_s,
+peak_mem_gb, run_dir (where the run's metrics.jsonl is). A row is appended only when its run
+has finished, by rewriting the file atomically, so a study killed midway keeps every finished
+row and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from amtrain.errors import UserError
+from amtrain.store.format import write_bytes_atomic
+
+RESULT_COLUMNS = ["arch", "size", "params", "non_embedding_params", "tokens", "train_loss", "val_loss",
+                  "wall_s", "tokens_per_s", "peak_mem_gb", "run_dir"]
+_INT = {"params", "non_embedding_params", "tokens"}
+_FLOAT = {"train_loss", "val_loss", "wall_s", "tokens_per_s", "peak_mem_gb"}
+
+
+def read_results(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no results table; run `amtrain scaling run ... --out DIR` first")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(RESULT_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{path}: not a scaling results table (missing columns {', '.join(sorted(missing))})")
+        rows = list(reader)
+    for i, row in enumerate(rows, start=2):
+        try:
+            for k in _INT:
+                row[k] = int(row[k])
+            for k in _FLOAT:
+                row[k] = float(row[k])
+        except ValueError as e:
+            raise UserError(f"{path}:{i}: bad number ({e}); fix or delete that row") from None
+    return rows
+
+
+def append_result(path: str | Path, row: dict) -> None:
+    path = Path(path)
+    rows = read_results(path) if path.is_file() else []
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in [*rows, row]:
+        w.writerow({k: r[k] for k in RESULT_COLUMNS})
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def finished(rows: list[dict], arch: str, size: str, tokens: int) -> bool:
+    return any(r["arch"] == arch and r["size"] == size and r["tokens"] == tokens for r in rows)
