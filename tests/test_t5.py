@@ -258,3 +258,17 @@ def test_parallel_decoder_has_no_hf_form():
     with pytest.raises(ValueError, match="parallel"):
         model.to_hf_state_dict()
     assert model.num_params() < T5(tiny_cfg()).num_params()  # two norms fewer per layer
+
+
+def test_save_and_load_pretrained_folder(tmp_path):
+    from amtrain.models.io import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    model = T5(tiny_cfg(parallel_decoder=True)).eval()
+    save_pretrained(model, tmp_path / "t5", meta={"tokenizer": "ascii"})
+    loaded, meta = load_pretrained(tmp_path / "t5")
+    assert isinstance(loaded, T5) and loaded.cfg == model.cfg and meta["tokenizer"] == "ascii"
+    x, mask, labels = hf_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, mask, labels=labels)[0], model(x, mask, labels=labels)[0],
+                                   rtol=0, atol=0)

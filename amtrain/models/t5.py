@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.models.io import register_arch
+
 VOCAB_MULTIPLE = 64
 IGNORE_INDEX = -100
 
@@ -120,17 +122,9 @@ T5_SIZES: dict[str, T5Config] = {
 # Layers
 
 
-class RMSNorm(nn.Module):
-    """T5LayerNorm: scale only, statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+def rms_norm(cfg: T5Config) -> nn.RMSNorm:
+    """T5LayerNorm = RMSNorm: scale only, no mean subtraction, no bias (torch's own module)."""
+    return nn.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
 
 
 class GatedGeluFFN(nn.Module):
@@ -231,9 +225,9 @@ def causal_bias(query_length: int, key_length: int, offset: int, dtype, device) 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.attn_norm = rms_norm(cfg)
         self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn_norm = rms_norm(cfg)
         self.ffn = GatedGeluFFN(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -259,13 +253,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.parallel = cfg.parallel_decoder
-        self.self_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.self_norm = rms_norm(cfg)
         self.self_attn = Attention(cfg)
         self.cross_attn = Attention(cfg)
         self.ffn = GatedGeluFFN(cfg)
         if not self.parallel:
-            self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-            self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+            self.cross_norm = rms_norm(cfg)
+            self.ffn_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def self_kv(self, h: torch.Tensor, cache: DecoderCache | None, index: int):
@@ -299,7 +293,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.rel_bias = RelativePositionBias(cfg, bidirectional=True)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.final_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -316,7 +310,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.rel_bias = RelativePositionBias(cfg, bidirectional=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.final_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor,
@@ -364,7 +358,7 @@ class T5(nn.Module):
         untied LM head: std d_model**-0.5 instead of 1.0 so that initial logits are O(1) (the
         reasoning of huggingface/transformers#26441)."""
         cfg = self.cfg
-        if isinstance(module, RMSNorm):
+        if isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, Attention):
             nn.init.normal_(module.q.weight, std=(cfg.d_model * cfg.d_kv) ** -0.5)
@@ -480,6 +474,9 @@ class T5(nn.Module):
         for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             sd[alias] = sd["shared.weight"].clone()
         return sd
+
+
+register_arch("t5", T5Config, T5)  # save_pretrained / load_pretrained folders
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
