@@ -220,3 +220,29 @@ def test_binary_search_equals_t5_linear_search():
                 assert compute_input_and_target_lengths(
                     inputs_length, denoiser.noise_density, denoiser.mean_span_length, unit,
                     denoiser.task) == expected
+
+
+def test_document_windows_cover_whole_events():
+    """AMT-like documents: a flag token then triples. With doc_starts and unit_offset=1 every
+    chunk lies inside one document and starts on a triple; spans cover whole triples."""
+    rng = np.random.default_rng(0)
+    docs, starts, pos = [], [], 0
+    for d in range(6):
+        num_triples = int(rng.integers(20, 60))
+        docs.append(np.concatenate([[999], 10_000 * (d + 1) + np.arange(num_triples * 3)]))
+        starts.append(pos)
+        pos += len(docs[-1])
+    vocab = T5Vocab(base_vocab_size=70_000, num_sentinels=100)
+    batcher = DenoisingBatcher([np.concatenate(docs)], vocab, 48, 40, unit=3, seed=2,
+                               doc_starts=[np.array(starts)], unit_offset=1)
+    b = batcher.batch(64, [Denoiser("R", 0.3, 2.0)])
+    for x, m, y in zip(b.input_ids, b.attention_mask, b.labels, strict=True):
+        n = int(m.sum())
+        targets = y[y != IGNORE_INDEX][:-1]
+        chunk = merge_inputs_targets(x[1:n - 1], targets, vocab)
+        assert chunk[0] % 10_000 % 3 == 0  # starts on a triple (never on the flag 999)
+        assert np.array_equal(chunk, np.arange(chunk[0], chunk[0] + len(chunk)))  # one document
+        bounds = np.append(np.flatnonzero(vocab.is_sentinel(targets)), len(targets))
+        for a, c in zip(bounds[:-1], bounds[1:], strict=True):
+            span = targets[a + 1:c]
+            assert len(span) % 3 == 0 and span[0] % 10_000 % 3 == 0  # whole triples
