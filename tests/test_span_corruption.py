@@ -21,6 +21,7 @@ from amtrain.data.span_corruption import (
     merge_inputs_targets,
     random_spans_noise_mask,
     required_targets_length,
+    span_exact_match,
     span_lengths_after,
 )
 
@@ -246,3 +247,18 @@ def test_document_windows_cover_whole_events():
         for a, c in zip(bounds[:-1], bounds[1:], strict=True):
             span = targets[a + 1:c]
             assert len(span) % 3 == 0 and span[0] % 10_000 % 3 == 0  # whole triples
+
+
+def test_span_exact_match():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 1000, 60)
+    x, y = denoise_example(tokens, Denoiser("R", 0.3, 3.0), VOCAB, rng)
+    num_spans = int(VOCAB.is_sentinel(y).sum())
+    padded = np.concatenate([y, [IGNORE_INDEX] * 5])
+    assert span_exact_match(y, padded, VOCAB) == (num_spans, num_spans)
+    wrong = y.copy()
+    wrong[1] = (wrong[1] + 1) % 1000  # first token of span 0
+    assert span_exact_match(wrong, y, VOCAB) == (num_spans - 1, num_spans)
+    truncated = np.concatenate([y[:np.flatnonzero(VOCAB.is_sentinel(y))[-1]], [VOCAB.eos_id]])
+    assert span_exact_match(truncated, y, VOCAB) == (num_spans - 1, num_spans)
+    assert span_exact_match(np.array([VOCAB.eos_id]), y, VOCAB) == (0, num_spans)

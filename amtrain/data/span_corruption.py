@@ -222,6 +222,24 @@ def merge_inputs_targets(inputs: np.ndarray, targets: np.ndarray, vocab: T5Vocab
     return np.concatenate(pieces)
 
 
+def target_spans(targets: np.ndarray, vocab: T5Vocab) -> dict[int, np.ndarray]:
+    """{sentinel id: the tokens after it} for a target sequence, read up to its first EOS (or
+    PAD / -100 padding)."""
+    stop = np.flatnonzero((targets == vocab.eos_id) | (targets == vocab.pad_id)
+                          | (targets == IGNORE_INDEX))
+    targets = targets[: stop[0]] if len(stop) else targets
+    bounds = np.append(np.flatnonzero(vocab.is_sentinel(targets)), len(targets))
+    return {int(targets[a]): targets[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+
+
+def span_exact_match(predicted: np.ndarray, targets: np.ndarray, vocab: T5Vocab) -> tuple[int, int]:
+    """(spans reconstructed exactly, spans): each span of `targets` against what `predicted`
+    (e.g. a greedy decode) puts after the same sentinel. Both may carry EOS and padding."""
+    truth, guess = target_spans(targets, vocab), target_spans(predicted, vocab)
+    hits = sum(1 for s, span in truth.items() if s in guess and np.array_equal(guess[s], span))
+    return hits, len(truth)
+
+
 def denoise_example(chunk: np.ndarray, denoiser: Denoiser, vocab: T5Vocab,
                     rng: np.random.Generator, unit: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """One (inputs, targets) pair from a raw chunk: mode token + corrupted chunk + EOS, and
