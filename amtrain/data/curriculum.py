@@ -82,6 +82,10 @@ class CurriculumConfig:
     level_step: float = 0.25
 
     def __post_init__(self):
+        # YAML gives plain dicts and lists: accept them
+        self.ranges = {t: r if isinstance(r, TaskRange) else TaskRange(**r)
+                       for t, r in self.ranges.items()}
+        self.x_share, self.s_share = tuple(self.x_share), tuple(self.s_share)
         if self.mode not in ("adaptive", "schedule"):
             raise ValueError(f"curriculum.mode must be 'adaptive' or 'schedule', got {self.mode!r}")
         if set(self.ranges) != set(TASKS):
