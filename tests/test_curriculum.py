@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from amtrain.data.curriculum import Curriculum, CurriculumConfig, TaskRange
+from amtrain.data.curriculum import Curriculum, CurriculumConfig, TaskRange, losses_by_task
 from amtrain.data.span_corruption import (
     TASKS,
     Denoiser,
@@ -139,3 +139,8 @@ ranges:
     last = Curriculum(cfg).decide(200)
     assert last.denoisers == [Denoiser("R", 0.25, 6.0), Denoiser("X", 0.5, 64.0), Denoiser("S", 0.4)]
     assert last.weights == [0.3, 0.5, 0.2]
+
+
+def test_losses_by_task():
+    per_example = np.array([1.0, 2.0, 4.0, 3.0])
+    assert losses_by_task(per_example, np.array([0, 2, 0, 2])) == {"R": 2.5, "S": 2.5}

@@ -5,12 +5,11 @@ curriculum together. MIDI joins once a MIDI dataset path exists in the repo.)"""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from amtrain.data.curriculum import Curriculum, CurriculumConfig
-from amtrain.data.span_corruption import TASKS, DenoisingBatcher, T5Vocab, required_targets_length
+from amtrain.data.curriculum import Curriculum, CurriculumConfig, losses_by_task
+from amtrain.data.span_corruption import DenoisingBatcher, T5Vocab, required_targets_length
 from amtrain.models.t5 import T5, T5Config, per_example_loss
 from amtrain.store.dataset import Dataset
 
@@ -61,8 +60,7 @@ def short_run(folder, num_steps: int, lr: float) -> tuple[float, float, list[dic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         per_example = per_example_loss(token_nll.detach(), tensors["labels"]).numpy()
-        curriculum.observe(step, {TASKS[t]: float(per_example[batch.task_ids == t].mean())
-                                  for t in np.unique(batch.task_ids)})
+        curriculum.observe(step, losses_by_task(per_example, batch.task_ids))
     return before, val_loss(), decisions
 
 
