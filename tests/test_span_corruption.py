@@ -172,15 +172,18 @@ def test_batches_shapes_tasks_and_resume():
     b = batcher.batch(32, denoisers, [0.5, 0.25, 0.25])
     assert b.input_ids.shape == (32, 64) and b.labels.shape == (32, batcher.targets_length)
     assert set(b.task_ids.tolist()) == {0, 1, 2}
+    num_tokens = 0
     for x, m, y, t in zip(b.input_ids, b.attention_mask, b.labels, b.task_ids, strict=True):
         n = int(m.sum())
         assert x[0] == VOCAB.mode_id(TASKS[t]) and x[n - 1] == VOCAB.eos_id
         assert (x[n:] == VOCAB.pad_id).all() and 64 - n < 3  # gap below one unit
         real = y[y != IGNORE_INDEX]
         assert real[-1] == VOCAB.eos_id and (y[len(real):] == IGNORE_INDEX).all()
+        num_tokens += n + len(real)
         if TASKS[t] != "S":
             merged = merge_inputs_targets(x[1:n - 1], real[:-1], VOCAB)
             assert len(merged) == batcher.raw_length(denoisers[t])
+    assert b.num_tokens() == num_tokens
     state = batcher.state_dict()
     after = [batcher.batch(8, denoisers) for _ in range(3)]
     resumed, _ = make_batcher(seed=99, unit=3)

@@ -116,7 +116,9 @@ def span_counts(num_units: int, noise_density: float, mean_span_length: float) -
 
 
 def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
-    """Lengths of a uniformly random split of num_items into num_segments non-empty segments."""
+    """Lengths of a uniformly random split of num_items into num_segments non-empty segments:
+    num_segments - 1 distinct cut points out of num_items - 1, the same law as T5's shuffled
+    boolean vector (`_random_segmentation` in t5.data.preprocessors)."""
     cuts = rng.choice(num_items - 1, size=num_segments - 1, replace=False) + 1  # segment starts
     edges = np.concatenate([[0], np.sort(cuts), [num_items]])
     return np.diff(edges)
@@ -209,11 +211,9 @@ def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, vocab: T5Vocab
 
 
 def merge_inputs_targets(inputs: np.ndarray, targets: np.ndarray, vocab: T5Vocab) -> np.ndarray:
-    """Inverse of `corrupt_spans`: put each target span back in place of its sentinel (mode,
-    EOS and padding must already be stripped). Also the infill step of rollout."""
-    t_starts = np.flatnonzero(vocab.is_sentinel(targets))
-    bounds = np.append(t_starts, len(targets))
-    spans = {int(targets[a]): targets[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+    """Inverse of `corrupt_spans`: put each target span back in place of its sentinel (mode
+    token stripped from the inputs). Also the infill step of rollout."""
+    spans = target_spans(targets, vocab)
     pieces, last = [], 0
     for i in np.flatnonzero(vocab.is_sentinel(inputs)):
         pieces += [inputs[last:i], spans.get(int(inputs[i]), inputs[i:i])]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +98,6 @@ class T5Config:
         if size not in T5_SIZES:
             raise ValueError(f"unknown T5 size {size!r}; choose one of {sorted(T5_SIZES)}")
         return replace(T5_SIZES[size], **overrides)
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # Sizes follow google/t5-v1_1-{small,base,large} (param counts pinned in tests/test_t5.py) and
