@@ -23,6 +23,7 @@ from torch import nn
 from amtrain.errors import UserError
 from amtrain.models.decoder import Decoder, DecoderConfig
 from amtrain.models.lstm import LSTMLM, LSTMConfig
+from amtrain.models.t5 import T5, T5Config
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -38,6 +39,7 @@ def register_arch(name: str, config_cls: type, model_cls: type[nn.Module]) -> No
 
 register_arch("decoder", DecoderConfig, Decoder)
 register_arch("lstm", LSTMConfig, LSTMLM)
+register_arch("t5", T5Config, T5)
 
 
 def arch_of(model: nn.Module) -> str:

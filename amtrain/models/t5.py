@@ -36,8 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amtrain.models.io import register_arch
-
 VOCAB_MULTIPLE = 64
 IGNORE_INDEX = -100
 
@@ -501,7 +499,6 @@ class T5(nn.Module):
         return sd
 
 
-register_arch("t5", T5Config, T5)  # save_pretrained / load_pretrained folders
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
