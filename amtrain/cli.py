@@ -25,6 +25,7 @@ app = typer.Typer(
 
 COMMAND_MODULES = [
     "amtrain.commands.text",
+    "amtrain.commands.audio",
 ]
 
 _state = {"debug": False}
