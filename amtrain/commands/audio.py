@@ -43,7 +43,7 @@ def prep_audio(
     Console().print(
         f"[bold]{out}[/]: {s.files_done} files encoded, {s.files_resumed} already done, {len(s.skipped)} skipped; "
         f"{s.num_chunks} chunks, {sum(s.tokens.values()):,} tokens; {t.audio_seconds:.1f} s of audio in "
-        f"{s.wall_seconds:.2f} s wall.\nreal-time factor (x real time): total {rtf['total']:.1f}, "
+        f"{s.wall_seconds:.2f} s wall (+{s.setup_seconds:.1f} s setup).\nreal-time factor (x real time): total {rtf['total']:.1f}, "
         f"decode {rtf['decode']:.1f} ({t.decode:.2f} s), codec {rtf['codec']:.1f} ({t.codec:.2f} s), "
         f"features {rtf['features']:.1f} ({t.features:.2f} s), write {rtf['write']:.1f} ({t.write:.2f} s)",
         highlight=False)
