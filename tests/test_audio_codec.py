@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio_helpers import JOPLIN, random_model, save_codec
 
 from amtrain.codec import Codec, build_model, debug_config, encodec_config, load_codec
-from amtrain.codec.encodec import (ENV_DIR, original_state_dict, original_to_hf_key,
-                                   save_hf_folder, save_original_checkpoint)
+from amtrain.codec.encodec import (
+    ENV_DIR,
+    original_state_dict,
+    original_to_hf_key,
+    save_hf_folder,
+    save_original_checkpoint,
+)
 from amtrain.errors import UserError
-from audio_helpers import JOPLIN, random_model, save_codec
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-
 from audio_helpers import JOPLIN, MELODY
-from data_prep.audio_features import (FLOOR, FeatureParams, checkerboard_novelty, chunk_features,
-                                      frame_features)
+
+from data_prep.audio_features import (
+    FLOOR,
+    FeatureParams,
+    checkerboard_novelty,
+    chunk_features,
+    frame_features,
+)
 
 
 def _chunks(y, sr=24000, seconds=5.0):

@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from audio_helpers import AUDIO, JOPLIN, MELODY, REPO, random_model, save_codec
 
 from amtrain.codec import load_codec
 from amtrain.data.priority import SCHEMA_VERSION, chunk_priorities, read_scores
 from amtrain.store import Dataset
 from amtrain.store.dataset import validate_dataset
 from amtrain.tokens import get_tokenizer
-from audio_helpers import AUDIO, JOPLIN, MELODY, REPO, random_model, save_codec
 from data_prep.audio import AudioPrepConfig, prep_audio
 
 COLUMNS = ["file", "split", "chunk", "start_frame", "end_frame", "start_s", "end_s", "flux", "rms",
