@@ -72,5 +72,9 @@ def test_registry_params_and_decode():
     docs = again.split_documents(stream)
     assert [d.shape for d in docs] == [(8, 10), (8, 2)] and np.array_equal(docs[0], codes)
     text = tok.decode(stream)
-    assert text.startswith("<delay K=8 T=10> (" + ",".join(map(str, codes[:, 0]))) and "<eot>" in text
+    assert text.startswith("<eot> <delay K=8 T=10> (" + ",".join(map(str, codes[:, 0]))) and text.count("<eot>") == 2
     assert len(text) < 400
+    # a slice of a stream (inspect shows the first 64 tokens) renders instead of raising
+    part = tok.decode(stream[:64])
+    assert part.startswith("<eot> <delay K=8, 63 tokens, not whole frames> 0:" + str(codes[0, 0]) + " _ _")
+    assert tok.decode([tok.pad_id, 99999]).endswith("_ ?99999")
