@@ -119,11 +119,18 @@ def test_env_dir_and_subfolder_are_searched(tmp_path, monkeypatch, net24):
     _same_weights(load_codec(None, "24khz").model, net24)
 
 
-def test_corrupt_weights_are_a_user_error(tmp_path, net24):
+def test_corrupt_or_mismatched_weights_are_user_errors(tmp_path, net24):
     save_hf_folder(net24, tmp_path)
+    with pytest.raises(UserError, match="a 24 kHz EnCodec, but --codec-model is 48khz"):
+        load_codec(tmp_path, "48khz")
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="model.safetensors"):
         load_codec(tmp_path, "24khz")
+    th = tmp_path / "other" / "encodec_24khz-d7cc33bc.th"
+    th.parent.mkdir()
+    torch.save({"encoder.model.0.conv.conv.weight_g": torch.zeros(1)}, th)
+    with pytest.raises(UserError, match="do not fit the EnCodec 24khz architecture"):
+        load_codec(th, "24khz")
 
 
 def test_bandwidth_to_codebooks(net24):
