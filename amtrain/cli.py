@@ -26,6 +26,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "amtrain.commands.text",
     "amtrain.commands.midi",
+    "amtrain.commands.audio",
     "amtrain.commands.scaling",
 ]
 
