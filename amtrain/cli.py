@@ -25,6 +25,7 @@ app = typer.Typer(
 
 COMMAND_MODULES = [
     "amtrain.commands.text",
+    "amtrain.commands.model",
 ]
 
 _state = {"debug": False}

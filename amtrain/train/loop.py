@@ -22,8 +22,15 @@ from amtrain.errors import UserError
 from amtrain.store import Dataset
 from amtrain.train import checkpoint
 from amtrain.train.checkpoint import ResumePoint, RunState
-from amtrain.train.engine import (DistInfo, build_engine, init_distributed, load_ds_config, resolve_ds_config,
-                                  resolve_precision, zero_stage)
+from amtrain.train.engine import (
+    DistInfo,
+    build_engine,
+    init_distributed,
+    load_ds_config,
+    resolve_ds_config,
+    resolve_precision,
+    zero_stage,
+)
 from amtrain.train.logging import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
 
 
