@@ -25,7 +25,18 @@ import time
 import pytest
 
 from amtrain.train.loop import train
-from tests.train_helpers import LAUNCHER, REPO, argv, env, free_port, from_args, losses, metrics, run, tiny
+from tests.train_helpers import (
+    LAUNCHER,
+    REPO,
+    argv,
+    env,
+    free_port,
+    from_args,
+    losses,
+    metrics,
+    run,
+    tiny,
+)
 
 pytestmark = [pytest.mark.slow]
 
