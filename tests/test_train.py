@@ -169,3 +169,40 @@ def test_bad_configuration_is_one_clear_error(kjv_gpt2, tmp_path):
         train(from_args(tiny(kjv_gpt2, tmp_path / "b", **{"model.vocab_size": 512})))
     with pytest.raises(UserError, match="no such folder"):
         train(from_args(tiny(tmp_path / "missing", tmp_path / "c")))
+
+
+@pytest.mark.parametrize("ds_name", ["zero0", "zero1", "zero3", "zero2_offload"])
+def test_each_ds_config_trains_and_exports(ds_name, kjv_gpt2, tmp_path, repo_root):
+    """zero2 is covered above; the other checked-in engine configs: 2 steps, export, reload."""
+    from amtrain.models.io import load_pretrained
+    from amtrain.train.export import export_checkpoint
+
+    res = train(from_args(tiny(kjv_gpt2, tmp_path / "run", ds_config=str(repo_root / "ds_configs" / f"{ds_name}.json"),
+                               **{"train.max_steps": 2})))
+    assert all(math.isfinite(v) for v in res.losses.values())
+    model, meta = load_pretrained(export_checkpoint(res.run_dir, tmp_path / "exp"))
+    assert meta["step"] == 2 and model.num_params() == 3_317_952
+    assert json.loads((res.run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == int(ds_name[4])
+
+
+def test_resume_with_another_model_is_refused(full_run, kjv_gpt2, tmp_path):
+    step4 = full_run.run_dir / "checkpoints" / "step_00000004"
+    with pytest.raises(UserError, match=r"the checkpoint's model differs from this run config's \(.*d_model 64 -> 128"):
+        train(from_args(tiny(kjv_gpt2, tmp_path, **{"train.resume": str(step4), "model.size": "tiny"})))
+
+
+def test_adamw8bit_needs_bitsandbytes():
+    import importlib.util
+
+    from amtrain.config import OptimConfig
+    from amtrain.train.engine import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(UserError, match=r"pip install 'amtrain\[bnb\]'"):
+            build_optimizer(model, OptimConfig(optimizer="adamw8bit"))
+    else:
+        assert "AdamW8bit" in type(build_optimizer(model, OptimConfig(optimizer="adamw8bit"))).__name__
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]  # matrix decays, bias does not

@@ -75,6 +75,8 @@ def _train(cfg: RunConfig, d: DistInfo) -> RunResult:
     model = build_model(cfg, dataset)
     plan = batch_plan(cfg.batch, cfg.data.seq_len, d.world_size)
     resume = checkpoint.find_resume(cfg.train.resume, ckpt_dir, d.world_size)
+    if resume is not None:
+        check_same_model(resume, asdict(model.cfg))
     precision = resolve_precision(cfg.train.precision, d.device)
     ds_config = build_ds_config(cfg, plan, precision, resume)
     engine, optimizer = build_engine(model, cfg, ds_config)
@@ -240,6 +242,14 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, precision: str, resume: Res
     if resume is not None and resume.universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
+
+
+def check_same_model(resume: ResumePoint, model_cfg: dict) -> None:
+    saved = resume.meta["model"]
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in model_cfg.items() if saved.get(k) != v]
+    if diff:
+        raise UserError(f"{resume.folder}: the checkpoint's model differs from this run config's ({', '.join(diff)}); "
+                        f"resume with the checkpoint's model settings or start a new train.out_dir")
 
 
 def build_val(cfg: RunConfig, dataset: Dataset, plan: BatchPlan, d: DistInfo):
