@@ -65,6 +65,21 @@ def test_vocab_padded_to_multiple_of_64(vocab_size):
     assert model.lm_head.weight is model.embed.weight  # tied
 
 
+@pytest.mark.skipif(layers.FLASH_AVAILABLE, reason="flash-attn is installed here")
+def test_flash_required_but_missing_names_the_field():
+    with pytest.raises(ValueError, match="attn_impl"):
+        tiny(attn_impl="flash")
+
+
+def test_param_groups_cover_every_parameter_once():
+    model = tiny()
+    decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) and sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+    assert all(p.dim() == 1 for p in no_decay["params"]) and any(p is model.embed.weight for p in decay["params"])
+
+
 # --- causality --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block", BLOCKS)

@@ -30,7 +30,10 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
-    probability sums to >= p (always at least the most likely one), -inf elsewhere. (B, V)."""
+    probability sums to >= p (always at least the most likely one), -inf elsewhere. (B, V).
+    p >= 1 keeps everything (no fp32 cumsum rounding can drop a token then)."""
+    if p >= 1.0:
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each
