@@ -126,9 +126,11 @@ class SkipStepMixin:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hasattr(model, "param_groups"):  # the model's own split (Decoder: matrices decay, gains do not)
+        groups = model.param_groups(optim.weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": optim.weight_decay},
+                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     if optim.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
