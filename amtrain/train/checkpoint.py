@@ -22,6 +22,8 @@ amtrain converts the checkpoint once with `deepspeed.checkpoint.ds_to_universal`
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -207,7 +209,8 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if any(folder.glob("*_optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress notes would mix into `amtrain sample`
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
         files = sorted(folder.glob("mp_rank_*_model_states.pt"))
         if not files:
