@@ -423,3 +423,19 @@ def apply_batch_plan(ds_config: dict, plan: BatchPlan, ds_name: str = "ds_config
                             f"remove {ds_key} from {ds_name} (amtrain derives it)")
         out[ds_key] = want
     return out
+
+
+def help_text() -> str:
+    """Every dotted key with its type and default (field docs: amtrain/config.py)."""
+    lines = ["run config keys (--section.key VALUE; docs per field in amtrain/config.py):"]
+    for section in fields(RunConfig):
+        typ = get_type_hints(RunConfig)[section.name]
+        if not dataclasses.is_dataclass(typ):
+            lines.append(f"  --{section.name:<32} default: {getattr(RunConfig(), section.name)!r}")
+            continue
+        hints = get_type_hints(typ)
+        for f in fields(typ):
+            default = getattr(typ(), f.name)
+            name = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
+            lines.append(f"  --{section.name}.{f.name:<{31 - len(section.name)}} {name:<22} default: {default!r}")
+    return "\n".join(lines)

@@ -21,9 +21,12 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def main(argv: list[str]) -> int:
-    from amtrain.config import parse_args
+    from amtrain.config import help_text, parse_args
     from amtrain.errors import UserError
 
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\n" + help_text())
+        return 0
     try:
         cfg = parse_args(argv)
         from amtrain.train.loop import train

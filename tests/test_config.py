@@ -130,3 +130,17 @@ def test_every_checked_in_config_loads_and_resolves(repo_root):
     for path in yamls:
         cfg = from_dict(load_yaml(path), where=str(path))
         assert cfg.resolved_ds_config().is_file() or not cfg.ds_config
+
+
+def test_launcher_help_and_one_line_errors(repo_root):
+    import subprocess
+    import sys
+
+    from amtrain.config import help_text
+
+    assert "--train.max_steps" in help_text() and "--ds_config" in help_text()
+    launcher = str(repo_root / "launchers" / "train.py")
+    p = subprocess.run([sys.executable, launcher, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "--batch.global_tokens" in p.stdout
+    p = subprocess.run([sys.executable, launcher, "--train.max_steps", "0"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip() == "error: config train.max_steps: must be >= 1"
