@@ -277,6 +277,11 @@ def _coerce(value, typ, key: str, where: str):
     if args and type(None) in args:  # X | None
         typ = next(a for a in args if a is not type(None))
         origin, args = get_origin(typ), get_args(typ)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if typ is int and isinstance(value, int) and not isinstance(value, bool):

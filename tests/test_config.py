@@ -24,12 +24,12 @@ from amtrain.train.engine import load_ds_config, resolve_ds_config
 
 def test_yaml_states_only_differences_and_round_trips():
     cfg = parse_args(["--model.size", "small", "--train.max_steps", "200", "--data", "/x/y",
-                      "--optim.betas", "[0.8,0.9]", "--model.overrides", "{block: serial}", "--local_rank=1"])
+                      "--optim.betas", "[0.8,0.9]", "--optim.lr", "3e-4", "--model.overrides", "{block: serial}", "--local_rank=1"])
     assert cfg.model.size == "small" and cfg.train.max_steps == 200 and cfg.data.path == "/x/y"
-    assert cfg.optim.betas == (0.8, 0.9) and cfg.model.overrides == {"block": "serial"}
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.optim.lr == 3e-4 and cfg.model.overrides == {"block": "serial"}
     diff = cfg.diff_from_defaults()
     assert diff == {"model": {"size": "small", "overrides": {"block": "serial"}}, "data": {"path": "/x/y"},
-                    "optim": {"betas": [0.8, 0.9]}, "train": {"max_steps": 200}}
+                    "optim": {"betas": [0.8, 0.9], "lr": 3e-4}, "train": {"max_steps": 200}}
     assert from_dict(diff) == cfg
     import yaml
 
@@ -39,9 +39,9 @@ def test_yaml_states_only_differences_and_round_trips():
 
 def test_yaml_file_then_cli_override(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {size: tiny}\ntrain: {max_steps: 7, seed: 3}\n")
+    path.write_text("model: {size: tiny}\ntrain: {max_steps: 7, seed: 3}\noptim: {min_lr: 1e-5}\n")
     cfg = parse_args(["--config", str(path), "--train.max_steps", "9", "--ds_config", "ds_configs/zero1.json"])
-    assert (cfg.model.size, cfg.train.max_steps, cfg.train.seed) == ("tiny", 9, 3)
+    assert (cfg.model.size, cfg.train.max_steps, cfg.train.seed, cfg.optim.min_lr) == ("tiny", 9, 3, 1e-5)
     assert cfg.ds_config == "ds_configs/zero1.json"
 
 

@@ -206,3 +206,15 @@ def test_adamw8bit_needs_bitsandbytes():
     opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert [len(g["params"]) for g in opt.param_groups] == [1, 1]  # matrix decays, bias does not
+
+
+def test_time_based_checkpoints_and_seq_len_warmup(kjv_gpt2, tmp_path):
+    over = {"train.max_steps": 4, "train.checkpoint_minutes": 1e-6, "data.seq_len_warmup_steps": 3,
+            "data.seq_len_warmup_start": 16}
+    res = train(from_args(tiny(kjv_gpt2, tmp_path, **over)))
+    rows = metrics(tmp_path)
+    assert [r["seq_len"] for r in rows] == [16, 32, 48, 64]
+    assert res.state.tokens_seen == rows[-1]["tokens_seen"] == 8 * (16 + 32 + 48 + 64)
+    # due-ness is decided before a step (all ranks agree in its all-reduce): the 1e-6-minute
+    # deadline has not passed before step 1 and always has before the later ones
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (2, 3, 4)]
