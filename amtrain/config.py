@@ -178,7 +178,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     """Steps between checkpoints (0 = only time-based and final)."""
     checkpoint_minutes: float = 0.0
-    """Also checkpoint when this many minutes passed since the last one (0 = off)."""
+    """Also checkpoint after the first step that starts this many minutes after the last
+    checkpoint (0 = off); ranks agree through the step's all-reduce."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted (0 = keep all)."""
     precision: str = "auto"
