@@ -26,6 +26,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "amtrain.commands.text",
     "amtrain.commands.scaling",
+    "amtrain.commands.model",
 ]
 
 _state = {"debug": False}

@@ -1,0 +1,59 @@
+"""export (checkpoint -> safetensors folder) and sample (text from a trained decoder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
+    app.command("sample")(sample)
+
+
+def export(
+    ckpt: Path = typer.Argument(..., help="Run folder, RUN/checkpoints or RUN/checkpoints/step_N."),
+    out: Path = typer.Argument(..., help="Folder to write model.safetensors + config.json into."),
+) -> None:
+    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 safetensors + config that load without DeepSpeed."""
+    from amtrain.train.export import export_checkpoint
+
+    folder = export_checkpoint(ckpt, out)
+    typer.echo(f"exported {folder} (load with amtrain.models.io.load_pretrained)")
+
+
+def sample(
+    model_path: Path = typer.Argument(..., metavar="CKPT", help="Export folder, run folder or checkpoint folder."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (empty: start from end-of-text)."),
+    max_new_tokens: int = typer.Option(100, "--max-new-tokens", "-n", help="Tokens to generate per sample."),
+    temperature: float = typer.Option(0.8, help="Softmax temperature (0 = greedy)."),
+    top_k: int = typer.Option(None, "--top-k", help="Keep only the k most likely tokens."),
+    top_p: float = typer.Option(None, "--top-p", help="Keep the smallest set of tokens with this much probability."),
+    seed: int = typer.Option(None, help="Seed for reproducible samples."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Independent continuations."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the full prefix each step instead of the KV cache."),
+) -> None:
+    """Continue a text prompt with a trained decoder (KV cache; temperature, top-k, top-p, seed)."""
+    import torch
+
+    from amtrain.errors import UserError
+    from amtrain.rollout.sampling import generate
+    from amtrain.tokens import get_tokenizer
+    from amtrain.train.export import load_any
+
+    model, meta = load_any(model_path)
+    if "tokenizer" not in meta:
+        raise UserError(f"{model_path}: no tokenizer recorded; it was not made by amtrain training or export")
+    tok = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
+    ids = [tok.eot_id, *tok.encode(prompt)]  # documents start with end-of-text in training data
+    room = model.cfg.max_seq_len - len(ids)
+    if room < 1:
+        raise UserError(f"--prompt is {len(ids)} tokens; the model's context is {model.cfg.max_seq_len}")
+    x = torch.tensor([ids] * num_samples, dtype=torch.long)  # (N, T0)
+    out = generate(model, x, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, use_cache=not no_cache)
+    for i, row in enumerate(out.tolist()):
+        if num_samples > 1:
+            typer.echo(f"--- sample {i + 1}")
+        typer.echo(tok.decode(row[1:]))

@@ -1,0 +1,137 @@
+"""Training and validation batches: fixed-length windows cut from a token dataset.
+
+Every shard of a split is cut into windows of seq_len+1 tokens at stride seq_len (inputs
+w[:-1], targets w[1:]); windows never straddle shards. An epoch is a permutation of all
+windows drawn from (seed, epoch) alone. Optimizer step s takes the global batch
+perm[s*G : (s+1)*G] (G = micro x accum x world); rank r takes the contiguous slice
+[r*micro*accum, (r+1)*micro*accum) of it, one micro-batch at a time. So:
+
+  * the order is deterministic per seed and epoch, whatever the world size;
+  * ranks get disjoint windows;
+  * the position is one small state {epoch, consumed} (windows consumed in the epoch, counted
+    globally) that does not depend on the world size: a resumed run, even on another number of
+    ranks, continues exactly where the interrupted one stopped.
+
+An epoch's tail shorter than a global batch is dropped. Tokens are read only through
+`amtrain.store.Dataset` (memory maps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from amtrain.errors import UserError
+from amtrain.store import Dataset
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    consumed: int = 0  # windows of this epoch already handed out, over all ranks
+
+
+class WindowIndex:
+    """(shard, start) of every window of a split."""
+
+    def __init__(self, dataset: Dataset, split: str, seq_len: int):
+        self.shards = dataset.tokens(split)  # memmaps, manifest order
+        counts = [max(0, (s.size - 1) // seq_len) for s in self.shards]
+        self.shard_of = np.repeat(np.arange(len(self.shards)), counts)  # (N,)
+        self.start_of = np.concatenate([np.arange(c, dtype=np.int64) * seq_len for c in counts]) if counts else np.zeros(0, np.int64)
+        self.seq_len = seq_len
+        self.split = split
+        self.folder = dataset.folder
+
+    def __len__(self) -> int:
+        return int(self.shard_of.size)
+
+    def window(self, i: int) -> np.ndarray:
+        s = self.start_of[i]
+        return self.shards[self.shard_of[i]][s: s + self.seq_len + 1]
+
+    def stack(self, ids: np.ndarray) -> torch.Tensor:
+        """(B,) window ids -> (B, seq_len+1) int64."""
+        return torch.from_numpy(np.stack([self.window(i).astype(np.int64) for i in ids]))
+
+
+def check_vocab(dataset: Dataset, model_vocab: int, key: str = "model.vocab_size") -> None:
+    if dataset.vocab_size > model_vocab:
+        raise UserError(f"{dataset.folder}: the data's vocabulary ({dataset.vocab_size} ids, tokenizer "
+                        f"{dataset.manifest.tokenizer}) exceeds the model's ({key} = {model_vocab}); "
+                        f"raise {key} or leave it unset to use the data's")
+
+
+class TrainLoader:
+    """Endless iterator of (inputs, targets) micro-batches for one rank, resumable."""
+
+    def __init__(self, dataset: Dataset, split: str, seq_len: int, micro_batch: int, grad_accum: int,
+                 rank: int, world_size: int, seed: int):
+        self.index = WindowIndex(dataset, split, seq_len)
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.global_batch = micro_batch * grad_accum * world_size
+        if len(self.index) < self.global_batch:
+            raise UserError(f"{dataset.folder}: split '{split}' holds {len(self.index)} windows of {seq_len + 1} tokens, "
+                            f"fewer than one global batch ({self.global_batch}); use more data, a shorter "
+                            f"data.seq_len or a smaller batch")
+        self.state = LoaderState()
+        self._perm_epoch, self._perm = -1, None
+        self._pending: list[np.ndarray] = []
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _next_step_ids(self) -> np.ndarray:
+        """This rank's windows for the next optimizer step; advances the state by one global batch."""
+        if self.state.consumed + self.global_batch > len(self.index):
+            self.state = LoaderState(self.state.epoch + 1, 0)
+        perm = self._permutation(self.state.epoch)
+        lo = self.state.consumed + self.rank * self.micro_batch * self.grad_accum
+        self.state.consumed += self.global_batch
+        return perm[lo: lo + self.micro_batch * self.grad_accum]
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The grad_accum micro-batches of the next optimizer step: [(x (B,T), y (B,T)), ...]."""
+        ids = self._next_step_ids()
+        out = []
+        for a in range(self.grad_accum):
+            w = self.index.stack(ids[a * self.micro_batch: (a + 1) * self.micro_batch])  # (B, T+1)
+            out.append((w[:, :-1], w[:, 1:]))
+        return out
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return len(self.index)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "consumed": self.state.consumed, "seed": self.seed,
+                "global_batch": self.global_batch, "seq_len": self.index.seq_len}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["seq_len"] != self.index.seq_len or d["seed"] != self.seed:
+            raise UserError(f"checkpoint data position was made with data.seq_len={d['seq_len']}, train.seed={d['seed']}; "
+                            f"this run has {self.index.seq_len}, {self.seed}: resume with the same values")
+        self.state = LoaderState(int(d["epoch"]), int(d["consumed"]))
+
+
+def val_batches(dataset: Dataset, split: str, seq_len: int, micro_batch: int, num_batches: int,
+                rank: int, world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed validation set: the first num_batches x world x micro windows of the split in
+    order (fewer if the split is small), rank r taking every world-th micro-batch."""
+    index = WindowIndex(dataset, split, seq_len)
+    total = min(len(index) // (micro_batch * world_size), num_batches)
+    if total == 0:
+        raise UserError(f"{dataset.folder}: split '{split}' holds {len(index)} windows of {seq_len + 1} tokens, "
+                        f"too few for one validation batch per rank; lower data.seq_len or set data.val_split ''")
+    out = []
+    for b in range(total):
+        lo = (b * world_size + rank) * micro_batch
+        w = index.stack(np.arange(lo, lo + micro_batch))
+        out.append((w[:, :-1], w[:, 1:]))
+    return out

@@ -1,0 +1,156 @@
+"""Process group, DeepSpeed config and engine: the only place the run meets DeepSpeed's knobs.
+
+* `init_distributed`: ranks from the launcher's environment (deepspeed, torchrun) or a single
+  process when none is set; gloo on CPU, nccl on CUDA; a timeout on every collective so a dead
+  or hung rank ends the run with an error instead of a hang.
+* `resolve_ds_config`: the user's DeepSpeed JSON + what the run config decides (batch
+  arithmetic, clipping, precision). A DeepSpeed key that contradicts the run config is one
+  `UserError` naming both keys.
+* `build_engine`: AdamW (torch, or bitsandbytes 8-bit) over decay / no-decay groups and a
+  warm-up + cosine LambdaLR, handed to `deepspeed.initialize`. A torch optimizer avoids
+  DeepSpeed's JIT-built fused/CPU Adam (about a minute of compiling on first use on CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from amtrain.config import BatchPlan, OptimConfig, RunConfig, apply_batch_plan
+from amtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float) -> DistInfo:
+    """Join (or, run as a plain single process, create) the process group."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # plain `python launchers/train.py`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def load_ds_config(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: DeepSpeed config not found; pass one of ds_configs/*.json with --ds_config")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: a DeepSpeed config must be a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in d:
+            raise UserError(f"{path}: `{key}` belongs in the run config (optim.*), not the DeepSpeed config; remove it")
+    return d
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def resolve_ds_config(ds: dict, cfg: RunConfig, plan: BatchPlan, precision: str, ds_name: str) -> dict:
+    """The engine JSON this run uses: ds + batch plan + clipping + precision, checked."""
+    out = apply_batch_plan(ds, plan, ds_name)
+    clip = ds.get("gradient_clipping")
+    if cfg.optim.grad_clip is not None and clip is not None and float(clip) != cfg.optim.grad_clip:
+        raise UserError(f"{ds_name} gradient_clipping = {clip} contradicts the run config's optim.grad_clip = "
+                        f"{cfg.optim.grad_clip}; set only one of them")
+    out["gradient_clipping"] = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else (clip if clip is not None else 1.0)
+    for key in ("bf16", "fp16"):
+        enabled = bool(ds.get(key, {}).get("enabled", False))
+        want = precision == key
+        if key in ds and enabled != want:
+            raise UserError(f"{ds_name} {key}.enabled = {str(enabled).lower()} contradicts the run config's "
+                            f"train.precision = {cfg.train.precision} (resolves to {precision} here); "
+                            f"remove {key} from {ds_name}, amtrain sets it")
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    out["zero_allow_untested_optimizer"] = True  # ours: torch AdamW + SkipStepMixin (engine.py)
+    out.setdefault("steps_per_print", 1 << 30)  # amtrain logs; keep DeepSpeed quiet
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+class SkipStepMixin:
+    """While `skip` is True, `step()` is a no-op. The loop sets it on every rank together for a
+    step whose loss was NaN/inf, so a bad batch never writes into the weights or the moments.
+    (A flag rather than a one-shot: ZeRO-1/2 call step() once per parameter group.)"""
+
+    skip = False
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optim.optimizer = adamw8bit needs bitsandbytes: pip install 'amtrain[bnb]' (CUDA only)") from None
+        base = bnb.optim.AdamW8bit
+    else:
+        base = torch.optim.AdamW
+    cls = type(f"Skipping{base.__name__}", (SkipStepMixin, base), {})
+    return cls(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
+    """-> (DeepSpeed engine, the torch optimizer inside it)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optim)
+    peak, max_steps = cfg.optim.lr, cfg.train.max_steps
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.optim.lr_at(s, max_steps) / peak)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+    return engine, optimizer

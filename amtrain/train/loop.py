@@ -1,0 +1,250 @@
+"""`train(cfg)`: the training entry point, a page of `build_*` calls and one loop.
+
+One optimizer step = `grad_accum` micro-batches per rank, forward + `engine.backward` each,
+then one all-reduce of [loss sum, non-finite count, checkpoint-due flag] so every rank agrees
+on the logged loss, on skipping a NaN/inf step (no update; `max_bad_steps` in a row stop the
+run) and on time-based checkpoints; then `engine.step()` (clipping, optimizer, LR schedule).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from amtrain.config import DEFAULT_DATA, DEFAULT_TEXT, BatchPlan, RunConfig, batch_plan
+from amtrain.data.loader import TrainLoader, check_vocab, val_batches
+from amtrain.errors import UserError
+from amtrain.store import Dataset
+from amtrain.train import checkpoint
+from amtrain.train.checkpoint import ResumePoint, RunState
+from amtrain.train.engine import (
+    DistInfo,
+    build_engine,
+    init_distributed,
+    load_ds_config,
+    resolve_ds_config,
+    resolve_precision,
+    zero_stage,
+)
+from amtrain.train.logging import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    state: RunState
+    losses: dict[int, float] = field(default_factory=dict)
+    """Global mean training loss of every step run in this segment, by step number (1-based)."""
+    val_loss: float | None = None
+
+
+def train(cfg: RunConfig) -> RunResult:
+    d = init_distributed(cfg.train.dist_timeout_s)
+    try:
+        return _train(cfg, d)
+    except dist.DistError as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise UserError(f"rank {d.rank}: lost contact with another rank ({type(e).__name__}: {first}); "
+                        f"a rank died or hung — see its log above") from None
+
+
+def _train(cfg: RunConfig, d: DistInfo) -> RunResult:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and world size
+    run_dir = Path(cfg.train.out_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    dataset = build_dataset(cfg, d)
+    model = build_model(cfg, dataset)
+    plan = batch_plan(cfg.batch, cfg.data.seq_len, d.world_size)
+    resume = checkpoint.find_resume(cfg.train.resume, ckpt_dir, d.world_size)
+    precision = resolve_precision(cfg.train.precision, d.device)
+    ds_config = build_ds_config(cfg, plan, precision, resume)
+    engine, optimizer = build_engine(model, cfg, ds_config)
+    if cfg.model.compile:
+        engine.compile()
+    loader = TrainLoader(dataset, cfg.data.split, cfg.data.seq_len, plan.micro_batch, plan.grad_accum,
+                         d.rank, d.world_size, cfg.train.seed)
+    val = build_val(cfg, dataset, plan, d)
+    state = RunState()
+    if resume is not None:
+        state = checkpoint.load(engine, resume)
+        loader.load_state_dict(state.loader)
+    peak = cfg.train.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    meta = {"zero_stage": zero_stage(ds_config), "model": asdict(model.cfg), "data": str(dataset.folder),
+            "tokenizer": dataset.manifest.tokenizer, "tokenizer_params": dataset.manifest.tokenizer_params,
+            "config": cfg.to_dict()}
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_run(run_dir, cfg, ds_config, {"world_size": d.world_size, "backend": d.backend,
+                                             "device": str(d.device), "precision": precision, "peak_flops": peak,
+                                             "num_params": model.num_params(), "tokens_per_step": plan.tokens_per_step,
+                                             "resumed_from": str(resume.folder) if resume else None})
+    return run_loop(cfg, d, engine, optimizer, model, loader, val, plan, state, peak, meta, resume)
+
+
+def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: TrainLoader, val, plan: BatchPlan,
+             state: RunState, peak: float, meta: dict, resume: ResumePoint | None) -> RunResult:
+    t = cfg.train
+    ckpt_dir = Path(t.out_dir) / "checkpoints"
+    log = MetricsLog(Path(t.out_dir)) if d.is_main else None
+    bar = Progress(t.progress and d.is_main, t.max_steps, state.step)
+    if d.is_main:
+        bar.print(describe_start(cfg, d, plan, model, resume, state))
+    result = RunResult(Path(t.out_dir), resume.folder if resume else ckpt_dir, state)
+    last_ckpt_time = tick = time.perf_counter()
+    tokens_since, saved_at = 0, state.step if resume else -1
+    while state.step < t.max_steps:
+        seq_len = cfg.data.seq_len_at(state.step)
+        due_by_time = t.checkpoint_minutes > 0 and time.perf_counter() - last_ckpt_time >= 60 * t.checkpoint_minutes
+        loss, bad, time_due = train_step(engine, optimizer, loader.next_step(), seq_len, d, due_by_time)
+        state.step += 1
+        state.tokens_seen += plan.global_batch * seq_len
+        tokens_since += plan.global_batch * seq_len
+        state.loader = loader.state_dict()
+        state.num_bad_steps += bad
+        state.bad_streak = state.bad_streak + 1 if bad else 0
+        result.losses[state.step] = loss
+        if state.bad_streak >= t.max_bad_steps:
+            raise UserError(f"{state.bad_streak} steps in a row had a NaN/inf loss (last at step {state.step}); "
+                            f"stopping. Lower optim.lr, check the data, or resume from {ckpt_dir}")
+        if state.step % t.log_every == 0 or state.step == t.max_steps:
+            now = time.perf_counter()
+            state.elapsed_s += now - tick
+            tok_s = tokens_since / max(now - tick, 1e-9)
+            values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm(engine),
+                      "tokens_per_s": tok_s, "mfu": tok_s / d.world_size * model.flops_per_token(seq_len) / peak,
+                      "mem_gb": memory_gb(d.device), "tokens_seen": state.tokens_seen, "seq_len": seq_len,
+                      "bad_steps": state.num_bad_steps}
+            if d.is_main:
+                log.write("train", state.step, values)
+                bar.print(f"step {state.step:>6}  loss {loss:.4f}  lr {values['lr']:.2e}  "
+                          f"tok/s {tok_s:,.0f}  mfu {values['mfu']:.1%}")
+            tick, tokens_since = time.perf_counter(), 0
+        bar.update(state.step, f"loss {loss:.3f}")
+        if val and t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
+            result.val_loss = evaluate(engine, val, d, log, state.step, bar)
+            tick = time.perf_counter()
+        if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or time_due:
+            result.checkpoint = checkpoint.save(engine, ckpt_dir, state, meta, t.keep_last)
+            last_ckpt_time = tick = time.perf_counter()
+            saved_at = state.step
+    if val:
+        result.val_loss = evaluate(engine, val, d, log, state.step, bar)
+    if saved_at != state.step:
+        result.checkpoint = checkpoint.save(engine, ckpt_dir, state, meta, t.keep_last)
+    bar.close()
+    if d.is_main:
+        log.close()
+        print(describe_end(result), flush=True)
+    result.state = state
+    return result
+
+
+def train_step(engine, optimizer, micro_batches, seq_len: int, d: DistInfo, due_by_time: bool) -> tuple[float, bool, bool]:
+    """One optimizer step. -> (global mean loss, skipped for NaN/inf, checkpoint due by time)."""
+    losses = []
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x[:, :seq_len].to(d.device), y[:, :seq_len].to(d.device)  # (B, T)
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        losses.append(loss.detach().float())
+        if i + 1 < len(micro_batches):
+            engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+    loss_sum = torch.stack(losses).sum()
+    finite = torch.isfinite(loss_sum)
+    stats = torch.stack([torch.where(finite, loss_sum, 0.0), (~finite).float(), torch.tensor(float(due_by_time))]).to(d.device)
+    dist.all_reduce(stats)
+    bad = bool(stats[1] > 0)
+    optimizer.skip = bad
+    engine.step()
+    optimizer.skip = False
+    loss = float(stats[0]) / (len(losses) * d.world_size) if not bad else math.nan
+    return loss, bad, bool(stats[2] > 0)
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else math.nan
+
+
+@torch.no_grad()
+def evaluate(engine, batches, d: DistInfo, log: MetricsLog | None, step: int, bar: Progress) -> float:
+    engine.eval()
+    total = torch.zeros(2, device=d.device)
+    for x, y in batches:
+        _, loss = engine(x.to(d.device), y.to(d.device))
+        total += torch.stack([loss.float(), torch.ones((), device=d.device)])
+    dist.all_reduce(total)
+    engine.train()
+    val_loss = float(total[0] / total[1])
+    if d.is_main:
+        log.write("val", step, {"val_loss": val_loss, "val_bpt": val_loss / math.log(2)})
+        bar.print(f"step {step:>6}  val_loss {val_loss:.4f}  bits/token {val_loss / math.log(2):.3f}")
+    return val_loss
+
+
+# ---------------------------------------------------------------- builders: the only readers of cfg
+
+def build_dataset(cfg: RunConfig, d: DistInfo) -> Dataset:
+    """The configured dataset; the bundled default is prepped (gpt2) on first use by rank 0."""
+    path = cfg.data.resolved_path()
+    if not cfg.data.path and not (DEFAULT_DATA / "manifest.json").is_file():
+        if d.is_main:
+            from data_prep.text import prep_text
+
+            print(f"preparing the bundled corpus {DEFAULT_TEXT.name} (gpt2) into {DEFAULT_DATA} ...", flush=True)
+            prep_text([str(DEFAULT_TEXT)], DEFAULT_DATA, tokenizer="gpt2", show_progress=False)
+        dist.barrier()
+    if not path.is_dir():
+        raise UserError(f"data.path {path}: no such folder; make a dataset with `amtrain prep-text` or point --data at one")
+    return Dataset(path)
+
+
+def build_model(cfg: RunConfig, dataset: Dataset):
+    from amtrain.models.decoder import Decoder
+    from amtrain.models.sizes import decoder_config
+
+    vocab = cfg.model.vocab_size or dataset.vocab_size
+    check_vocab(dataset, vocab)
+    overrides = {"max_seq_len": cfg.data.seq_len, **cfg.model.overrides}
+    try:
+        model_cfg = decoder_config(cfg.model.size, vocab, **overrides)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config model.overrides: {e}") from None
+    if model_cfg.max_seq_len < cfg.data.seq_len:
+        raise UserError(f"config data.seq_len = {cfg.data.seq_len} exceeds model.overrides.max_seq_len = {model_cfg.max_seq_len}")
+    return Decoder(model_cfg)
+
+
+def build_ds_config(cfg: RunConfig, plan: BatchPlan, precision: str, resume: ResumePoint | None) -> dict:
+    path = cfg.resolved_ds_config()
+    ds = resolve_ds_config(load_ds_config(path), cfg, plan, precision, ds_name=str(path))
+    if resume is not None and resume.universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    return ds
+
+
+def build_val(cfg: RunConfig, dataset: Dataset, plan: BatchPlan, d: DistInfo):
+    if not cfg.data.val_split or not dataset.shards(cfg.data.val_split) or cfg.train.eval_batches == 0:
+        return []
+    return val_batches(dataset, cfg.data.val_split, cfg.data.seq_len, plan.micro_batch, cfg.train.eval_batches,
+                       d.rank, d.world_size)
+
+
+def describe_start(cfg: RunConfig, d: DistInfo, plan: BatchPlan, model, resume: ResumePoint | None, state: RunState) -> str:
+    where = f"resuming from {resume.folder} at step {state.step}" + (" (universal: world size changed)" if resume.universal else "") if resume else "starting fresh"
+    return (f"amtrain: {cfg.model.size} decoder, {model.num_params():,} params; {d.world_size} rank(s) on {d.device} ({d.backend}); "
+            f"batch {plan.micro_batch} x {plan.grad_accum} accum x {plan.world_size} ranks x {plan.seq_len} tokens = "
+            f"{plan.tokens_per_step:,} tokens/step; {cfg.train.max_steps} steps; run dir {cfg.train.out_dir}; {where}")
+
+
+def describe_end(result: RunResult) -> str:
+    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    return (f"done: step {result.state.step}, {result.state.tokens_seen:,} tokens{val}\n"
+            f"checkpoint: {result.checkpoint}\n"
+            f"sample from it: python -m amtrain sample {result.run_dir} --prompt \"In the beginning\"")
