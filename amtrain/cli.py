@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "amtrain.commands.text",
     "amtrain.commands.scaling",
     "amtrain.commands.model",
+    "amtrain.commands.midi",
 ]
 
 _state = {"debug": False}

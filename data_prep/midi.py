@@ -1,0 +1,340 @@
+"""MIDI files -> AMT event-sequence shards (`amtrain prep-midi`), and AMT's pre-tokenized text
+files -> shards unchanged (`amtrain prep-midi --from-tokens`).
+
+Two phases, so the expensive one is parallel and resumable and the result equals AMT's:
+
+1. per file (a *unit*), over a process pool: read, MD5, parse (amtrain.midi.events), optional
+   variants (pitch transposition with drums untouched, tempo stretch; train split only),
+   events, AMT's filters. The result is cached atomically in `OUT/.midi_units/<unit>.npz`;
+   a rerun skips cached units. Unreadable or corrupt files are reported by name and skipped.
+2. per split, in file order: AMT's `tokenize` (amtrain.midi.tokenize) with one
+   `RandomState(seed)` per split (AMT seeds `np.random` with 0 per split) and the augmentation
+   factor (val/test are never augmented, as AMT's tokenize-lakh.py). Sequences (1024 ids: a flag
+   and 341 events) are the documents of the shards.
+
+Splits: `md5` (default, AMT's Lakh split): the first hex digit of the file's MD5, e -> val,
+f -> test, else train; or `ratio`: the MD5 as a fraction in [0, 1) against --val-fraction and
+--test-fraction. Both depend only on the file's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from amtrain.errors import UserError
+from amtrain.midi.events import MidiReadError, Notes, notes_to_events, parse_notes
+from amtrain.midi.tokenize import DROP_REASONS, SequenceCutter, drop_reason, piece_chunks
+from amtrain.store import DatasetBuilder
+from amtrain.store.format import write_bytes_atomic
+from amtrain.tokens.midi import DRUMS, LAKH_TEST, LAKH_VALID, VOCAB_SIZE, MidiTokenizer
+from data_prep.common import SkipReport, expand_inputs, progress
+
+SUFFIXES = (".mid", ".midi")
+SPLITS = ("train", "val", "test")
+CACHE = ".midi_units"
+
+
+@dataclass(frozen=True)
+class MidiPrepConfig:
+    augment: int = 1
+    """AMT's augmentation factor for train (k % 10: 0 plain, 1 spans, 2-5 random, 6-9 instruments)."""
+    split: str = "md5"
+    """md5 (AMT: first hex digit e -> val, f -> test) | ratio (--val/--test-fraction)."""
+    val_fraction: float = 0.0625
+    test_fraction: float = 0.0625
+    transpose: tuple[int, ...] = (0,)
+    """Semitone shifts; each is a variant of every train file (drums untouched)."""
+    stretch: tuple[float, ...] = (1.0,)
+    """Tempo factors (time multipliers); each is a variant of every train file."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.augment < 1:
+            raise UserError(f"--augment {self.augment}: must be >= 1 (1 = no augmentation, AMT uses 10)")
+        if self.split not in ("md5", "ratio"):
+            raise UserError(f"--split {self.split!r}: choose md5 or ratio")
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise UserError("--val-fraction and --test-fraction: each >= 0, together < 1")
+        if any(f <= 0 for f in self.stretch):
+            raise UserError(f"--stretch {self.stretch}: factors must be > 0")
+
+    def variants(self) -> list[tuple[int, float]]:
+        return [(s, f) for f in self.stretch for s in self.transpose]
+
+
+def file_split(md5: str, cfg: MidiPrepConfig) -> str:
+    if cfg.split == "md5":
+        return "val" if md5[0] in LAKH_VALID else "test" if md5[0] in LAKH_TEST else "train"
+    u = int(md5, 16) / 2.0**128
+    return "val" if u < cfg.val_fraction else "test" if u < cfg.val_fraction + cfg.test_fraction else "train"
+
+
+def apply_variant(notes: Notes, semitones: int, factor: float) -> tuple[Notes, int]:
+    """Transpose non-drum notes (dropping those leaving 0..127) and stretch time. -> (notes, dropped)."""
+    is_drum = notes.instr == DRUMS
+    pitch = np.where(is_drum, notes.pitch, notes.pitch + semitones)
+    keep = (pitch >= 0) & (pitch < 128)
+    t, d = notes.time, notes.dur
+    if factor != 1.0:
+        t = np.round(t * factor).astype(np.int64)
+        d = np.where(d < 0, -1, np.round(d * factor)).astype(np.int64)
+        order = np.argsort(t, kind="stable")  # rounding keeps order; stable for equal onsets
+        t, d, pitch, keep = t[order], d[order], pitch[order], keep[order]
+        instr, vel = notes.instr[order], notes.velocity[order]
+    else:
+        instr, vel = notes.instr, notes.velocity
+    out = Notes(t[keep], d[keep], pitch[keep], instr[keep], vel[keep])
+    return out, int(np.count_nonzero(~keep))
+
+
+@dataclass
+class UnitResult:
+    uid: str
+    path: str
+    split: str = ""
+    error: str = ""
+    num_notes: int = 0
+    reasons: list[str] = field(default_factory=list)  # per variant: "" kept, else drop reason
+
+
+def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
+    """Phase 1 for one file (runs in a worker): parse, variants, filters; cache the events."""
+    uid, path, cache_dir, cfg = task
+    res = UnitResult(uid, path)
+    try:
+        data = Path(path).read_bytes()
+        res.split = file_split(hashlib.md5(data).hexdigest(), cfg)
+        notes = parse_notes(data)
+    except OSError as e:
+        res.error = f"unreadable ({e.strerror})"
+        return res
+    except MidiReadError as e:
+        res.error = str(e)
+        return res
+    res.num_notes = len(notes)
+    variants = cfg.variants() if res.split == "train" else [(0, 1.0)]
+    arrays = {}
+    for v, (semi, factor) in enumerate(variants):
+        vnotes, _ = apply_variant(notes, semi, factor) if (semi, factor) != (0, 1.0) else (notes, 0)
+        events, num_truncated = notes_to_events(vnotes)
+        reason = drop_reason(events) or ""
+        res.reasons.append(reason)
+        if not reason:
+            arrays[f"events{v}"] = events.astype(np.int32)
+            arrays[f"truncated{v}"] = np.array(num_truncated)
+    buf = io.BytesIO()
+    np.savez(buf, split=np.array(res.split), reasons=np.array(res.reasons + ["#"]), num_notes=np.array(res.num_notes), **arrays)
+    write_bytes_atomic(Path(cache_dir) / f"{uid}.npz", buf.getvalue())
+    return res
+
+
+def load_unit(cache_dir: Path, uid: str, path: str) -> UnitResult | None:
+    f = cache_dir / f"{uid}.npz"
+    if not f.is_file():
+        return None
+    try:
+        with np.load(f) as z:
+            return UnitResult(uid, path, str(z["split"]), "", int(z["num_notes"]), [str(r) for r in z["reasons"][:-1]])
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache entry: redo the file
+
+
+def unit_pieces(cache_dir: Path, uid: str):
+    """The kept variants of a cached unit: [(events (N, 3) int64, num_truncated)]."""
+    with np.load(cache_dir / f"{uid}.npz") as z:
+        reasons = [str(r) for r in z["reasons"][:-1]]
+        return [(z[f"events{v}"].astype(np.int64), int(z[f"truncated{v}"]))
+                for v, r in enumerate(reasons) if not r]
+
+
+@dataclass
+class MidiPrepSummary:
+    num_files: int
+    num_corrupt: int
+    num_resumed: int
+    dropped: dict[str, int]  # reason -> number of (file, variant) pieces
+    num_pieces: dict[str, int]  # split -> pieces kept
+    num_sequences: dict[str, int]
+    num_dropped_overflow: int
+    num_rests: int
+    num_truncated: int
+    num_notes: int  # notes parsed (files parsed in this run)
+    seconds_parse: float
+    seconds_total: float
+    skipped: list[dict]
+    out: Path
+
+    @property
+    def files_per_s(self) -> float:
+        return (self.num_files - self.num_resumed) / max(self.seconds_parse, 1e-9)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.num_notes / max(self.seconds_parse, 1e-9)
+
+
+def plan_units(files: list[Path], salt: str) -> list[tuple[str, Path]]:
+    units = []
+    for i, path in enumerate(files):
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{salt}".encode()
+        units.append((f"{i:06d}-{hashlib.sha1(key).hexdigest()[:10]}", path))
+    return units
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the parser before forking workers."""
+    track = b"\x00\x90\x3c\x40\x60\x80\x3c\x00\x00\xff\x2f\x00"
+    data = b"MThd" + (6).to_bytes(4, "big") + b"\x00\x00\x00\x01\x00\x60" + b"MTrk" + len(track).to_bytes(4, "big") + track
+    parse_notes(data)
+
+
+def run_phase1(units, cache_dir: Path, cfg: MidiPrepConfig, workers: int, show_progress: bool,
+               skips: SkipReport) -> tuple[dict[str, UnitResult], int, int, float]:
+    """-> (results by uid, units resumed, notes parsed now, seconds)."""
+    results: dict[str, UnitResult] = {}
+    todo = []
+    for uid, path in units:
+        r = load_unit(cache_dir, uid, str(path))
+        if r is None:
+            todo.append((uid, str(path), str(cache_dir), cfg))
+        else:
+            results[uid] = r
+    resumed = len(results)
+    warm_up()
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("prep-midi parse", total=len(units), completed=resumed, visible=show_progress)
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                it = pool.map(process_file, todo, chunksize=max(1, min(32, len(todo) // (4 * workers))))
+                for r in it:
+                    results[r.uid] = r
+                    bar.advance(task)
+        else:
+            for t in todo:
+                r = process_file(t)
+                results[r.uid] = r
+                bar.advance(task)
+    seconds = time.perf_counter() - t0
+    num_notes = 0
+    for uid, _, _, _ in todo:
+        r = results[uid]
+        if r.error:
+            skips.add(r.path, r.error)
+        num_notes += r.num_notes
+    return results, resumed, num_notes, seconds
+
+
+def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = None, workers: int = 1,
+              show_progress: bool = True) -> MidiPrepSummary:
+    cfg = cfg or MidiPrepConfig()
+    t_start = time.perf_counter()
+    files = expand_inputs(inputs, SUFFIXES)
+    salt = f"{cfg.split}|{cfg.val_fraction}|{cfg.test_fraction}|{cfg.transpose}|{cfg.stretch}"
+    units = plan_units(files, salt)
+    tok = MidiTokenizer()
+    builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
+                             extra={"modality": "midi", "layout": "amt-arrival", "sequence_length": 1024,
+                                    "augment": cfg.augment, "split": cfg.split, "transpose": list(cfg.transpose),
+                                    "stretch": list(cfg.stretch), "seed": cfg.seed})
+    cache_dir = Path(out) / CACHE
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    skips = SkipReport()
+    results, resumed, num_notes, seconds = run_phase1(units, cache_dir, cfg, workers, show_progress, skips)
+
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    pieces = dict.fromkeys(SPLITS, 0)
+    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for uid, _ in units:
+        r = results[uid]
+        if r.error:
+            continue
+        for reason in r.reasons:
+            if reason:
+                dropped[reason] += 1
+            else:
+                pieces[r.split] += 1
+        by_split[r.split].append(uid)
+    seqs, seq_counts, overflow, rests, truncated = {}, {}, 0, 0, 0
+    for split, uids in by_split.items():
+        cutter = SequenceCutter()
+        rng = np.random.RandomState(cfg.seed)
+        augment = cfg.augment if split == "train" else 1
+        for uid in uids:
+            for events, num_truncated in unit_pieces(cache_dir, uid):
+                chunks, num_rests = piece_chunks(events, augment, rng)
+                rests += num_rests
+                truncated += num_truncated * augment
+                for k, chunk in chunks:
+                    cutter.add(k, chunk)
+        seqs[split] = cutter.take()
+        seq_counts[split] = cutter.stats.num_sequences
+        overflow += cutter.stats.num_dropped_overflow
+    final_uid = "sequences-" + hashlib.sha1(f"{salt}|{cfg.augment}|{cfg.seed}|{[u for u, _ in units]}".encode()).hexdigest()[:10]
+    builder.write_unit(final_uid, {s: v for s, v in seqs.items() if v}, source=f"{len(files)} MIDI files")
+    builder.finalize([final_uid], skipped=skips.items)
+    return MidiPrepSummary(len(files), skips.num_errors, resumed, dropped, pieces, seq_counts, overflow, rests,
+                           truncated, num_notes, seconds, time.perf_counter() - t_start, skips.items, Path(out))
+
+
+# --- passthrough -------------------------------------------------------------------------
+@dataclass
+class TokenImportSummary:
+    num_sequences: int
+    num_tokens: int
+    num_bad_lines: int
+    lengths: dict[int, int]
+    out: Path
+
+
+def import_token_files(files: list[str], out: str | Path, split: str = "train") -> TokenImportSummary:
+    """AMT's pre-tokenized text (one sequence of space-separated ids a line) -> shards, ids
+    unchanged. A line with a non-integer or an id outside [0, 55028) is skipped and reported as
+    `file:line`; each file is a resumable unit."""
+    tok = MidiTokenizer()
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{p}: no such token file; pass AMT's tokenized-events-*.txt files")
+    builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
+                             extra={"modality": "midi", "layout": "amt-arrival", "passthrough": True})
+    skips = SkipReport()
+    unit_ids, num_seq, num_tok, bad = [], 0, 0, 0
+    lengths: dict[int, int] = {}
+    for i, p in enumerate(paths):
+        st = p.stat()
+        uid = f"tokens-{i:05d}-" + hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}".encode()).hexdigest()[:10]
+        recs = builder.load_unit(uid)
+        if recs is None:
+            docs = []
+            for num, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    ids = np.array(line.split(), dtype=np.int64)
+                except ValueError:
+                    skips.add(f"{p}:{num}", "not a line of integer ids (sequence skipped)")
+                    bad += 1
+                    continue
+                out_of_range = ids[(ids < 0) | (ids >= VOCAB_SIZE)]
+                if out_of_range.size:
+                    skips.add(f"{p}:{num}", f"id {int(out_of_range[0])} outside [0, {VOCAB_SIZE}) (sequence skipped)")
+                    bad += 1
+                    continue
+                docs.append(ids.astype(np.uint16))
+            recs = builder.write_unit(uid, {split: docs} if docs else {}, source=str(p))
+            for d in docs:
+                lengths[d.size] = lengths.get(d.size, 0) + 1
+        unit_ids.append(uid)
+        num_seq += sum(r.num_docs for r in recs)
+        num_tok += sum(r.num_tokens for r in recs)
+    builder.finalize(unit_ids, skipped=skips.items)
+    return TokenImportSummary(num_seq, num_tok, bad, lengths, Path(out))
