@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "amtrain.commands.scaling",
     "amtrain.commands.model",
     "amtrain.commands.midi",
+    "amtrain.commands.audio",
 ]
 
 _state = {"debug": False}
