@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "amtrain.commands.model",
     "amtrain.commands.midi",
     "amtrain.commands.audio",
+    "amtrain.commands.rollout",
 ]
 
 _state = {"debug": False}

@@ -10,6 +10,8 @@ cache and windows longer than the context:
   puts controls in training data;
 - otherwise the row samples one event, id by id, under `MidiConstraint` (time, duration, note
   in arrival-time order; the onset never before the current time, nor before `floor_time`);
+  a window is also rebuilt when a row's current time reaches the end of the TIME block
+  (100 s after the window's first onset), so a later onset always stays representable;
 - a row stops when an onset reaches `end_time` (that event is dropped, as in AMT) or when it
   has sampled `max_new_events`; remaining controls are appended to its tape (AMT's `future`).
 
@@ -70,11 +72,12 @@ def shift_times(tri: np.ndarray, dt: int) -> np.ndarray:
     return out
 
 
-def fit_window(tri: np.ndarray, max_triples: int) -> int:
-    """Largest n <= max_triples such that the last n triples span < MAX_TIME bins."""
+def fit_window(tri: np.ndarray, max_triples: int, max_span: int = MAX_TIME) -> int:
+    """Largest n <= max_triples such that the last n triples span < max_span bins (a rebuilt
+    window spans at most half the TIME block, so its next onsets have room to move on)."""
     n = min(max_triples, len(tri))
     times = triple_times(tri)
-    while n > 1 and times[-n:].max() - times[-n:].min() >= MAX_TIME:
+    while n > 1 and times[-n:].max() - times[-n:].min() >= max_span:
         n -= 1
     return n
 
@@ -140,10 +143,11 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
     first = len(prompt) if len(prompt) <= (context - 1) // 3 - 1 else keep
     logits = win.reset(fed, min(fit_window(f, first) for f in fed) if len(prompt) else 0)
     while not done.all():
-        if win.room < 3:
-            logits = win.reset(fed, min(fit_window(f, keep) for f in fed))
-        forced = [_due(controls, pending[b], now[b], sampling.delta) for b in range(B)]
         rel_now = torch.as_tensor(now, device=win.seq.device) - win.offset
+        if win.room < 3 or bool((rel_now >= MAX_TIME - 1).any()):  # full, or no later onset fits
+            logits = win.reset(fed, min(fit_window(f, keep, MAX_TIME // 2) for f in fed))
+            rel_now = torch.as_tensor(now, device=win.seq.device) - win.offset
+        forced = [_due(controls, pending[b], now[b], sampling.delta) for b in range(B)]
         constraint = MidiConstraint(header=1, floor=rel_now)
         triple = []
         for p in range(3):
