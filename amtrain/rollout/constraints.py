@@ -83,3 +83,16 @@ class CodebookConstraint(Constraint):
         B, t = generated.shape
         k = (t - self.header) % self.num_codebooks
         return block_mask(B, vocab, k * self.codebook_size, (k + 1) * self.codebook_size, generated.device)
+
+
+class ForcedConstraint(Constraint):
+    """`inner`, except that position j (the generated length) is forced to forced[j]."""
+
+    def __init__(self, inner: Constraint, forced: dict[int, int]):
+        self.inner, self.forced = inner, forced
+
+    def allowed(self, generated: torch.Tensor, vocab: int) -> torch.Tensor:
+        j = generated.shape[1]
+        if j in self.forced:
+            return block_mask(generated.shape[0], vocab, self.forced[j], self.forced[j] + 1, generated.device)
+        return self.inner.allowed(generated, vocab)

@@ -330,7 +330,7 @@ def _t5_infill_midi(rm, tape: MidiTape, cfg, num_samples, seed_offset):
 
 
 def _t5_infill_audio(rm, codes, cfg, num_samples, seed_offset):
-    from amtrain.rollout.constraints import CodebookConstraint
+    from amtrain.rollout.constraints import CodebookConstraint, ForcedConstraint
     from amtrain.rollout.t5gen import t5_infill
 
     tok = rm.tokenizer
@@ -341,10 +341,16 @@ def _t5_infill_audio(rm, codes, cfg, num_samples, seed_offset):
     if not 0 <= a < b <= codes.shape[1]:
         raise UserError(f"--infill-range {cfg.infill_range}: frames [{a}, {b}) must lie inside the prompt's "
                         f"{codes.shape[1]} frames")
-    stream = tok.encode(codes).astype(np.int64)  # delay: step s holds codebook k of frame s - k
-    out = t5_infill(rm.model, rm.t5_vocab(), [stream[:a * K], stream[b * K:]], num_samples, mode=cfg.denoiser,
-                    unit=K, inner=CodebookConstraint(K, tok.codebook_size), lengths=[(b - a) * K],
-                    **cfg.sampling(seed_offset))
+    # delay: step s holds codebook k of frame s - k, so frames [a, b) live in steps [a, b + K - 1);
+    # inside the span, every id of a frame outside [a, b) (or a pad) is forced to the prompt's
+    stream = tok.encode(codes).astype(np.int64)
+    ext = K - 1 if tok.layout == "delay" else 0
+    lo, hi = a * K, (b + ext) * K
+    frame = np.arange(lo, hi) // K - np.arange(lo, hi) % K * (ext > 0)
+    forced = {j: int(stream[lo + j]) for j in np.flatnonzero((frame < a) | (frame >= b)).tolist()}
+    inner = ForcedConstraint(CodebookConstraint(K, tok.codebook_size), forced)
+    out = t5_infill(rm.model, rm.t5_vocab(), [stream[:lo], stream[hi:]], num_samples, mode=cfg.denoiser,
+                    unit=K, inner=inner, lengths=[hi - lo], **cfg.sampling(seed_offset))
     return [tok.codes(s) for s in out]
 
 
