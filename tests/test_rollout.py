@@ -308,3 +308,43 @@ def test_cli_rollout_text_and_errors(ckpts, tmp_path):
     r = CliRunner().invoke(app, ["rollout", str(ckpts["text"]), "--prompt", str(p), "--out", str(tmp_path / "o"),
                                  "--mode", "infill"])
     assert r.exit_code != 0 and isinstance(r.exception, UserError)
+
+
+def test_t5_midi_continuation_keeps_prompt_and_obeys_grammar(ckpts):
+    rm = load_rollout_model(ckpts["t5_midi"])
+    tape = read_prompt(rm, MIDI, RolloutConfig())
+    tape.triples = tape.triples[:40]
+    cfg = RolloutConfig(length=60, seed=0, t5_context=64, stride=30, num_samples=2)
+    out = rollout(rm, tape, cfg)
+    nocache = rollout(rm, tape, RolloutConfig(length=60, seed=0, t5_context=64, stride=30, num_samples=2,
+                                              use_cache=False))
+    for res, other in zip(out, nocache, strict=True):
+        assert np.array_equal(res.triples, other.triples)
+        assert np.array_equal(res.triples[:40], tape.triples) and len(res.triples) == 60
+        new = res.triples[40:]
+        assert _valid_event_triples(new) and np.all(np.diff(res.triples[39:, 0]) >= 0)
+
+
+def test_midi_id_file_prompt_and_bad_prompts(ckpts, tmp_path):
+    from amtrain.tokens.midi import AUTOREGRESS
+
+    rm = load_rollout_model(ckpts["midi"])
+    tape = read_prompt(rm, MIDI, RolloutConfig())
+    ids_file = tmp_path / "p.txt"
+    ids_file.write_text(" ".join(map(str, [AUTOREGRESS, *tape.triples[:10].ravel().tolist()])))
+    again = read_prompt(rm, ids_file, RolloutConfig())
+    assert again.flag == AUTOREGRESS and np.array_equal(again.triples, tape.triples[:10])
+    out = rollout(rm, again, RolloutConfig(length=30, seed=0))[0]
+    assert np.array_equal(out.triples[:10], tape.triples[:10]) and len(out.triples) == 20
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 x")
+    with pytest.raises(UserError, match="bad.txt: not a file of integer ids"):
+        read_prompt(rm, bad, RolloutConfig())
+    bad.write_text("1 2")
+    with pytest.raises(UserError, match="triples"):
+        read_prompt(rm, bad, RolloutConfig())
+    bad.write_bytes(b"MThd garbage")
+    with pytest.raises(UserError, match="bad.mid"):
+        read_prompt(rm, bad.rename(tmp_path / "bad.mid"), RolloutConfig())
+    with pytest.raises(UserError, match="no such file"):
+        read_prompt(rm, tmp_path / "missing.mid", RolloutConfig())

@@ -116,3 +116,12 @@ def test_cli_audio_continuation(env, tmp_path):
     assert r.exit_code == 0, r.output
     info = sf.info(str(tmp_path / "sample_0.wav"))
     assert info.samplerate == 24000 and info.frames == (75 + 38) * env["codec"].hop_length
+
+
+def test_t5_audio_continuation_keeps_prompt(env):
+    codec = env["codec"]
+    rm = load_rollout_model(env["t5"])
+    codes = read_prompt(rm, env["wav"], RolloutConfig(), codec)[:, :30]
+    cfg = RolloutConfig(length=0.2, seconds=True, seed=0, frame_rate=codec.frame_rate, t5_context=32, stride=16)
+    out = rollout(rm, codes, cfg)[0]
+    assert out.shape == (K, 45) and np.array_equal(out[:, :30], codes)

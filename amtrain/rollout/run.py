@@ -227,12 +227,19 @@ def _continue_midi(rm, tape: MidiTape, cfg, num_samples, seed_offset):
     if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
         tri = pad(tri, now)  # a MIDI file's events: REST padding as in training
     end = now + round(cfg.length * TIME_RESOLUTION) if cfg.seconds else None
-    max_events = None if cfg.seconds else max(1, int(cfg.length) // 3)
-    if cfg.seconds:
-        max_events = 3 * rm.model.cfg.max_seq_len * max(1, round(cfg.length))  # a cap, not the stop rule
+    max_events = event_cap(cfg.length) if cfg.seconds else max(1, int(cfg.length) // 3)
     flag, tapes = amt_generate(rm.model, tri, tri[:0], num_samples, _amt_sampling(cfg, seed_offset),
                                floor_time=now, end_time=end, max_new_events=max_events)
     return [MidiTape(flag, t) for t in tapes]
+
+
+MAX_EVENTS_PER_SECOND = 100  # a stop for a model that never moves time on (dense piano ~10-30/s)
+
+
+def event_cap(seconds: float) -> int:
+    """Most events sampled for a span given in seconds: the stop rule is the end time, this only
+    bounds a degenerate model that keeps every onset at the current time."""
+    return max(1, round(MAX_EVENTS_PER_SECOND * seconds))
 
 
 def _amt_sampling(cfg, seed_offset):
@@ -291,7 +298,7 @@ def _amt_infill(rm, tape: MidiTape, cfg, num_samples, seed_offset):
     control instruments inside it, become controls; the decoder generates the range."""
     from amtrain.midi.tokenize import anticipate, pad
     from amtrain.rollout.amt import amt_generate, event_instruments
-    from amtrain.tokens.midi import CONTROL_OFFSET, REST
+    from amtrain.tokens.midi import CONTROL_OFFSET, REST, TIME_RESOLUTION
 
     ev = tape.events()
     ev = ev[ev[:, 2] != REST]
@@ -301,9 +308,8 @@ def _amt_infill(rm, tape: MidiTape, cfg, num_samples, seed_offset):
     history = ev[t < a]
     controls = ev[(t >= b) | inside_kept] + CONTROL_OFFSET
     prompt, controls = anticipate(pad(history, a), controls)
-    cap = 3 * rm.model.cfg.max_seq_len + int(cfg.length)
     flag, tapes = amt_generate(rm.model, prompt, controls, num_samples, _amt_sampling(cfg, seed_offset),
-                               floor_time=a, end_time=b, max_new_events=cap)
+                               floor_time=a, end_time=b, max_new_events=event_cap((b - a) / TIME_RESOLUTION))
     return [MidiTape(flag, tp) for tp in tapes]
 
 
