@@ -269,11 +269,20 @@ def test_alternate_text_t5_and_midi_decoder(ckpts, tmp_path):
     a = rollout(rm, tape, cfg)[0]
     assert np.array_equal(a[:3], tape[0][:3]) and len(a) >= len(tape[0]) + 12
     assert np.array_equal(a, rollout(rm, tape, cfg)[0])
+    from amtrain.tokens.midi import AUTOREGRESS
+
     rm = load_rollout_model(ckpts["midi"])
     tape = read_prompt(rm, MIDI, RolloutConfig())
-    res = rollout(rm, tape, RolloutConfig(mode="alternate", schedule="ic", iterations=2, length=2.0,
-                                          seconds=True, seed=0))[0]
-    assert res.triples[:, 0].max() > tape.triples[:, 0].max()
+    res = rollout(rm, tape, RolloutConfig(mode="alternate", schedule="ic", iterations=2, length=30, seed=0))[0]
+    assert res.flag == AUTOREGRESS and not (res.triples[:, 2] >= CONTROL_OFFSET).any()
+    ev = res.triples[res.triples[:, 2] != REST]
+    end = tape.triples[:, 0].max()
+    last = tape.triples[-1]
+    assert (ev == last).all(1).any()  # the piece's last note survived the in-fill
+    # the continuation comes after the whole piece (not after the in-filled part)
+    assert np.count_nonzero(ev[:, 0] >= end) == np.count_nonzero(tape.triples[:, 0] >= end) + 10
+    after = np.flatnonzero((ev == last).all(1))[-1]
+    assert np.all(ev[after:, 0] >= end)
     write_tapes(rm, [res], tmp_path)
 
 

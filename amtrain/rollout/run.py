@@ -379,7 +379,20 @@ def alternate(rm: RolloutModel, tape, cfg: RolloutConfig) -> object:
         else:
             tape = infill_tape(rm, _as_infill_prompt(rm, tape, region, cfg), replace(cfg, infill_range=region),
                                1, seed_offset=i)[0]
+            tape = _flatten_controls(rm, tape)
     return tape
+
+
+def _flatten_controls(rm, tape):
+    """After a decoder MIDI in-fill the suffix rides along as controls; the next iteration
+    must see it as plain events again (sorted by onset, RESTs dropped: continuation re-pads)."""
+    if rm.modality != "midi" or rm.is_t5:
+        return tape
+    from amtrain.tokens.midi import AUTOREGRESS, REST
+
+    ev = tape.events()
+    ev = ev[ev[:, 2] != REST]
+    return MidiTape(AUTOREGRESS, ev[np.argsort(ev[:, 0], kind="stable")])
 
 
 def _random_region(rm, tape, cfg, rng) -> tuple[float, float] | tuple[int, int]:
