@@ -357,3 +357,18 @@ def test_midi_id_file_prompt_and_bad_prompts(ckpts, tmp_path):
         read_prompt(rm, bad.rename(tmp_path / "bad.mid"), RolloutConfig())
     with pytest.raises(UserError, match="no such file"):
         read_prompt(rm, tmp_path / "missing.mid", RolloutConfig())
+
+
+def test_cli_midi_infill_and_range_errors(ckpts, tmp_path):
+    import symusic
+    from typer.testing import CliRunner
+
+    from amtrain.cli import app
+
+    args = ["rollout", str(ckpts["midi"]), "--prompt", str(MIDI), "--out", str(tmp_path), "--mode", "infill"]
+    r = CliRunner().invoke(app, [*args, "--infill-range", "4:8", "-n", "2", "--top-p", "0.95"])
+    assert r.exit_code == 0, r.output
+    assert symusic.Score(str(tmp_path / "sample_1.mid")).note_num() > 0
+    for bad, msg in (("4-8", "START:END"), ("8:4", "START < END")):
+        r = CliRunner().invoke(app, [*args, "--infill-range", bad])
+        assert isinstance(r.exception, UserError) and msg in str(r.exception)

@@ -125,3 +125,20 @@ def test_t5_audio_continuation_keeps_prompt(env):
     cfg = RolloutConfig(length=0.2, seconds=True, seed=0, frame_rate=codec.frame_rate, t5_context=32, stride=16)
     out = rollout(rm, codes, cfg)[0]
     assert out.shape == (K, 45) and np.array_equal(out[:, :30], codes)
+
+
+def test_cli_prompt_from_priority(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from amtrain.cli import app
+
+    rm = load_rollout_model(env["dec"])
+    codes = read_prompt(rm, env["wav"], RolloutConfig(), env["codec"])
+    bounds = _prep_tables(tmp_path / "prep", codes, [0.3, 0.1, 0.8], env["codec"].frame_rate)
+    r = CliRunner().invoke(app, ["rollout", str(env["dec"]), "--prompt-from-priority", str(tmp_path / "prep"),
+                                 "--out", str(tmp_path / "o"), "--length", "20", "--codec-path", str(env["codec_dir"])])
+    assert r.exit_code == 0, r.output
+    assert "priority 0.800" in r.output
+    out = rm.tokenizer.codes(np.load(tmp_path / "o" / "sample_0.npy"))
+    assert np.array_equal(out[:, :bounds[3] - bounds[2]], codes[:, bounds[2]:bounds[3]])
+    assert out.shape[1] == bounds[3] - bounds[2] + 10

@@ -130,7 +130,8 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
         raise UserError(f"--stride {stride}: must be in [3, {context - 4}] for a MIDI context of {context}")
     keep = (context - 1 - stride) // 3  # triples kept when a window is rebuilt
     flag = ANTICIPATE if len(controls) or is_control(prompt).any() else AUTOREGRESS
-    gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
     B = num_samples
     fed = [prompt.astype(np.int64)] * B  # every triple the model saw, per row (absolute)
     tapes: list[list[np.ndarray]] = [[prompt.astype(np.int64)] for _ in range(B)]
