@@ -372,3 +372,22 @@ def test_cli_midi_infill_and_range_errors(ckpts, tmp_path):
     for bad, msg in (("4-8", "START:END"), ("8:4", "START < END")):
         r = CliRunner().invoke(app, [*args, "--infill-range", bad])
         assert isinstance(r.exception, UserError) and msg in str(r.exception)
+
+
+def test_t5_recurring_postfix(ckpts, tmp_path):
+    from typer.testing import CliRunner
+
+    from amtrain.cli import app
+
+    p = _text(tmp_path, "Verse<gap> Amen.")
+    r = CliRunner().invoke(app, ["rollout", str(ckpts["t5_text"]), "--prompt", str(p), "--out", str(tmp_path / "o"),
+                                 "--mode", "infill", "--postfix-repeat", "3", "--seed", "4"])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "o" / "sample_0.txt").read_text()
+    assert text.startswith("Verse") and text.endswith(" Amen.") and text.count(" Amen.") >= 3
+    rm = load_rollout_model(ckpts["t5_text"])
+    ids = rollout(rm, read_prompt(rm, p, RolloutConfig()), RolloutConfig(mode="infill", postfix_repeat=3, seed=4))[0]
+    assert np.array_equal(ids, np.load(tmp_path / "o" / "sample_0.npy"))
+    with pytest.raises(UserError, match="one gap"):
+        rollout(rm, read_prompt(rm, _text(tmp_path, "a<gap>b<gap>c"), RolloutConfig()),
+                RolloutConfig(mode="infill", postfix_repeat=2))

@@ -45,6 +45,7 @@ def rollout(
     control_instruments: str = typer.Option("", "--control-instruments",
                                             help="MIDI decoder in-filling: comma-separated instruments (0-127, drums 128) kept as controls."),
     gap_marker: str = typer.Option("<gap>", help="Text in-filling: marker between prefix and suffix."),
+    postfix_repeat: int = typer.Option(1, help="T5 in-filling of prefix<gap>postfix: the postfix recurs N times, a gap before each."),
     denoiser: str = typer.Option("X", help="T5 in-filling mode token: R or X."),
     schedule: str = typer.Option("ci", help="Alternate: c/i letters, cycled (c = continue, i = in-fill)."),
     iterations: int = typer.Option(4, help="Alternate: iterations."),
@@ -72,6 +73,7 @@ def rollout(
     cfg = RolloutConfig(mode=mode, length=length, seconds=seconds, num_samples=num_samples, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, use_cache=not no_cache, stride=stride,
                         infill_range=_range(infill_range), control_instruments=instruments, gap_marker=gap_marker,
+                        postfix_repeat=postfix_repeat,
                         denoiser=denoiser, schedule=schedule, iterations=iterations,
                         frame_rate=codec.frame_rate if codec is not None else None)
     if (prompt is None) == (prompt_from_priority is None):

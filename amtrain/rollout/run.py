@@ -47,6 +47,8 @@ class RolloutConfig:
     control_instruments: tuple[int, ...] = ()
     """MIDI decoder in-filling: instruments (0-127, drums 128) kept as controls from the range start."""
     gap_marker: str = "<gap>"
+    postfix_repeat: int = 1
+    """T5 in-filling of `prefix<gap>postfix`: the postfix recurs N times, a gap before each."""
     denoiser: str = "X"
     """T5 in-filling mode token: R or X (S is continuation)."""
     max_span: int = 128
@@ -64,8 +66,8 @@ class RolloutConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise UserError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.length <= 0 or self.num_samples < 1 or self.iterations < 1:
-            raise UserError("--length, --num-samples and --iterations must be positive")
+        if self.length <= 0 or self.num_samples < 1 or self.iterations < 1 or self.postfix_repeat < 1:
+            raise UserError("--length, --num-samples, --iterations and --postfix-repeat must be positive")
         if set(self.schedule) - {"c", "i"} or not self.schedule:
             raise UserError(f"--schedule {self.schedule!r}: letters c (continue) and i (in-fill), e.g. 'cci'")
         if self.denoiser not in ("R", "X"):
@@ -277,6 +279,10 @@ def infill_tape(rm: RolloutModel, prompt, cfg: RolloutConfig, num_samples: int, 
     from amtrain.rollout.t5gen import t5_infill
 
     segments = prompt if isinstance(prompt, list) else [prompt]
+    if cfg.postfix_repeat > 1:
+        if len(segments) != 2:
+            raise UserError("--postfix-repeat needs a prompt with one gap: prefix<gap>postfix")
+        segments = [segments[0]] + [segments[1]] * cfg.postfix_repeat
     return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser, max_span=cfg.max_span,
                      **cfg.sampling(seed_offset))
 
