@@ -9,6 +9,7 @@ run) and on time-based checkpoints; then `engine.step()` (clipping, optimizer, L
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,10 +49,22 @@ def train(cfg: RunConfig) -> RunResult:
     d = init_distributed(cfg.train.dist_timeout_s)
     try:
         return _train(cfg, d)
-    except dist.DistError as e:
+    except RuntimeError as e:  # gloo/nccl report a dead peer or a timeout as RuntimeError
+        if not _raised_in_collective(e):
+            raise
         first = str(e).strip().splitlines()[0][:300]
-        raise UserError(f"rank {d.rank}: lost contact with another rank ({type(e).__name__}: {first}); "
-                        f"a rank died or hung — see its log above") from None
+        raise UserError(f"rank {d.rank}: lost contact with another rank ({first}); a rank died or hung "
+                        f"(collectives time out after train.dist_timeout_s = {cfg.train.dist_timeout_s:g} s), "
+                        f"see the other ranks' output") from None
+
+
+def _raised_in_collective(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"torch{os.sep}distributed" in tb.tb_frame.f_code.co_filename
 
 
 def _train(cfg: RunConfig, d: DistInfo) -> RunResult:

@@ -1,0 +1,171 @@
+"""Training in this process (one rank, gloo, fp32, the debug decoder on the bundled corpus):
+exact resume, what a run records, retention, interrupted checkpoints, export/sample, NaN steps,
+bad configuration."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from amtrain.errors import UserError
+from amtrain.train import checkpoint
+from amtrain.train.loop import train
+from tests.train_helpers import from_args, metrics, tiny
+
+
+@pytest.fixture(scope="module")
+def full_run(kjv_gpt2, tmp_path_factory):
+    """8 steps uninterrupted, checkpoints every 2 steps, all kept."""
+    out = tmp_path_factory.mktemp("full")
+    res = train(from_args(tiny(kjv_gpt2, out, **{"train.checkpoint_every": 2, "train.eval_every": 4})))
+    return res
+
+
+def test_resume_equals_uninterrupted(full_run, kjv_gpt2, tmp_path):
+    step4 = full_run.run_dir / "checkpoints" / "step_00000004"
+    resumed = train(from_args(tiny(kjv_gpt2, tmp_path, **{"train.resume": str(step4)})))
+    assert sorted(resumed.losses) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert resumed.losses[step] == pytest.approx(full_run.losses[step], rel=1e-6, abs=0), step
+    assert resumed.state.tokens_seen == full_run.state.tokens_seen == 8 * 512
+    assert resumed.state.loader == full_run.state.loader
+    a = checkpoint.consolidated_state_dict(full_run.checkpoint)
+    b = checkpoint.consolidated_state_dict(resumed.checkpoint)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_loss_falls_and_run_records_itself(full_run):
+    run = full_run.run_dir
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # 10.8 -> ~8 on real text
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "tokens_seen"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert 0 < rows[-1]["mfu"] < 1
+    val = metrics(run, "val")
+    assert [r["step"] for r in val] == [4, 8]
+    assert val[-1]["val_bpt"] == pytest.approx(val[-1]["val_loss"] / math.log(2))
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 4, 2)
+    info = json.loads((run / "run_info.json").read_text())
+    assert len(info["git_revision"]) >= 40 and info["packages"]["deepspeed"] == "0.19.8" and info["peak_flops"] > 0
+    assert "size: debug" in (run / "config.yaml").read_text()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    # retention keep_last 0 = all; the lr schedule is the configured one
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (2, 4, 6, 8)]
+    cfg = from_args(tiny(run, run))
+    assert rows[0]["lr"] == pytest.approx(cfg.optim.lr_at(1, 8))  # logged after the update of step 1
+
+
+def test_retention_and_interrupted_checkpoint_is_never_latest(kjv_gpt2, tmp_path, monkeypatch):
+    res = train(from_args(tiny(kjv_gpt2, tmp_path, **{"train.max_steps": 6, "train.checkpoint_every": 2,
+                                                        "train.keep_last": 2})))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert checkpoint.latest_checkpoint(ckpts) == ckpts / "step_00000006" == res.checkpoint
+
+    real_write = checkpoint.write_bytes_atomic
+
+    def crash_on_state(path, data):  # the process dies after DeepSpeed wrote its shards
+        if path.name == checkpoint.STATE_FILE:
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_bytes_atomic", crash_on_state)
+    with pytest.raises(KeyboardInterrupt):
+        train(from_args(tiny(kjv_gpt2, tmp_path, **{"train.max_steps": 8, "train.checkpoint_every": 2})))
+    monkeypatch.undo()
+    assert (ckpts / ".tmp-step_00000008").is_dir()  # half-written, under its temporary name
+    assert checkpoint.latest_checkpoint(ckpts) == ckpts / "step_00000006"
+    again = train(from_args(tiny(kjv_gpt2, tmp_path, **{"train.max_steps": 8})))
+    assert sorted(again.losses) == [7, 8] and again.checkpoint == ckpts / "step_00000008"
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_export_loads_without_deepspeed_and_sample(full_run, tmp_path):
+    from amtrain.cli import app
+    from amtrain.models.io import load_pretrained
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(full_run.run_dir), str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    model, meta = load_pretrained(tmp_path / "exp")
+    assert meta["tokenizer"] == "gpt2" and meta["step"] == 8
+    state = checkpoint.consolidated_state_dict(full_run.checkpoint)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    from amtrain.data.loader import val_batches
+    from amtrain.store import Dataset
+
+    batches = val_batches(Dataset(meta["data"]), "val", 64, 4, 2, 0, 1)  # the run's validation set
+    with torch.no_grad():
+        exported = sum(float(model(x, y)[1]) for x, y in batches) / len(batches)
+    assert exported == pytest.approx(metrics(full_run.run_dir, "val")[-1]["val_loss"], rel=1e-5)
+    outs = []
+    for src in (tmp_path / "exp", full_run.run_dir):
+        r = runner.invoke(app, ["sample", str(src), "--prompt", "In the beginning", "-n", "12", "--seed", "3",
+                                "--top-k", "40", "--top-p", "0.95", "--temperature", "0.9"])
+        assert r.exit_code == 0, r.output
+        outs.append(r.output.strip())
+    # the same text from the export and from the run folder (whose output also has DeepSpeed's notes)
+    assert outs[0].startswith("In the beginning") and len(outs[0]) > 30 and outs[1].endswith(outs[0])
+
+
+class _NaNAt:
+    """Wrap a model: the loss is NaN on the given (0-based) forward calls."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def __call__(self, model):
+        orig = model.forward
+
+        def forward(idx, targets=None, cache=None):
+            logits, loss = orig(idx, targets, cache)
+            if targets is not None and model.training:
+                if self.calls in self.bad_calls:
+                    loss = loss * float("nan")
+                self.calls += 1
+            return logits, loss
+
+        model.forward = forward
+        return model
+
+
+def test_nan_steps_are_skipped_and_counted_then_stop(kjv_gpt2, tmp_path, monkeypatch):
+    from amtrain.train import loop
+
+    real_build = loop.build_model
+    nan = _NaNAt({4, 5})  # step 3 (micro-steps 4, 5 with accumulation 2)
+    monkeypatch.setattr(loop, "build_model", lambda cfg, ds: nan(real_build(cfg, ds)))
+    snapshots = {}
+    real_step = loop.train_step
+
+    def spy(engine, *a):
+        out = real_step(engine, *a)
+        snapshots[len(snapshots) + 1] = engine.module.embed.weight.detach().clone()
+        return out
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    res = train(from_args(tiny(kjv_gpt2, tmp_path / "a", **{"train.max_steps": 5})))
+    assert math.isnan(res.losses[3]) and all(math.isfinite(res.losses[s]) for s in (1, 2, 4, 5))
+    assert torch.equal(snapshots[2], snapshots[3]) and not torch.equal(snapshots[3], snapshots[4])
+    assert res.state.num_bad_steps == 1 and metrics(tmp_path / "a")[-1]["bad_steps"] == 1
+
+    monkeypatch.setattr(loop, "build_model", lambda cfg, ds: _NaNAt(range(4, 100))(real_build(cfg, ds)))
+    with pytest.raises(UserError, match="3 steps in a row had a NaN/inf loss"):
+        train(from_args(tiny(kjv_gpt2, tmp_path / "b", **{"train.max_steps": 8, "train.max_bad_steps": 3})))
+
+
+def test_bad_configuration_is_one_clear_error(kjv_gpt2, tmp_path):
+    zero2 = tmp_path / "z.json"
+    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(UserError, match=r"z\.json train_micro_batch_size_per_gpu = 16 contradicts the run config's batch\.micro_batch = 4"):
+        train(from_args(tiny(kjv_gpt2, tmp_path / "a", ds_config=str(zero2))))
+    with pytest.raises(UserError, match=r"exceeds the model's \(model\.vocab_size = 512\)"):
+        train(from_args(tiny(kjv_gpt2, tmp_path / "b", **{"model.vocab_size": 512})))
+    with pytest.raises(UserError, match="no such folder"):
+        train(from_args(tiny(tmp_path / "missing", tmp_path / "c")))
