@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from amtrain.data.curriculum import Curriculum, CurriculumConfig, TaskRange
+from amtrain.data.curriculum import Curriculum, CurriculumConfig, TaskRange, losses_by_task
 from amtrain.data.span_corruption import (
     TASKS,
     Denoiser,
@@ -121,3 +121,26 @@ def test_config_errors_name_the_key():
         CurriculumConfig(x_share=(0.5, 0.9), s_share=(0.1, 0.2))
     with pytest.raises(ValueError, match="curriculum.ranges"):
         CurriculumConfig(ranges={"R": TaskRange(0.15, 0.15)})
+
+
+def test_config_from_plain_yaml_values():
+    import yaml
+
+    text = """
+mode: schedule
+schedule_steps: 200
+x_share: [0.2, 0.5]
+ranges:
+  R: {easy_density: 0.15, hard_density: 0.25, easy_span: 3, hard_span: 6}
+  X: {easy_density: 0.3, hard_density: 0.5, easy_span: 8, hard_span: 64}
+  S: {easy_density: 0.2, hard_density: 0.4}
+"""
+    cfg = CurriculumConfig(**yaml.safe_load(text))
+    last = Curriculum(cfg).decide(200)
+    assert last.denoisers == [Denoiser("R", 0.25, 6.0), Denoiser("X", 0.5, 64.0), Denoiser("S", 0.4)]
+    assert last.weights == [0.3, 0.5, 0.2]
+
+
+def test_losses_by_task():
+    per_example = np.array([1.0, 2.0, 4.0, 3.0])
+    assert losses_by_task(per_example, np.array([0, 2, 0, 2])) == {"R": 2.5, "S": 2.5}

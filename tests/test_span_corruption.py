@@ -21,6 +21,7 @@ from amtrain.data.span_corruption import (
     merge_inputs_targets,
     random_spans_noise_mask,
     required_targets_length,
+    span_exact_match,
     span_lengths_after,
 )
 
@@ -171,15 +172,18 @@ def test_batches_shapes_tasks_and_resume():
     b = batcher.batch(32, denoisers, [0.5, 0.25, 0.25])
     assert b.input_ids.shape == (32, 64) and b.labels.shape == (32, batcher.targets_length)
     assert set(b.task_ids.tolist()) == {0, 1, 2}
+    num_tokens = 0
     for x, m, y, t in zip(b.input_ids, b.attention_mask, b.labels, b.task_ids, strict=True):
         n = int(m.sum())
         assert x[0] == VOCAB.mode_id(TASKS[t]) and x[n - 1] == VOCAB.eos_id
         assert (x[n:] == VOCAB.pad_id).all() and 64 - n < 3  # gap below one unit
         real = y[y != IGNORE_INDEX]
         assert real[-1] == VOCAB.eos_id and (y[len(real):] == IGNORE_INDEX).all()
+        num_tokens += n + len(real)
         if TASKS[t] != "S":
             merged = merge_inputs_targets(x[1:n - 1], real[:-1], VOCAB)
             assert len(merged) == batcher.raw_length(denoisers[t])
+    assert b.num_tokens() == num_tokens
     state = batcher.state_dict()
     after = [batcher.batch(8, denoisers) for _ in range(3)]
     resumed, _ = make_batcher(seed=99, unit=3)
@@ -220,3 +224,44 @@ def test_binary_search_equals_t5_linear_search():
                 assert compute_input_and_target_lengths(
                     inputs_length, denoiser.noise_density, denoiser.mean_span_length, unit,
                     denoiser.task) == expected
+
+
+def test_document_windows_cover_whole_events():
+    """AMT-like documents: a flag token then triples. With doc_starts and unit_offset=1 every
+    chunk lies inside one document and starts on a triple; spans cover whole triples."""
+    rng = np.random.default_rng(0)
+    docs, starts, pos = [], [], 0
+    for d in range(6):
+        num_triples = int(rng.integers(20, 60))
+        docs.append(np.concatenate([[999], 10_000 * (d + 1) + np.arange(num_triples * 3)]))
+        starts.append(pos)
+        pos += len(docs[-1])
+    vocab = T5Vocab(base_vocab_size=70_000, num_sentinels=100)
+    batcher = DenoisingBatcher([np.concatenate(docs)], vocab, 48, 40, unit=3, seed=2,
+                               doc_starts=[np.array(starts)], unit_offset=1)
+    b = batcher.batch(64, [Denoiser("R", 0.3, 2.0)])
+    for x, m, y in zip(b.input_ids, b.attention_mask, b.labels, strict=True):
+        n = int(m.sum())
+        targets = y[y != IGNORE_INDEX][:-1]
+        chunk = merge_inputs_targets(x[1:n - 1], targets, vocab)
+        assert chunk[0] % 10_000 % 3 == 0  # starts on a triple (never on the flag 999)
+        assert np.array_equal(chunk, np.arange(chunk[0], chunk[0] + len(chunk)))  # one document
+        bounds = np.append(np.flatnonzero(vocab.is_sentinel(targets)), len(targets))
+        for a, c in zip(bounds[:-1], bounds[1:], strict=True):
+            span = targets[a + 1:c]
+            assert len(span) % 3 == 0 and span[0] % 10_000 % 3 == 0  # whole triples
+
+
+def test_span_exact_match():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 1000, 60)
+    x, y = denoise_example(tokens, Denoiser("R", 0.3, 3.0), VOCAB, rng)
+    num_spans = int(VOCAB.is_sentinel(y).sum())
+    padded = np.concatenate([y, [IGNORE_INDEX] * 5])
+    assert span_exact_match(y, padded, VOCAB) == (num_spans, num_spans)
+    wrong = y.copy()
+    wrong[1] = (wrong[1] + 1) % 1000  # first token of span 0
+    assert span_exact_match(wrong, y, VOCAB) == (num_spans - 1, num_spans)
+    truncated = np.concatenate([y[:np.flatnonzero(VOCAB.is_sentinel(y))[-1]], [VOCAB.eos_id]])
+    assert span_exact_match(truncated, y, VOCAB) == (num_spans - 1, num_spans)
+    assert span_exact_match(np.array([VOCAB.eos_id]), y, VOCAB) == (0, num_spans)

@@ -27,6 +27,29 @@ def _fits(rows, num_boot: int, seed: int):
     return fits
 
 
+@scaling.command("run")
+def run(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (from amtrain prep-*)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder: runs/ and results.csv."),
+    sizes: str = typer.Option("tiny,small,medium", help="Comma-separated sizes (debug, tiny, small, medium, large)."),
+    arch: str = typer.Option("transformer,lstm", help="Comma-separated architectures: transformer, lstm."),
+    tokens: int = typer.Option(0, help="Token budget per run (0 = one epoch of the train split)."),
+    seq_len: int = typer.Option(128, help="Training window length."),
+    micro_batch: int = typer.Option(8, help="Sequences per micro-batch per process."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    nproc: int = typer.Option(1, help="Processes per run (torchrun) — tokens per step scale with it."),
+    ds_config: str = typer.Option("ds_configs/zero2.json", help="DeepSpeed engine config for every run."),
+    lr: float = typer.Option(0.0, help="Peak learning rate for every run (0 = the run config default)."),
+) -> None:
+    """Train one model per (architecture, size) under identical settings; append results.csv."""
+    from amtrain.scaling.run import StudySettings, run_study
+
+    settings = StudySettings(data=data, out=out, tokens=tokens or None, seq_len=seq_len, micro_batch=micro_batch,
+                             grad_accum=grad_accum, nproc=nproc, ds_config=ds_config, lr=lr or None)
+    results = run_study(settings, arch.split(","), sizes.split(","), log=typer.echo)
+    typer.echo(f"results: {results}  (next: amtrain scaling fit {results}; amtrain scaling plot {results} --out {out})")
+
+
 @scaling.command("fit")
 def fit(
     results: Path = typer.Argument(..., help="results.csv written by `amtrain scaling run`."),

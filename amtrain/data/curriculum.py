@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from amtrain.data.span_corruption import TASKS, Denoiser
 
 LEVEL_GRID = 100
@@ -82,6 +84,10 @@ class CurriculumConfig:
     level_step: float = 0.25
 
     def __post_init__(self):
+        # YAML gives plain dicts and lists: accept them
+        self.ranges = {t: r if isinstance(r, TaskRange) else TaskRange(**r)
+                       for t, r in self.ranges.items()}
+        self.x_share, self.s_share = tuple(self.x_share), tuple(self.s_share)
         if self.mode not in ("adaptive", "schedule"):
             raise ValueError(f"curriculum.mode must be 'adaptive' or 'schedule', got {self.mode!r}")
         if set(self.ranges) != set(TASKS):
@@ -192,3 +198,9 @@ class Curriculum:
         self.levels = {t: float(v) for t, v in state["levels"].items()}
         self.windows = {t: [float(x) for x in w] for t, w in state["windows"].items()}
         self.pending = dict(state["pending"])
+
+
+def losses_by_task(per_example: np.ndarray, task_ids: np.ndarray) -> dict[str, float]:
+    """{task: mean of its examples' losses} for the tasks present in a batch: what `observe`
+    takes. `per_example` (B,) e.g. `per_example_loss(...)`, `task_ids` (B,) = `batch.task_ids`."""
+    return {TASKS[t]: float(per_example[task_ids == t].mean()) for t in np.unique(task_ids)}

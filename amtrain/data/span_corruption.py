@@ -116,7 +116,9 @@ def span_counts(num_units: int, noise_density: float, mean_span_length: float) -
 
 
 def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
-    """Lengths of a uniformly random split of num_items into num_segments non-empty segments."""
+    """Lengths of a uniformly random split of num_items into num_segments non-empty segments:
+    num_segments - 1 distinct cut points out of num_items - 1, the same law as T5's shuffled
+    boolean vector (`_random_segmentation` in t5.data.preprocessors)."""
     cuts = rng.choice(num_items - 1, size=num_segments - 1, replace=False) + 1  # segment starts
     edges = np.concatenate([[0], np.sort(cuts), [num_items]])
     return np.diff(edges)
@@ -209,17 +211,33 @@ def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, vocab: T5Vocab
 
 
 def merge_inputs_targets(inputs: np.ndarray, targets: np.ndarray, vocab: T5Vocab) -> np.ndarray:
-    """Inverse of `corrupt_spans`: put each target span back in place of its sentinel (mode,
-    EOS and padding must already be stripped). Also the infill step of rollout."""
-    t_starts = np.flatnonzero(vocab.is_sentinel(targets))
-    bounds = np.append(t_starts, len(targets))
-    spans = {int(targets[a]): targets[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+    """Inverse of `corrupt_spans`: put each target span back in place of its sentinel (mode
+    token stripped from the inputs). Also the infill step of rollout."""
+    spans = target_spans(targets, vocab)
     pieces, last = [], 0
     for i in np.flatnonzero(vocab.is_sentinel(inputs)):
         pieces += [inputs[last:i], spans.get(int(inputs[i]), inputs[i:i])]
         last = i + 1
     pieces.append(inputs[last:])
     return np.concatenate(pieces)
+
+
+def target_spans(targets: np.ndarray, vocab: T5Vocab) -> dict[int, np.ndarray]:
+    """{sentinel id: the tokens after it} for a target sequence, read up to its first EOS (or
+    PAD / -100 padding)."""
+    stop = np.flatnonzero((targets == vocab.eos_id) | (targets == vocab.pad_id)
+                          | (targets == IGNORE_INDEX))
+    targets = targets[: stop[0]] if len(stop) else targets
+    bounds = np.append(np.flatnonzero(vocab.is_sentinel(targets)), len(targets))
+    return {int(targets[a]): targets[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
+
+
+def span_exact_match(predicted: np.ndarray, targets: np.ndarray, vocab: T5Vocab) -> tuple[int, int]:
+    """(spans reconstructed exactly, spans): each span of `targets` against what `predicted`
+    (e.g. a greedy decode) puts after the same sentinel. Both may carry EOS and padding."""
+    truth, guess = target_spans(targets, vocab), target_spans(predicted, vocab)
+    hits = sum(1 for s, span in truth.items() if s in guess and np.array_equal(guess[s], span))
+    return hits, len(truth)
 
 
 def denoise_example(chunk: np.ndarray, denoiser: Denoiser, vocab: T5Vocab,
@@ -258,21 +276,34 @@ class DenoisingBatcher:
     """Fixed-shape denoising batches from token arrays (e.g. `Dataset.tokens(split)` memmaps).
 
     Each example picks a denoiser by weight, reads a raw chunk whose length fills
-    `inputs_length` exactly for that denoiser (a random window, aligned to `unit`, inside one
-    array; documents are packed as in nanoT5), and pads its targets to `targets_length`.
+    `inputs_length` for that denoiser, and pads its targets to `targets_length`. Chunks are
+    uniform over all valid windows:
+      - without `doc_starts`, each array is one stream of packed documents (nanoT5 style:
+        windows may cross document boundaries) and windows start on multiples of `unit`;
+      - with `doc_starts` (one array of document start offsets per token array, e.g.
+        `Dataset.doc_starts(record)`), windows stay inside one document and start at
+        doc start + `unit_offset` + a multiple of `unit` (MIDI: unit=3, unit_offset=1 skips the
+        AMT sequence flag so spans cover whole (time, duration, note) triples).
     The random state is one np.random.Generator: `state_dict` / `load_state_dict` resume it."""
 
     def __init__(self, arrays: list[np.ndarray], vocab: T5Vocab, inputs_length: int,
-                 targets_length: int, unit: int = 1, seed: int = 0):
-        self.arrays = [a for a in arrays if len(a) > 0]
-        if not self.arrays:
-            raise ValueError("DenoisingBatcher got no tokens")
+                 targets_length: int, unit: int = 1, seed: int = 0,
+                 doc_starts: list[np.ndarray] | None = None, unit_offset: int = 0):
+        if doc_starts is None:
+            doc_starts = [np.zeros(1, dtype=np.int64) for _ in arrays]
+        if len(doc_starts) != len(arrays):
+            raise ValueError(f"{len(arrays)} token arrays but {len(doc_starts)} doc_starts arrays")
+        self.arrays = arrays
+        begins = [np.asarray(st, dtype=np.int64) for st in doc_starts]
+        ends = [np.append(st[1:], len(a)) for st, a in zip(begins, arrays, strict=True)]
+        self._doc_array = np.concatenate([np.full(len(st), i) for i, st in enumerate(begins)])
+        self._doc_begin = np.concatenate(begins) + unit_offset
+        self._doc_length = np.concatenate(ends) - self._doc_begin  # usable tokens per document
         self.vocab, self.unit = vocab, unit
         self.inputs_length, self.targets_length = inputs_length, targets_length
-        sizes = np.array([len(a) for a in self.arrays], dtype=np.float64)
-        self._array_p = sizes / sizes.sum()
         self.rng = np.random.default_rng(seed)
         self._raw_lengths: dict[Denoiser, int] = {}
+        self._windows: dict[int, np.ndarray] = {}  # raw length -> cumulative window counts
 
     def raw_length(self, denoiser: Denoiser) -> int:
         """Raw chunk length for `denoiser`; checks that its targets fit `targets_length`."""
@@ -283,18 +314,26 @@ class DenoisingBatcher:
             if num_targets > self.targets_length:
                 raise ValueError(f"{denoiser} needs targets_length >= {num_targets} at "
                                  f"inputs_length {self.inputs_length}, got {self.targets_length}")
-            if raw > max(len(a) for a in self.arrays):
-                raise ValueError(f"{denoiser} needs chunks of {raw} tokens; the data is shorter")
             self._raw_lengths[denoiser] = raw
         return self._raw_lengths[denoiser]
 
+    def _window_counts(self, length: int) -> np.ndarray:
+        """Cumulative number of valid windows of `length` tokens over all documents."""
+        if length not in self._windows:
+            counts = np.maximum((self._doc_length - length) // self.unit + 1, 0)
+            if counts.sum() == 0:
+                raise ValueError(f"no document holds a chunk of {length} tokens (longest: "
+                                 f"{self._doc_length.max()}); lower inputs_length or the noise density")
+            self._windows[length] = np.cumsum(counts)
+        return self._windows[length]
+
     def _chunk(self, length: int) -> np.ndarray:
-        array = self.arrays[self.rng.choice(len(self.arrays), p=self._array_p)]
-        num_starts = (len(array) - length) // self.unit + 1
-        if num_starts <= 0:  # this array is too short; take another
-            return self._chunk(length)
-        start = int(self.rng.integers(num_starts)) * self.unit
-        return np.asarray(array[start:start + length])
+        cumulative = self._window_counts(length)
+        r = int(self.rng.integers(cumulative[-1]))
+        doc = int(np.searchsorted(cumulative, r, side="right"))
+        k = r - (int(cumulative[doc - 1]) if doc else 0)
+        start = int(self._doc_begin[doc]) + k * self.unit
+        return np.asarray(self.arrays[self._doc_array[doc]][start:start + length])
 
     def batch(self, batch_size: int, denoisers: list[Denoiser],
               weights: list[float] | None = None) -> DenoisingBatch:

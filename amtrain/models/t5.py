@@ -29,11 +29,14 @@ Model code is single-device torch only (no ranks, no deepspeed); the trainer wra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from amtrain.models.io import register_arch
 
 VOCAB_MULTIPLE = 64
 IGNORE_INDEX = -100
@@ -96,9 +99,6 @@ class T5Config:
             raise ValueError(f"unknown T5 size {size!r}; choose one of {sorted(T5_SIZES)}")
         return replace(T5_SIZES[size], **overrides)
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 # Sizes follow google/t5-v1_1-{small,base,large} (param counts pinned in tests/test_t5.py) and
 # google/t5-efficient-tiny; `debug` is for tests and CI.
@@ -120,17 +120,9 @@ T5_SIZES: dict[str, T5Config] = {
 # Layers
 
 
-class RMSNorm(nn.Module):
-    """T5LayerNorm: scale only, statistics in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+def rms_norm(cfg: T5Config) -> nn.RMSNorm:
+    """T5LayerNorm = RMSNorm: scale only, no mean subtraction, no bias (torch's own module)."""
+    return nn.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
 
 
 class GatedGeluFFN(nn.Module):
@@ -231,9 +223,9 @@ def causal_bias(query_length: int, key_length: int, offset: int, dtype, device) 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.attn_norm = rms_norm(cfg)
         self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn_norm = rms_norm(cfg)
         self.ffn = GatedGeluFFN(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -259,13 +251,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.parallel = cfg.parallel_decoder
-        self.self_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.self_norm = rms_norm(cfg)
         self.self_attn = Attention(cfg)
         self.cross_attn = Attention(cfg)
         self.ffn = GatedGeluFFN(cfg)
         if not self.parallel:
-            self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-            self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+            self.cross_norm = rms_norm(cfg)
+            self.ffn_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def self_kv(self, h: torch.Tensor, cache: DecoderCache | None, index: int):
@@ -299,7 +291,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.rel_bias = RelativePositionBias(cfg, bidirectional=True)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.final_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -316,7 +308,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.rel_bias = RelativePositionBias(cfg, bidirectional=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.final_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor,
@@ -364,7 +356,7 @@ class T5(nn.Module):
         untied LM head: std d_model**-0.5 instead of 1.0 so that initial logits are O(1) (the
         reasoning of huggingface/transformers#26441)."""
         cfg = self.cfg
-        if isinstance(module, RMSNorm):
+        if isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, Attention):
             nn.init.normal_(module.q.weight, std=(cfg.d_model * cfg.d_kv) ** -0.5)
@@ -429,21 +421,58 @@ class T5(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                decoder_attention_mask: torch.Tensor | None = None, return_logits: bool = True,
+                reduction: str = "mean") -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, S), labels (B, T) with -100 = ignore (or decoder_input_ids (B, T)).
-        Returns (logits (B, T, V), mean cross-entropy over labels != -100, or None)."""
+
+        Returns (logits (B, T, V) or None, loss or None). The loss is the cross-entropy over
+        labels != -100: their mean (`reduction="mean"`) or per position (B, T) with 0 where
+        ignored (`reduction="none"`, e.g. for loss per denoising task). `return_logits=False`
+        (training) applies the LM head only at labelled positions: padded targets cost nothing."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5.forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
         encoder_out = self.encode(input_ids, attention_mask)
-        logits = self.decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        h = self.decoder(self.embed(decoder_input_ids), encoder_out, attention_mask,
+                         decoder_attention_mask)  # (B, T, D)
+        if return_logits:
+            logits = self.lm_head(h)  # (B, T, V)
+            return logits, (None if labels is None else token_loss(logits, labels, reduction))
+        if labels is None:
+            raise ValueError("T5.forward with return_logits=False needs labels")
+        keep = labels != IGNORE_INDEX  # (B, T)
+        nll = F.cross_entropy(self.lm_head(h[keep]).float(), labels[keep], reduction="none")  # (N,)
+        if reduction == "mean":
+            return None, nll.mean()
+        return None, torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, eos_id: int | None = None,
+                 choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Decode targets for inputs (B, S) with the KV cache: (B, 1 + n), starting with the
+        decoder start token. `choose(logits (B, V)) -> ids (B, 1)` picks each token (default
+        greedy argmax; rollout passes its sampler); padded vocabulary rows are cut off first.
+        With `eos_id`, finished rows repeat eos_id and decoding stops once all rows finished."""
+        was_training = self.training
+        self.eval()
+        encoder_out = self.encode(input_ids, attention_mask)
+        seq = input_ids.new_full((input_ids.shape[0], 1), self.cfg.decoder_start_token_id)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        cache, feed = DecoderCache(), seq
+        for _ in range(max_new_tokens):
+            logits = self.decode(feed, encoder_out, attention_mask, cache=cache)[:, -1]  # (B, V)
+            logits = logits[:, : self.cfg.vocab_size].float()
+            feed = logits.argmax(-1, keepdim=True) if choose is None else choose(logits)  # (B, 1)
+            if eos_id is not None:
+                feed = feed.masked_fill(done[:, None], eos_id)
+                done |= feed[:, 0] == eos_id
+            seq = torch.cat([seq, feed], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return seq
 
     # -- HF conversion ----------------------------------------------------------------------
 
@@ -472,13 +501,26 @@ class T5(nn.Module):
         return sd
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V), (B, T) -> (B,) mean cross-entropy over each example's labels != -100 (for loss
-    per denoising task); examples without labels give 0."""
+register_arch("t5", T5Config, T5)  # save_pretrained / load_pretrained folders
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of (B, T, V) logits against (B, T) labels, -100 ignored: the mean over
+    labelled positions, or (B, T) per position with 0 where ignored (reduction="none")."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                          reduction="none")  # (B, T)
+                          reduction="none")  # (B, T), 0 where ignored
+    if reduction == "none":
+        return nll
+    return nll.sum() / (labels != IGNORE_INDEX).sum()
+
+
+def per_example_loss(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-position loss (reduction="none") -> (B,) mean over each example's labelled
+    positions (0 for an example without labels): loss per denoising task."""
     count = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
-    return nll.sum(1) / count
+    return token_nll.sum(1) / count
 
 
 # HF key <-> our key. HF: {encoder,decoder}.block.{i}.layer.{j}.<sub>; encoder j: 0 attn, 1 ffn;

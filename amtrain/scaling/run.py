@@ -1,0 +1,125 @@
+"""`amtrain scaling run`: one training run per (architecture, size) under identical settings.
+
+Every run uses the same data, sequence length, tokens per step, schedule (warm-up + cosine over
+its own steps) and token budget, so only the model differs. Each run is a separate process of
+`launchers/train.py` (or `torchrun --nproc_per_node N` of it) writing to OUT/runs/<arch>-<size>;
+when it ends, its row goes into OUT/results.csv. A study killed midway resumes: finished rows
+are skipped, and an unfinished run resumes from its own last checkpoint (`train.resume=auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from amtrain.errors import UserError
+from amtrain.scaling.results import append_result, finished, read_results
+
+REPO = Path(__file__).resolve().parents[2]
+ARCH_NAMES = {"transformer": "decoder", "lstm": "lstm"}
+
+
+@dataclass
+class StudySettings:
+    data: Path
+    out: Path
+    tokens: int | None = None
+    """Token budget per run; None = one epoch of the train split."""
+    seq_len: int = 128
+    micro_batch: int = 8
+    grad_accum: int = 1
+    nproc: int = 1
+    ds_config: str = "ds_configs/zero2.json"
+    lr: float | None = None
+    extra: tuple[str, ...] = ()
+    """More `--key value` overrides passed to every run."""
+
+
+def tokens_per_step(s: StudySettings) -> int:
+    return s.micro_batch * s.grad_accum * s.nproc * s.seq_len
+
+
+def budget(s: StudySettings) -> tuple[int, int]:
+    """(tokens, steps): the token budget rounded up to whole steps."""
+    from amtrain.store import Dataset
+
+    tokens = s.tokens or sum(r.num_tokens for r in Dataset(s.data).require_split("train"))
+    steps = max(1, math.ceil(tokens / tokens_per_step(s)))
+    return steps * tokens_per_step(s), steps
+
+
+def count_params(arch: str, size: str, vocab_size: int, seq_len: int) -> tuple[int, int]:
+    """(total, non-embedding) parameters, counted on the meta device (nothing allocated)."""
+    from amtrain.models.decoder import Decoder
+    from amtrain.models.lstm import LSTMLM, lstm_config
+    from amtrain.models.sizes import decoder_config
+
+    with torch.device("meta"):
+        if arch == "lstm":
+            model = LSTMLM(lstm_config(size, vocab_size))
+        else:
+            model = Decoder(decoder_config(size, vocab_size, max_seq_len=seq_len))
+    return model.num_params(), model.num_params(non_embedding=True)
+
+
+def run_command(s: StudySettings, arch: str, size: str, steps: int, run_dir: Path) -> list[str]:
+    warmup = max(1, steps // 10)
+    args = ["launchers/train.py", "--ds_config", s.ds_config, "--data", str(s.data),
+            "--model.arch", ARCH_NAMES[arch], "--model.size", size, "--data.seq_len", str(s.seq_len),
+            "--batch.micro_batch", str(s.micro_batch), "--batch.grad_accum", str(s.grad_accum),
+            "--train.max_steps", str(steps), "--optim.warmup_steps", str(warmup),
+            "--train.eval_every", "0", "--train.checkpoint_every", str(max(1, steps // 4)),
+            "--train.out_dir", str(run_dir), "--train.progress", "false"]
+    if s.lr is not None:
+        args += ["--optim.lr", str(s.lr)]
+    launcher = [sys.executable] if s.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={s.nproc}"]
+    return [*launcher, *args, *s.extra]
+
+
+def summarize(run_dir: Path, arch: str, size: str, tokens: int, wall_s: float, vocab: int, seq_len: int) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    if not train or not val:
+        raise UserError(f"{run_dir}/metrics.jsonl: no train or val records; the run did not finish — rerun the study")
+    total, non_emb = count_params(arch, size, vocab, seq_len)
+    tail = train[-3:]
+    return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "tokens": tokens,
+            "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
+            "wall_s": round(wall_s, 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
+            "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir)}
+
+
+def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -> Path:
+    from amtrain.store import Dataset
+
+    unknown = [a for a in archs if a not in ARCH_NAMES]
+    if unknown:
+        raise UserError(f"--arch {','.join(unknown)}: unknown; choose from {', '.join(ARCH_NAMES)}")
+    vocab = Dataset(s.data).vocab_size
+    tokens, steps = budget(s)
+    results = s.out / "results.csv"
+    for arch in archs:
+        for size in sizes:
+            done = read_results(results) if results.is_file() else []
+            if finished(done, arch, size, tokens):
+                log(f"{arch} {size}: finished earlier, skipped")
+                continue
+            run_dir = s.out / "runs" / f"{arch}-{size}"
+            cmd = run_command(s, arch, size, steps, run_dir)
+            log(f"{arch} {size}: {steps} steps x {tokens_per_step(s)} tokens  ->  {shlex.join(cmd)}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=REPO)
+            if proc.returncode:
+                raise UserError(f"{arch} {size}: training exited {proc.returncode} (log above); fix and rerun — finished runs are kept")
+            append_result(results, summarize(run_dir, arch, size, tokens, time.perf_counter() - t0, vocab, s.seq_len))
+    return results
