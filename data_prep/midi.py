@@ -7,10 +7,12 @@ Two phases, so the expensive one is parallel and resumable and the result equals
    variants (pitch transposition with drums untouched, tempo stretch; train split only),
    events, AMT's filters. The result is cached atomically in `OUT/.midi_units/<unit>.npz`;
    a rerun skips cached units. Unreadable or corrupt files are reported by name and skipped.
-2. per split, in file order: AMT's `tokenize` (amtrain.midi.tokenize) with one
-   `RandomState(seed)` per split (AMT seeds `np.random` with 0 per split) and the augmentation
-   factor (val/test are never augmented, as AMT's tokenize-lakh.py). Sequences (1024 ids: a flag
-   and 341 events) are the documents of the shards.
+2. per *stream*, in file order, streams in parallel: AMT's `tokenize` (amtrain.midi.tokenize)
+   with one `RandomState(seed)` per stream and the augmentation factor (val/test are never
+   augmented). AMT's tokenize-lakh.py makes 16 streams, one per first MD5 hex digit, each seeded
+   with 0, and trains on digits 0-d in order: with --split md5 the streams are the same; with
+   --split ratio there is one stream per split. Sequences (1024 ids: a flag and 341 events) are
+   the documents of the shards; a finished stream leaves a marker and is skipped on rerun.
 
 Splits: `md5` (default, AMT's Lakh split): the first hex digit of the file's MD5, e -> val,
 f -> test, else train; or `ratio`: the MD5 as a fraction in [0, 1) against --val-fraction and
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +37,7 @@ from amtrain.errors import UserError
 from amtrain.midi.events import MidiReadError, Notes, notes_to_events, parse_notes
 from amtrain.midi.tokenize import DROP_REASONS, SequenceCutter, drop_reason, piece_chunks
 from amtrain.store import DatasetBuilder
-from amtrain.store.format import write_bytes_atomic
+from amtrain.store.format import atomic_path
 from amtrain.tokens.midi import DRUMS, LAKH_TEST, LAKH_VALID, VOCAB_SIZE, MidiTokenizer
 from data_prep.common import SkipReport, expand_inputs, progress
 
@@ -102,6 +107,8 @@ class UnitResult:
     error: str = ""
     num_notes: int = 0
     reasons: list[str] = field(default_factory=list)  # per variant: "" kept, else drop reason
+    md5: str = ""
+    num_out_of_range: int = 0  # notes transposed out of 0..127, dropped (all variants)
 
 
 def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
@@ -110,7 +117,8 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
     res = UnitResult(uid, path)
     try:
         data = Path(path).read_bytes()
-        res.split = file_split(hashlib.md5(data).hexdigest(), cfg)
+        res.md5 = hashlib.md5(data).hexdigest()
+        res.split = file_split(res.md5, cfg)
         notes = parse_notes(data)
     except OSError as e:
         res.error = f"unreadable ({e.strerror})"
@@ -122,7 +130,8 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
     variants = cfg.variants() if res.split == "train" else [(0, 1.0)]
     arrays = {}
     for v, (semi, factor) in enumerate(variants):
-        vnotes, _ = apply_variant(notes, semi, factor) if (semi, factor) != (0, 1.0) else (notes, 0)
+        vnotes, dropped = apply_variant(notes, semi, factor) if (semi, factor) != (0, 1.0) else (notes, 0)
+        res.num_out_of_range += dropped
         events, num_truncated = notes_to_events(vnotes)
         reason = drop_reason(events) or ""
         res.reasons.append(reason)
@@ -130,20 +139,33 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
             arrays[f"events{v}"] = events.astype(np.int32)
             arrays[f"truncated{v}"] = np.array(num_truncated)
     buf = io.BytesIO()
-    np.savez(buf, split=np.array(res.split), reasons=np.array(res.reasons + ["#"]), num_notes=np.array(res.num_notes), **arrays)
-    write_bytes_atomic(Path(cache_dir) / f"{uid}.npz", buf.getvalue())
+    np.savez(buf, split=np.array(res.split), md5=np.array(res.md5), reasons=np.array(res.reasons + ["#"]), num_notes=np.array(res.num_notes),
+             num_out_of_range=np.array(res.num_out_of_range), **arrays)
+    _write_cache(Path(cache_dir) / f"{uid}.npz", buf.getvalue())
     return res
 
 
+def _write_cache(path: Path, data: bytes) -> None:
+    """Temp file + rename, without fsync: a cache entry torn by a crash fails np.load in
+    `load_unit` and the file is simply parsed again (fsync per file cost a third of the run)."""
+    tmp = atomic_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def load_unit(cache_dir: Path, uid: str, path: str) -> UnitResult | None:
+    """A finished unit's result from its cache entry; None if absent or damaged (redo it)."""
     f = cache_dir / f"{uid}.npz"
     if not f.is_file():
         return None
     try:
         with np.load(f) as z:
-            return UnitResult(uid, path, str(z["split"]), "", int(z["num_notes"]), [str(r) for r in z["reasons"][:-1]])
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache entry: redo the file
+            arrays = {k: z[k] for k in z.files}  # reads (and CRC-checks) every member
+        return UnitResult(uid, path, str(arrays["split"]), "", int(arrays["num_notes"]),
+                          [str(r) for r in arrays["reasons"][:-1]], str(arrays["md5"]),
+                          int(arrays["num_out_of_range"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def unit_pieces(cache_dir: Path, uid: str):
@@ -166,6 +188,7 @@ class MidiPrepSummary:
     num_rests: int
     num_truncated: int
     num_notes: int  # notes parsed (files parsed in this run)
+    num_out_of_range: int  # notes dropped by --transpose (pitch left 0..127)
     seconds_parse: float
     seconds_total: float
     skipped: list[dict]
@@ -252,7 +275,7 @@ def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = N
 
     dropped = dict.fromkeys(DROP_REASONS, 0)
     pieces = dict.fromkeys(SPLITS, 0)
-    by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+    groups: dict[tuple[str, str], list[str]] = {}
     for uid, _ in units:
         r = results[uid]
         if r.error:
@@ -262,27 +285,105 @@ def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = N
                 dropped[reason] += 1
             else:
                 pieces[r.split] += 1
-        by_split[r.split].append(uid)
-    seqs, seq_counts, overflow, rests, truncated = {}, {}, 0, 0, 0
-    for split, uids in by_split.items():
-        cutter = SequenceCutter()
-        rng = np.random.RandomState(cfg.seed)
-        augment = cfg.augment if split == "train" else 1
-        for uid in uids:
-            for events, num_truncated in unit_pieces(cache_dir, uid):
-                chunks, num_rests = piece_chunks(events, augment, rng)
-                rests += num_rests
-                truncated += num_truncated * augment
-                for k, chunk in chunks:
-                    cutter.add(k, chunk)
-        seqs[split] = cutter.take()
-        seq_counts[split] = cutter.stats.num_sequences
-        overflow += cutter.stats.num_dropped_overflow
-    final_uid = "sequences-" + hashlib.sha1(f"{salt}|{cfg.augment}|{cfg.seed}|{[u for u, _ in units]}".encode()).hexdigest()[:10]
-    builder.write_unit(final_uid, {s: v for s, v in seqs.items() if v}, source=f"{len(files)} MIDI files")
-    builder.finalize([final_uid], skipped=skips.items)
-    return MidiPrepSummary(len(files), skips.num_errors, resumed, dropped, pieces, seq_counts, overflow, rests,
-                           truncated, num_notes, seconds, time.perf_counter() - t_start, skips.items, Path(out))
+        groups.setdefault((stream_key(r, cfg), r.split), []).append(uid)
+    tasks = [GroupTask(key, split, uids, cfg.augment if split == "train" else 1, cfg.seed, str(out),
+                       hashlib.sha1(f"{salt}|{cfg.augment}|{cfg.seed}|{key}|{uids}".encode()).hexdigest()[:12])
+             for (key, split), uids in sorted(groups.items())]
+    done = _map(run_group, tasks, workers)
+    seq_counts = dict.fromkeys(SPLITS, 0)
+    unit_ids = []
+    for g in done:
+        seq_counts[g.split] += g.num_sequences
+        unit_ids += g.unit_ids
+    builder.finalize(unit_ids, skipped=skips.items)
+    return MidiPrepSummary(len(files), skips.num_errors, resumed, dropped, pieces, seq_counts,
+                           sum(g.num_dropped_overflow for g in done), sum(g.num_rests for g in done),
+                           sum(g.num_truncated for g in done), num_notes,
+                           sum(r.num_out_of_range for r in results.values()), seconds,
+                           time.perf_counter() - t_start, skips.items, Path(out))
+
+
+# --- phase 2: one sequence stream per group ------------------------------------------------
+SEQS_PER_UNIT = 1 << 16  # sequences per shard unit (128 MiB of uint16)
+
+
+def stream_key(r: UnitResult, cfg: MidiPrepConfig) -> str:
+    """AMT tokenizes Lakh as 16 streams, one per first MD5 digit (each seeded alike) and trains on
+    digits 0-d in order; with --split md5 so do we. With --split ratio: one stream per split."""
+    return r.md5[0] if cfg.split == "md5" else r.split
+
+
+@dataclass
+class GroupTask:
+    key: str
+    split: str
+    uids: list[str]
+    augment: int
+    seed: int
+    out: str
+    ghash: str  # names the group's output: options, members and their order
+
+
+@dataclass
+class GroupResult:
+    split: str
+    unit_ids: list[str]
+    num_sequences: int
+    num_dropped_overflow: int
+    num_rests: int
+    num_truncated: int
+
+
+def _builder(out: str | Path) -> DatasetBuilder:
+    tok = MidiTokenizer()
+    return DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params())
+
+
+def run_group(task: GroupTask) -> GroupResult:
+    """AMT's `tokenize` over one group's cached pieces in file order; shards written in units of
+    SEQS_PER_UNIT sequences, then a marker, so a finished group is skipped on rerun."""
+    cache_dir = Path(task.out) / CACHE
+    marker = cache_dir / f"group-{task.ghash}.json"
+    builder = _builder(task.out)
+    if marker.is_file():
+        try:
+            res = GroupResult(**json.loads(marker.read_text()))
+            if all(builder.load_unit(u) is not None for u in res.unit_ids):
+                return res
+        except (json.JSONDecodeError, TypeError):
+            pass
+    cutter = SequenceCutter()
+    rng = np.random.RandomState(task.seed)
+    unit_ids: list[str] = []
+    rests = truncated = 0
+
+    def flush():
+        uid = f"seq-{task.split}-{task.key}-{task.ghash}-{len(unit_ids):04d}"
+        builder.write_unit(uid, {task.split: cutter.take()}, source=f"stream {task.key}: {len(task.uids)} MIDI files")
+        unit_ids.append(uid)
+
+    for uid in task.uids:
+        for events, num_truncated in unit_pieces(cache_dir, uid):
+            chunks, num_rests = piece_chunks(events, task.augment, rng)
+            rests += num_rests
+            truncated += num_truncated * task.augment
+            for k, chunk in chunks:
+                cutter.add(k, chunk)
+            if len(cutter.sequences) >= SEQS_PER_UNIT:
+                flush()
+    if cutter.sequences:
+        flush()
+    res = GroupResult(task.split, unit_ids, cutter.stats.num_sequences, cutter.stats.num_dropped_overflow,
+                      rests, truncated)
+    _write_cache(marker, json.dumps(res.__dict__).encode())
+    return res
+
+
+def _map(fn, tasks: list, workers: int) -> list:
+    if workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            return list(pool.map(fn, tasks))
+    return [fn(t) for t in tasks]
 
 
 # --- passthrough -------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def prep_midi(
         s = import_token_files([str(p) for p in from_tokens], out, token_split)
         lens = ", ".join(f"{n:,} x {length}" for length, n in sorted(s.lengths.items()))
         con.print(f"[bold]{out}[/]: imported {s.num_sequences:,} sequences, {s.num_tokens:,} ids into "
-                  f"'{token_split}' ({lens or 'resumed'}); {s.num_bad_lines} bad lines skipped", highlight=False)
+                  f"'{token_split}' ({lens or 'resumed'}); {s.num_bad_lines} bad lines skipped", highlight=False, soft_wrap=True)
         if s.num_bad_lines:
             raise typer.Exit(1)
         return
@@ -74,12 +74,13 @@ def prep_midi(
     con.print(
         f"[bold]{out}[/]: {s.num_files} files ({s.num_resumed} already parsed, {s.num_corrupt} corrupt skipped); "
         f"pieces kept train/val/test {s.num_pieces['train']}/{s.num_pieces['val']}/{s.num_pieces['test']}; "
-        f"dropped by filters: {drops}", highlight=False)
+        f"dropped by filters: {drops}", highlight=False, soft_wrap=True)
     con.print(
         f"sequences train/val/test {s.num_sequences['train']:,}/{s.num_sequences['val']:,}/{s.num_sequences['test']:,} "
         f"(1024 ids each); {s.num_rests:,} REST events, {s.num_truncated:,} durations capped, "
-        f"{s.num_dropped_overflow} sequences dropped (time >= 100 s); parse {s.files_per_s:.1f} files/s, "
-        f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s", highlight=False)
+        f"{s.num_dropped_overflow} sequences dropped (time >= 100 s), {s.num_out_of_range} notes transposed "
+        f"out of range dropped; parse {s.files_per_s:.1f} files/s, "
+        f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s", highlight=False, soft_wrap=True)
     if s.num_corrupt:
         Console(stderr=True).print(f"[red]{s.num_corrupt} file(s) skipped as unreadable/corrupt[/]; the rest is written")
         raise typer.Exit(1)
@@ -93,14 +94,10 @@ def _load_ids(tokens: Path, line: int):
 
     if not tokens.is_file():
         raise UserError(f"{tokens}: no such token file; give a .txt of ids (one sequence a line) or a .npy")
-    seqs = read_token_file(tokens)
+    seqs = read_token_file(tokens, line)
     if not seqs:
         raise UserError(f"{tokens}: no token lines")
-    if line == 0:
-        return np.concatenate(seqs)
-    if not 1 <= line <= len(seqs):
-        raise UserError(f"--line {line}: {tokens} has {len(seqs)} sequences (1..{len(seqs)}, or 0 for all)")
-    return seqs[line - 1]
+    return np.concatenate(seqs)
 
 
 def decode_midi(
@@ -133,7 +130,7 @@ def plot_midi(
             raise UserError(f"{source}: {e}") from None
         typer.echo(f"{out}: piano roll of {source}")
         return
-    _, rep = plot_ids(_load_ids(source, line), out, title=source.name)
+    _, rep = plot_ids(_load_ids(source, line), out, title=f"{source.name}, " + (f"line {line}" if line else "all lines"))
     typer.echo(f"{out}: {rep.summary()}")
 
 
@@ -147,7 +144,7 @@ def vocab(name: str = typer.Argument(..., help="Tokenizer: midi | gpt2 | ascii |
     tok = get_tokenizer(name)
     con = Console()
     con.print(f"[bold]{tok.name}[/]: vocab size {tok.vocab_size:,}; eot {tok.eot_id}; specials {tok.special_ids}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     layout = getattr(tok, "layout", None)  # tokenizers with blocks describe them
     if callable(layout):
         table = Table("block", "offset", "size", "last id", "meaning")

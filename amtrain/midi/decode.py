@@ -187,20 +187,24 @@ def ids_to_midi(ids, path: str | Path) -> DecodeReport:
     return rep
 
 
-def read_token_file(path: str | Path) -> list[np.ndarray]:
-    """Token sequences from a text file (space-separated ids, one sequence a line, AMT's format)
-    or a .npy array. Non-integer words raise a UserError naming the line."""
+def read_token_file(path: str | Path, line: int = 0) -> list[np.ndarray]:
+    """Token sequences from a .npy array or a text file of space-separated ids, one sequence a
+    line (AMT's format): line `line` (1-based) alone, or every line for 0. A line that is not
+    integers raises a UserError naming it."""
     from amtrain.errors import UserError
 
     path = Path(path)
     if path.suffix == ".npy":
         return [np.load(path).ravel()]
+    lines = [(num, text) for num, text in enumerate(path.read_text().splitlines(), 1) if text.strip()]
+    if line:
+        if not 1 <= line <= len(lines):
+            raise UserError(f"--line {line}: {path} has {len(lines)} sequences (1..{len(lines)}, or 0 for all)")
+        lines = [lines[line - 1]]
     seqs = []
-    for num, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for num, text in lines:
         try:
-            seqs.append(np.array([int(w) for w in line.split()], np.int64))
+            seqs.append(np.array([int(w) for w in text.split()], np.int64))
         except ValueError:
             raise UserError(f"{path}:{num}: not a line of integer ids; token files hold space-separated ids") from None
     return seqs

@@ -59,10 +59,11 @@ _ERRORS = {
     4: "undefined status byte",
     5: "data byte above 127",
     6: "message longer than 1,000,000 bytes",
-    7: "delta time longer than 4 bytes (absurd tick value)",
+    7: "variable-length number longer than 4 bytes (absurd tick value)",
     8: "meta message too short for its type",
     9: "invalid key signature",
     10: "absolute tick beyond 2^53 (absurd tick value)",
+    11: "running status after a message that has no data bytes",
 }
 
 # bytes in a channel/system message including the status byte; 0 = undefined (mido's SPEC_BY_STATUS)
@@ -187,7 +188,7 @@ def _scan(buf, length, meta_min):
                     return 6, pos, fmt, tpb, tick, kind, chan, d1, d2, n
                 if pos + mlen > buf.size:
                     return 1, pos, fmt, tpb, tick, kind, chan, d1, d2, n
-                if mlen < meta_min[mtype] and not (mtype == 0x00 and mlen == 0):
+                if mlen < meta_min[mtype]:
                     return 8, pos, fmt, tpb, tick, kind, chan, d1, d2, n
                 if mtype == 0x00 and mlen == 1:
                     return 8, pos, fmt, tpb, tick, kind, chan, d1, d2, n
@@ -218,6 +219,8 @@ def _scan(buf, length, meta_min):
                 mlen = length[status]
                 if mlen == 0:
                     return 4, pos, fmt, tpb, tick, kind, chan, d1, d2, n
+                if peek >= 0 and mlen < 2:
+                    return 11, pos, fmt, tpb, tick, kind, chan, d1, d2, n
                 need = mlen - 1 - (1 if peek >= 0 else 0)
                 if pos + need > buf.size:
                     return 1, pos, fmt, tpb, tick, kind, chan, d1, d2, n
@@ -248,8 +251,11 @@ def _scan(buf, length, meta_min):
 
 
 @numba.njit(cache=True)
-def _notes(tick, kind, chan, d1, d2, tpb):
-    """AMT's midi_to_compound over the merged messages. -> (err, time, dur, pitch, instr, vel, n)."""
+def _notes(tick, kind, chan, d1, d2, tpb, head, tail):
+    """AMT's midi_to_compound over the merged messages. -> (err, time, dur, pitch, instr, vel, n).
+    head/tail: per (instrument, pitch, channel) key, the first/last open note of its FIFO queue;
+    all -1 on entry and restored to -1 on exit (reused across calls: allocating them is the
+    dominant cost for small files)."""
     m = tick.size
     time_b = np.empty(m, np.int64)
     dur_b = np.empty(m, np.int64)
@@ -258,8 +264,7 @@ def _notes(tick, kind, chan, d1, d2, tpb):
     vel = np.empty(m, np.int64)
     t_on = np.empty(m, np.float64)
     nxt = np.full(m, -1, np.int64)
-    head = np.full(129 * 128 * 16, -1, np.int64)
-    tail = np.full(129 * 128 * 16, -1, np.int64)
+    keys = np.empty(m, np.int64)
     programs = np.zeros(16, np.int64)
     tempo = DEFAULT_TEMPO
     t = 0.0
@@ -271,6 +276,7 @@ def _notes(tick, kind, chan, d1, d2, tpb):
         if delta > 0:
             t += delta * (tempo * 1e-6 / tpb)
             if t > MAX_SECONDS:
+                _reset(head, tail, keys, n)
                 return 10, time_b, dur_b, pitch, instr, vel, n
         k = kind[i]
         if k == K_TEMPO:
@@ -288,6 +294,7 @@ def _notes(tick, kind, chan, d1, d2, tpb):
                 instr[n] = ins
                 vel[n] = d2[i]
                 t_on[n] = t
+                keys[n] = key
                 if tail[key] >= 0:
                     nxt[tail[key]] = n
                 else:
@@ -300,7 +307,19 @@ def _notes(tick, kind, chan, d1, d2, tpb):
                 if head[key] < 0:
                     tail[key] = -1
                 dur_b[j] = np.int64(np.rint(TIME_RESOLUTION * (t - t_on[j])))
+    _reset(head, tail, keys, n)
     return 0, time_b, dur_b, pitch, instr, vel, n
+
+
+@numba.njit(cache=True)
+def _reset(head, tail, keys, n):
+    for j in range(n):
+        head[keys[j]] = -1
+        tail[keys[j]] = -1
+
+
+_HEAD = np.full(129 * 128 * 16, -1, np.int64)  # per-process FIFO heads/tails for _notes
+_TAIL = np.full(129 * 128 * 16, -1, np.int64)
 
 
 def parse_notes(data: bytes) -> Notes:
@@ -319,7 +338,7 @@ def parse_notes(data: bytes) -> Notes:
         raise MidiReadError(f"unsupported time division {tpb} (SMPTE or zero ticks per beat)")
     order = np.argsort(tick[:n], kind="stable")  # mido's merge_tracks: stable sort by tick
     err, time_b, dur_b, pitch, instr, vel, m = _notes(
-        tick[order], kind[order], chan[order], d1[order], d2[order], max(tpb, 1))
+        tick[order], kind[order], chan[order], d1[order], d2[order], max(tpb, 1), _HEAD, _TAIL)
     if err:
         raise MidiReadError(f"absurd tick values: the clock passes {MAX_SECONDS:.0e} s")
     return Notes(time_b[:m], dur_b[:m], pitch[:m], instr[:m], vel[:m])
