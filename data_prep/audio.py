@@ -12,8 +12,9 @@
 A unit is one input file (`<stem>-<hash of path, size, mtime and settings>`). Audio is read in
 blocks (soundfile: wav, flac, ogg, mp3), down-mixed / up-mixed to the codec's channels,
 resampled by a streaming soxr resampler, and encoded window by window: each window of
-`window_seconds` (whole chunks) is encoded with `context_seconds` of audio either side, whose
-codes are dropped, so memory is bounded for any length. Features are computed on the same
+`window_seconds` (whole chunks) is encoded with `context_seconds` of audio before it (and after
+it too for non-causal codecs; the 24 kHz encoder is causal), whose codes are dropped; features
+see 1 s either side (the novelty kernel). Memory is bounded for any length. Features are computed on the same
 windows (data_prep/audio_features.py). Files already finished are skipped (resume).
 Unreadable, empty, truncated or unsupported files are skipped and reported by name.
 """
@@ -40,6 +41,7 @@ from data_prep.common import SkipReport, expand_inputs, progress
 
 SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 BLOCK_SECONDS = 10.0  # read granularity
+NOVELTY_SECONDS = 1.0  # half-width of the novelty kernel = feature context
 
 
 class BadAudio(Exception):
@@ -105,7 +107,9 @@ class Geometry:
     hop: int
     chunk_frames: int
     core_frames: int  # frames kept per window (whole chunks)
-    context_frames: int
+    context_frames: int  # codec context before each window
+    right_frames: int  # codec context after it: 0 for causal codecs, whose codes never look ahead
+    feature_frames: int  # feature context either side (the novelty kernel's half-width)
 
 
 def geometry(codec, cfg: AudioPrepConfig) -> Geometry:
@@ -117,7 +121,8 @@ def geometry(codec, cfg: AudioPrepConfig) -> Geometry:
             raise UserError(f"--window-seconds {cfg.window_seconds}: the {codec.sample_rate // 1000} kHz codec encodes whole "
                             f"{codec.chunk_frames / codec.frame_rate:g} s chunks; use a whole number of seconds of whole chunks")
         ctx = 0
-    return Geometry(codec.hop_length, chunk, core, ctx)
+    right = 0 if codec.config.use_causal_conv else ctx
+    return Geometry(codec.hop_length, chunk, core, ctx, right, round(NOVELTY_SECONDS * codec.frame_rate))
 
 
 # ---------------------------------------------------------------- reading
@@ -220,14 +225,14 @@ class Encoded:
 
 def encode_stream(blocks: Iterator[np.ndarray], codec, cfg: AudioPrepConfig, geo: Geometry, times: Times) -> Encoded:
     """Slide windows over the stream; keep only a window plus context in memory."""
-    fp = FeatureParams(codec.sample_rate, codec.hop_length, novelty_seconds=1.0)
+    fp = FeatureParams(codec.sample_rate, codec.hop_length, novelty_seconds=NOVELTY_SECONDS)
     hop = geo.hop
+    ahead, behind = max(geo.right_frames, geo.feature_frames), max(geo.context_frames, geo.feature_frames)
     buf = np.zeros((codec.channels, 0), np.float32)  # (C, n) samples from buf_start
     buf_start, f0, eof = 0, 0, False
     codes, scales, feats, bounds = [], [], [], []
     while True:
-        need = (f0 + geo.core_frames + geo.context_frames) * hop
-        while not eof and buf_start + buf.shape[1] < need:
+        while not eof and buf_start + buf.shape[1] < (f0 + geo.core_frames + ahead) * hop:
             blk = next(blocks, None)
             if blk is None:
                 eof = True
@@ -237,21 +242,23 @@ def encode_stream(blocks: Iterator[np.ndarray], codec, cfg: AudioPrepConfig, geo
         f1 = f0 + geo.core_frames if not eof else min(f0 + geo.core_frames, -(-end // hop))
         if f1 <= f0:
             break
-        seg_a = max(0, (f0 - geo.context_frames) * hop)
-        seg = buf[:, seg_a - buf_start: min(end, (f1 + geo.context_frames) * hop) - buf_start]  # (C, n)
+        ca = max(0, (f0 - geo.context_frames) * hop)  # codec segment [ca, cb)
+        cb = min(end, (f1 + geo.right_frames) * hop)
         t0 = time.perf_counter()
-        c, s = codec.encode(seg, cfg.bandwidth)  # (K, ceil(n / hop)) from frame seg_a / hop
+        c, s = codec.encode(buf[:, ca - buf_start: cb - buf_start], cfg.bandwidth)  # (K, .) from frame ca / hop
         times.codec += time.perf_counter() - t0
-        codes.append(c[:, f0 - seg_a // hop: f1 - seg_a // hop])
+        codes.append(c[:, f0 - ca // hop: f1 - ca // hop])
         if s is not None:
             scales.append(s)
         t0 = time.perf_counter()
+        fa = max(0, (f0 - geo.feature_frames) * hop)  # feature segment [fa, fb)
+        fb = min(end, (f1 + geo.feature_frames) * hop)
         win_bounds = [(a, min(a + geo.chunk_frames, f1)) for a in range(f0, f1, geo.chunk_frames)]
-        frames = frame_features(seg.mean(axis=0), fp)
-        feats.append(chunk_features(frames, fp, win_bounds, seg_a // hop))
+        frames = frame_features(buf[:, fa - buf_start: fb - buf_start].mean(axis=0), fp)
+        feats.append(chunk_features(frames, fp, win_bounds, fa // hop))
         bounds += win_bounds
         times.features += time.perf_counter() - t0
-        drop = max(0, (f1 - geo.context_frames) * hop - buf_start)
+        drop = max(0, (f1 - behind) * hop - buf_start)
         buf, buf_start, f0 = buf[:, drop:], buf_start + drop, f1
     if f0 == 0:
         raise BadAudio("no audio frames after decoding")

@@ -81,7 +81,8 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 def checkerboard_novelty(x: np.ndarray, half: int) -> np.ndarray:
     """x (J, D) unit rows -> (J,) Foote novelty with a box checkerboard kernel of half-width
-    `half`, |mean(x[t-L:t]) - mean(x[t:t+L])|^2, blocks clipped at the edges."""
+    `half`, |mean(x[t-L:t]) - mean(x[t:t+L])|^2; 0 where the kernel does not fit (the first and
+    last `half` frames), so the edges of a recording do not count as changes."""
     j = x.shape[0]
     csum = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0)])  # (J+1, D)
     t = np.arange(j)
@@ -89,7 +90,7 @@ def checkerboard_novelty(x: np.ndarray, half: int) -> np.ndarray:
     past = (csum[t] - csum[lo]) / np.maximum(t - lo, 1)[:, None]
     future = (csum[hi] - csum[t]) / np.maximum(hi - t, 1)[:, None]
     nov = np.sum((past - future) ** 2, axis=1)
-    nov[(t - lo == 0) | (hi - t == 0)] = 0.0
+    nov[(t - lo < half) | (hi - t < half)] = 0.0
     return nov
 
 

@@ -234,16 +234,21 @@ def load_codec(path: str | Path | None = None, model: str = "24khz") -> Codec:
             config = EncodecConfig.from_dict(json.loads(wf.config_path.read_text()))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise UserError(f"{wf.config_path}: not an EncodecConfig ({e}); fix or remove it") from None
+        if config.sampling_rate != int(model[:2]) * 1000:
+            raise UserError(f"{wf.config_path}: a {config.sampling_rate // 1000} kHz EnCodec, but --codec-model is {model}; "
+                            f"pass --codec-model {config.sampling_rate // 1000}khz or point --codec-path at the {model} weights")
         if model == "48khz":
             config.overlap = 0.0
     else:
         config = encodec_config(model)
     net = build_model(config)
     sd = load_state(wf)
-    missing, unexpected = net.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{wf.path}: weights do not fit the EnCodec {model} architecture "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); use the matching checkpoint or config.json")
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"{wf.path}: weights do not fit the EnCodec {model} architecture ({detail}); "
+                        "use the matching checkpoint, or a config.json beside it for a non-standard size") from None
     return Codec(net, codec_id=f"encodec_{config.sampling_rate // 1000}khz@{file_sha256(wf.path)[:12]}")
 
 

@@ -40,13 +40,14 @@ def prep_audio(
                           context_seconds, val_fraction)
     s = run(inputs, out, cfg, workers=workers or default_workers())
     t, rtf = s.times, s.times.real_time_factors()
-    Console().print(
-        f"[bold]{out}[/]: {s.files_done} files encoded, {s.files_resumed} already done, {len(s.skipped)} skipped; "
-        f"{s.num_chunks} chunks, {sum(s.tokens.values()):,} tokens; {t.audio_seconds:.1f} s of audio in "
-        f"{s.wall_seconds:.2f} s wall (+{s.setup_seconds:.1f} s setup).\nreal-time factor (x real time): total {rtf['total']:.1f}, "
-        f"decode {rtf['decode']:.1f} ({t.decode:.2f} s), codec {rtf['codec']:.1f} ({t.codec:.2f} s), "
-        f"features {rtf['features']:.1f} ({t.features:.2f} s), write {rtf['write']:.1f} ({t.write:.2f} s)",
-        highlight=False)
+    con = Console()
+    con.print(f"[bold]{out}[/]: {s.files_done} files encoded, {s.files_resumed} already done, {len(s.skipped)} skipped; "
+              f"{s.num_chunks} new chunks, {sum(s.tokens.values()):,} new tokens; {t.audio_seconds:.1f} s of audio in "
+              f"{s.wall_seconds:.2f} s wall (+{s.setup_seconds:.1f} s setup)", highlight=False)
+    if t.audio_seconds:
+        con.print(f"real-time factor (x real time): total {rtf['total']:.1f}, decode {rtf['decode']:.1f} ({t.decode:.2f} s), "
+                  f"codec {rtf['codec']:.1f} ({t.codec:.2f} s), features {rtf['features']:.1f} ({t.features:.2f} s), "
+                  f"write {rtf['write']:.1f} ({t.write:.2f} s)", highlight=False)
     if s.skipped:
         Console(stderr=True).print(f"[red]{len(s.skipped)} input(s) skipped[/]; the rest is written")
         raise typer.Exit(1)

@@ -119,3 +119,39 @@ def chunk_priorities(dataset_folder: str | Path, split: str = "train") -> np.nda
         out.append(pri[used:used + rec.num_docs])
         tables[uid][1] += rec.num_docs
     return np.concatenate(out)
+
+
+class PriorityDocuments:
+    """Priority-sampled documents (= chunks) of a prep-audio dataset split, as token arrays
+    (read-only memmap views): the sampler's draws mapped through the shards' document index."""
+
+    def __init__(self, dataset_folder: str | Path, split: str = "train", temperature: float = 1.0,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        from amtrain.store import Dataset
+        from amtrain.store.format import open_shard
+
+        ds = Dataset(dataset_folder)
+        self.sampler = PrioritySampler(chunk_priorities(dataset_folder, split), temperature, seed, rank, world_size)
+        self._shards, spans = [], []
+        for i, rec in enumerate(ds.require_split(split)):
+            toks = open_shard(ds.folder / rec.file)
+            bounds = np.append(ds.doc_starts(rec).astype(np.int64), toks.size)
+            self._shards.append(toks)
+            spans.append(np.stack([np.full(rec.num_docs, i), bounds[:-1], bounds[1:]], axis=1))
+        self._spans = np.concatenate(spans)  # (num_docs, 3): shard, start, end
+
+    def document(self, index: int) -> np.ndarray:
+        shard, a, b = self._spans[index]
+        return self._shards[shard][a:b]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.document(next(self.sampler))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -104,11 +104,31 @@ class AudioTokenizer:
         return [self.codes(ids[a + 1:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a + 1]
 
     def decode(self, ids) -> str:
-        """A short readable rendering: per document its frame count and first frames' codes."""
-        docs = self.split_documents(ids)
-        parts = []
-        for codes in docs:
-            head = " ".join("(" + ",".join(str(int(c)) for c in codes[:, t]) + ")" for t in range(min(3, codes.shape[1])))
-            more = " ..." if codes.shape[1] > 3 else ""
-            parts.append(f"<{self.layout} K={self.num_codebooks} T={codes.shape[1]}> {head}{more}")
-        return " <eot> ".join(parts)
+        """A short readable rendering, never an error: per <eot>-separated piece its frame
+        count and first frames' codes, or, for a piece that is not whole steps of this layout
+        (a slice, a model's raw output), its first tokens as `k:code` (`_` = <pad>)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        cuts = np.flatnonzero(ids == self.eot_id)
+        bounds = np.concatenate([[-1], cuts, [ids.size]])
+        pieces = [self._render(ids[a + 1:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return " <eot> ".join(pieces).strip()
+
+    def _render(self, ids: np.ndarray) -> str:
+        if ids.size == 0:
+            return ""
+        try:
+            codes = self.codes(ids)
+        except ValueError:
+            shown = " ".join(self._token(int(i)) for i in ids[: 3 * self.num_codebooks])
+            more = " ..." if ids.size > 3 * self.num_codebooks else ""
+            return f"<{self.layout} K={self.num_codebooks}, {ids.size} tokens, not whole frames> {shown}{more}"
+        head = " ".join("(" + ",".join(str(int(c)) for c in codes[:, t]) + ")" for t in range(min(3, codes.shape[1])))
+        more = " ..." if codes.shape[1] > 3 else ""
+        return f"<{self.layout} K={self.num_codebooks} T={codes.shape[1]}> {head}{more}"
+
+    def _token(self, i: int) -> str:
+        if i == self.pad_id:
+            return "_"
+        if 0 <= i < self.eot_id:
+            return f"{i // self.codebook_size}:{i % self.codebook_size}"
+        return f"?{i}"
