@@ -49,12 +49,8 @@ class RolloutModel:
 
 
 def register_t5() -> None:
-    """Make "arch": "t5" loadable (amtrain.models.t5 does not register itself yet)."""
-    from amtrain.models.io import ARCHS, register_arch
-    from amtrain.models.t5 import T5, T5Config
-
-    if "t5" not in ARCHS:
-        register_arch("t5", T5Config, T5)
+    """Make "arch": "t5" loadable: amtrain.models.t5 registers itself when imported."""
+    import amtrain.models.t5  # noqa: F401
 
 
 def load_rollout_model(path: str | Path, device: str = "cpu") -> RolloutModel:

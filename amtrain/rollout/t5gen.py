@@ -1,8 +1,9 @@
 """Sampling from the T5 denoiser: sentinel in-filling and prefix-LM continuation.
 
-`t5_generate` decodes targets for encoder inputs with the decoder's KV cache (self-attention
-keys grow per step, cross-attention keys computed once) or, with use_cache=False, by running
-the decoder over all positions each step: the same tokens either way.
+`t5_generate` samples targets through `T5.generate` (the decoder's KV cache: self-attention
+keys grow per step, cross-attention keys computed once) with a `choose` that applies the
+rollout's logits processor and sampler, or, with use_cache=False, by running the decoder over
+all positions each step: the same tokens either way (tested).
 
 In-filling (`t5_infill`): segments s_0 .. s_n around n gaps become the input
 
@@ -31,33 +32,50 @@ from amtrain.rollout.sampling import next_token
 from amtrain.rollout.window import window_start
 
 
+class _Chooser:
+    """`T5.generate`'s `choose`: the logits processor sees the targets so far (B, t), then
+    `next_token` samples; the model's loop feeds the choice back through its KV cache."""
+
+    def __init__(self, batch: int, device, processor, temperature, top_k, top_p, generator):
+        self.seq = torch.empty(batch, 0, dtype=torch.long, device=device)
+        self.processor, self.generator = processor, generator
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.processor is not None:
+            logits = self.processor(logits, self.seq)
+        tok = next_token(logits, self.temperature, self.top_k, self.top_p, self.generator)  # (B, 1)
+        self.seq = torch.cat([self.seq, tok], 1)
+        return tok
+
+
 @torch.no_grad()
 def t5_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 use_cache: bool = True, logits_processor=None, eos_id: int | None = None) -> torch.Tensor:
-    """input_ids (B, S) -> generated target ids (B, n) (the start token not included)."""
-    from amtrain.models.t5 import DecoderCache
-
+    """input_ids (B, S) -> generated target ids (B, n) (the start token not included). With the
+    cache this is `T5.generate` with a sampling `choose`; without it, the same choices with
+    the decoder re-run over all positions each step (the reference the cache is tested against)."""
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    choose = _Chooser(input_ids.shape[0], input_ids.device, logits_processor, temperature, top_k, top_p, gen)
+    if use_cache:
+        return model.generate(input_ids, max_new_tokens=max_new_tokens, eos_id=eos_id, choose=choose)[:, 1:]
+    was_training = model.training
+    model.eval()
     B = input_ids.shape[0]
     enc = model.encode(input_ids)  # (B, S, D)
-    start = torch.full((B, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    seq, feed = start, start
-    cache = DecoderCache() if use_cache else None
+    seq = torch.full((B, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model.decode(feed if use_cache else seq, enc, cache=cache)
-        logits = logits[:, -1, :model.cfg.vocab_size].float()  # (B, V)
-        if logits_processor is not None:
-            logits = logits_processor(logits, seq[:, 1:])
-        tok = next_token(logits, temperature, top_k, top_p, gen)  # (B, 1)
+        logits = model.decode(seq, enc)[:, -1, :model.cfg.vocab_size].float()  # (B, V)
+        tok = choose(logits)
         if eos_id is not None:
             tok = tok.masked_fill(done[:, None], eos_id)
             done |= tok[:, 0] == eos_id
         seq = torch.cat([seq, tok], 1)
-        feed = tok
         if eos_id is not None and bool(done.all()):
             break
+    model.train(was_training)
     return seq[:, 1:]
 
 
