@@ -294,9 +294,10 @@ def test_rollout_hook_text_strings_and_midi_files(ckpts, tmp_path):
 
     model, _ = load_pretrained(ckpts["text"])
     model.train()
+    rng = torch.get_rng_state()
     out = rollout_hook(model, ["In the", "And"], tokenizer=get_tokenizer("ascii"), step=10, length=12)
     assert out["step"] == 10 and len(out["texts"]) == 2 and out["texts"][0].startswith("In the")
-    assert model.training
+    assert model.training and torch.equal(rng, torch.get_rng_state())  # training RNG untouched: resume stays exact
     assert out == rollout_hook(model, ["In the", "And"], tokenizer=get_tokenizer("ascii"), step=10, length=12)
     model, _ = load_pretrained(ckpts["midi"])
     out = rollout_hook(model, [MIDI], tokenizer=get_tokenizer("midi"), step=5, run_dir=tmp_path, length=30)

@@ -142,3 +142,17 @@ def test_cli_prompt_from_priority(env, tmp_path):
     out = rm.tokenizer.codes(np.load(tmp_path / "o" / "sample_0.npy"))
     assert np.array_equal(out[:, :bounds[3] - bounds[2]], codes[:, bounds[2]:bounds[3]])
     assert out.shape[1] == bounds[3] - bounds[2] + 10
+
+
+def test_rollout_hook_writes_wav(env, tmp_path):
+    from amtrain.models.io import load_pretrained
+    from amtrain.rollout.hook import rollout_hook
+    from amtrain.tokens import get_tokenizer
+
+    codec = env["codec"]
+    model, meta = load_pretrained(env["dec"])
+    tok = get_tokenizer("audio", **meta["tokenizer_params"])
+    codes = read_prompt(load_rollout_model(env["dec"]), env["wav"], RolloutConfig(), codec)[:, :20]
+    out = rollout_hook(model, [codes], tokenizer=tok, step=3, run_dir=tmp_path, length=20, codec=codec)
+    wav = tmp_path / "rollouts" / "step_3" / "prompt_0.wav"
+    assert str(wav) in out["files"] and sf.info(str(wav)).frames == (20 + 10) * codec.hop_length
