@@ -134,6 +134,7 @@ def test_midi_continue_writes_parseable_midi_and_keeps_prompt(ckpts, tmp_path):
     cfg = RolloutConfig(length=5.0, seconds=True, num_samples=2, seed=0, top_p=0.95)
     tape = read_prompt(rm, MIDI, cfg)
     out = rollout(rm, tape, cfg)
+    assert all(np.array_equal(a.triples, b.triples) for a, b in zip(out, rollout(rm, tape, cfg), strict=True))
     prompt_end = tape.triples[:, 0].max()
     for res in out:
         ev = res.triples[res.triples[:, 2] != REST]
