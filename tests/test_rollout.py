@@ -393,3 +393,13 @@ def test_t5_recurring_postfix(ckpts, tmp_path):
     with pytest.raises(UserError, match="one gap"):
         rollout(rm, read_prompt(rm, _text(tmp_path, "a<gap>b<gap>c"), RolloutConfig()),
                 RolloutConfig(mode="infill", postfix_repeat=2))
+
+
+def test_text_file_drops_the_document_start_header(tmp_path):
+    from amtrain.rollout.tapes import write_text
+    from amtrain.tokens import get_tokenizer
+
+    tok = get_tokenizer("gpt2")
+    ids = np.array([tok.eot_id, *tok.encode("In the beginning"), tok.eot_id, *tok.encode(" next")])
+    txt, npy = write_text(ids, tok, tmp_path / "s")
+    assert txt.read_text() == "In the beginning<|endoftext|> next" and np.array_equal(np.load(npy), ids)

@@ -89,7 +89,8 @@ def write_text(ids: np.ndarray, tok, stem: Path) -> list[Path]:
     from amtrain.store.format import write_bytes_atomic
 
     ids = np.asarray(ids, np.int64)
-    write_bytes_atomic(stem.with_suffix(".txt"), tok.decode(ids.tolist()).encode())
+    body = ids[1:] if ids.size and ids[0] == tok.eot_id else ids  # the decoder's document-start header
+    write_bytes_atomic(stem.with_suffix(".txt"), tok.decode(body.tolist()).encode())
     return [stem.with_suffix(".txt"), save_npy(ids, stem)]
 
 
