@@ -33,9 +33,11 @@ from amtrain.store.format import write_bytes_atomic
 PACKAGES = ("torch", "deepspeed", "numpy", "tiktoken", "safetensors", "tensorboard", "pyyaml", "rich")
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.5) -> float:
-    """Dense n x n matmul FLOP/s on this device in `dtype` (the best of a few timed rounds)."""
-    n = n or (4096 if device.type == "cuda" else 1024)
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Dense matmul FLOP/s on this device in `dtype`: the best of many short timed rounds.
+    On CPU a round is one 512^3 matmul (~5 ms), short enough that on a machine shared with other
+    jobs some rounds run undisturbed; on CUDA four 8192^3 matmuls."""
+    n, per_round = (8192, 4) if device.type == "cuda" else (512, 1)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -45,10 +47,10 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None =
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
-        for _ in range(4):
+        for _ in range(per_round):
             a @ b
         sync()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+        best = max(best, per_round * 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 
