@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "amtrain.commands.midi",
     "amtrain.commands.audio",
     "amtrain.commands.model",
+    "amtrain.commands.rollout",
     "amtrain.commands.scaling",
 ]
 

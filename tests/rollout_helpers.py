@@ -1,0 +1,47 @@
+"""Tiny randomly initialised checkpoints for tests/test_rollout*.py, written with save_pretrained
+(decoder and T5, text / MIDI / audio tokenizers) and a debug EnCodec saved as a HF folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MIDI = REPO / "data" / "midi" / "music21corpus_bach_bwv66.6.mid"
+NUM_SENTINELS = 8
+
+
+def decoder_ckpt(folder: Path, tokenizer: str, params: dict | None = None, max_seq_len: int = 64, seed: int = 0) -> Path:
+    from amtrain.models.decoder import Decoder
+    from amtrain.models.io import save_pretrained
+    from amtrain.models.sizes import decoder_config
+    from amtrain.tokens import get_tokenizer
+
+    tok = get_tokenizer(tokenizer, **(params or {}))
+    torch.manual_seed(seed)
+    model = Decoder(decoder_config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
+    return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
+
+
+def t5_ckpt(folder: Path, tokenizer: str, params: dict | None = None, seed: int = 0) -> Path:
+    from amtrain.data.span_corruption import T5Vocab
+    from amtrain.models.io import save_pretrained
+    from amtrain.models.t5 import T5, T5Config
+    from amtrain.rollout.checkpoint import register_t5
+    from amtrain.tokens import get_tokenizer
+
+    register_t5()
+    tok = get_tokenizer(tokenizer, **(params or {}))
+    vocab = T5Vocab(tok.vocab_size, NUM_SENTINELS)
+    torch.manual_seed(seed)
+    model = T5(T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+                                  decoder_start_token_id=vocab.pad_id))
+    return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
+
+
+def codec_folder(folder: Path) -> Path:
+    """A debug EnCodec 24 kHz (random weights, codebooks fitted to 2 s of real audio)."""
+    from tests.audio_helpers import random_model, save_codec
+
+    return save_codec(random_model("24khz", "debug", init_seconds=2.0), folder)
