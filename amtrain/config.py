@@ -39,7 +39,7 @@ DEFAULT_TEXT = REPO_ROOT / "data" / "kjv" / "kjv_pentateuch.txt"
 DEFAULT_DATA = REPO_ROOT / "data" / "kjv" / "prepped"
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 
-ARCHS = ("decoder",)
+ARCHS = ("decoder", "lstm")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -52,7 +52,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 @dataclass
 class ModelConfig:
     arch: str = "decoder"
-    """Model family. Only `decoder` (the parallel-block decoder) trains through this loop."""
+    """Model family: `decoder` (the parallel-block decoder) or `lstm` (the recurrent baseline of
+    the scaling study, sizes matched to the decoder by non-embedding parameters)."""
     size: str = "debug"
     """Row of the size table (`amtrain.models.sizes.DECODER_SIZES`): debug, tiny, small, medium,
     large, xl, amt-gpt2."""

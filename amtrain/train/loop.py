@@ -142,14 +142,14 @@ def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: Trai
             tick, tokens_since = time.perf_counter(), 0
         bar.update(state.step, f"loss {loss:.3f}")
         if val and t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            result.val_loss = evaluate(engine, val, d, log, state.step, bar)
+            result.val_loss = evaluate(engine, val, d, log, state.step, bar, meta["tokenizer"])
             tick = time.perf_counter()
         if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or time_due:
             result.checkpoint = checkpoint.save(engine, ckpt_dir, state, meta, t.keep_last)
             last_ckpt_time = tick = time.perf_counter()
             saved_at = state.step
     if val:
-        result.val_loss = evaluate(engine, val, d, log, state.step, bar)
+        result.val_loss = evaluate(engine, val, d, log, state.step, bar, meta["tokenizer"])
     if saved_at != state.step:
         result.checkpoint = checkpoint.save(engine, ckpt_dir, state, meta, t.keep_last)
     bar.close()
@@ -188,7 +188,7 @@ def grad_norm(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, batches, d: DistInfo, log: MetricsLog | None, step: int, bar: Progress) -> float:
+def evaluate(engine, batches, d: DistInfo, log: MetricsLog | None, step: int, bar: Progress, tokenizer: str = "") -> float:
     engine.eval()
     total = torch.zeros(2, device=d.device)
     for x, y in batches:
@@ -198,9 +198,20 @@ def evaluate(engine, batches, d: DistInfo, log: MetricsLog | None, step: int, ba
     engine.train()
     val_loss = float(total[0] / total[1])
     if d.is_main:
-        log.write("val", step, {"val_loss": val_loss, "val_bpt": val_loss / math.log(2)})
-        bar.print(f"step {step:>6}  val_loss {val_loss:.4f}  bits/token {val_loss / math.log(2):.3f}")
+        values = {"val_loss": val_loss, "val_bpt": val_loss / math.log(2), **modality_metrics(tokenizer, val_loss)}
+        log.write("val", step, values)
+        bar.print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     return val_loss
+
+
+def modality_metrics(tokenizer: str, ce_per_token: float) -> dict[str, float]:
+    """Validation figures a modality's own literature reports: AMT's event perplexity and bits
+    per event for MIDI event sequences (3 tokens an event)."""
+    if tokenizer == "midi":
+        from amtrain.data.midi_metrics import event_metrics
+
+        return event_metrics(ce_per_token)
+    return {}
 
 
 # ---------------------------------------------------------------- builders: the only readers of cfg
@@ -221,19 +232,27 @@ def build_dataset(cfg: RunConfig, d: DistInfo) -> Dataset:
 
 
 def build_model(cfg: RunConfig, dataset: Dataset):
-    from amtrain.models.decoder import Decoder
-    from amtrain.models.sizes import decoder_config
-
+    """The configured architecture at its named size, for the dataset's vocabulary."""
     vocab = cfg.model.vocab_size or dataset.vocab_size
     check_vocab(dataset, vocab)
+    config_fn, model_cls = _model_builders()[cfg.model.arch]
     overrides = {"max_seq_len": cfg.data.seq_len, **cfg.model.overrides}
     try:
-        model_cfg = decoder_config(cfg.model.size, vocab, **overrides)
+        model_cfg = config_fn(cfg.model.size, vocab, **overrides)
     except (TypeError, ValueError) as e:
         raise UserError(f"config model.overrides: {e}") from None
     if model_cfg.max_seq_len < cfg.data.seq_len:
         raise UserError(f"config data.seq_len = {cfg.data.seq_len} exceeds model.overrides.max_seq_len = {model_cfg.max_seq_len}")
-    return Decoder(model_cfg)
+    return model_cls(model_cfg)
+
+
+def _model_builders() -> dict:
+    """model.arch -> (size-table lookup `fn(size, vocab_size, **overrides)`, model class)."""
+    from amtrain.models.decoder import Decoder
+    from amtrain.models.lstm import LSTMLM, lstm_config
+    from amtrain.models.sizes import decoder_config
+
+    return {"decoder": (decoder_config, Decoder), "lstm": (lstm_config, LSTMLM)}
 
 
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, precision: str, resume: ResumePoint | None) -> dict:
@@ -261,7 +280,7 @@ def build_val(cfg: RunConfig, dataset: Dataset, plan: BatchPlan, d: DistInfo):
 
 def describe_start(cfg: RunConfig, d: DistInfo, plan: BatchPlan, model, resume: ResumePoint | None, state: RunState) -> str:
     where = f"resuming from {resume.folder} at step {state.step}" + (" (universal: world size changed)" if resume.universal else "") if resume else "starting fresh"
-    return (f"amtrain: {cfg.model.size} decoder, {model.num_params():,} params; {d.world_size} rank(s) on {d.device} ({d.backend}); "
+    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {model.num_params():,} params; {d.world_size} rank(s) on {d.device} ({d.backend}); "
             f"batch {plan.micro_batch} x {plan.grad_accum} accum x {plan.world_size} ranks x {plan.seq_len} tokens = "
             f"{plan.tokens_per_step:,} tokens/step; {cfg.train.max_steps} steps; run dir {cfg.train.out_dir}; {where}")
 
