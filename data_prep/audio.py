@@ -36,6 +36,7 @@ import numpy as np
 
 from amtrain.data.priority import SCHEMA_VERSION, SCORES_FORMAT, read_scores  # noqa: F401 (re-exported)
 from amtrain.errors import UserError
+from amtrain.store.format import file_sha256
 from data_prep.audio_features import PRIORITY_WEIGHTS, FeatureParams, chunk_features, frame_features
 from data_prep.common import SkipReport, expand_inputs, progress
 
@@ -203,14 +204,6 @@ def _check_wav_size(path: Path) -> None:
                     raise BadAudio(f"truncated: WAV header declares {n} bytes of audio, the file holds {present}")
                 return
             f.seek(n + (n & 1), 1)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- one file

@@ -20,7 +20,6 @@ Shapes: C audio channels, N samples, K codebooks, T frames (frame rate = sample 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from amtrain.errors import UserError
+from amtrain.store.format import file_sha256
 
 CODEBOOK_SIZE = 1024
 ENV_DIR = "AMTRAIN_CODEC_DIR"
@@ -250,14 +250,6 @@ def load_codec(path: str | Path | None = None, model: str = "24khz") -> Codec:
         raise UserError(f"{wf.path}: weights do not fit the EnCodec {model} architecture ({detail}); "
                         "use the matching checkpoint, or a config.json beside it for a non-standard size") from None
     return Codec(net, codec_id=f"encodec_{config.sampling_rate // 1000}khz@{file_sha256(wf.path)[:12]}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- the codec

@@ -19,6 +19,7 @@ under the final name; the header is written last, so a half-written temp file ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import zlib
@@ -58,6 +59,11 @@ def fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
