@@ -1,5 +1,5 @@
 """The same launcher and loop train the decoder on MIDI event shards (validation in AMT's event
-perplexity) and on EnCodec audio-token shards."""
+perplexity) and on EnCodec audio-token shards; bitsandbytes' 8-bit AdamW through the engine."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def test_decoder_trains_on_audio_codes(tmp_path):
     rows = metrics(res.run_dir)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     assert math.isfinite(metrics(res.run_dir, "val")[-1]["val_loss"])
+
+
+def test_adamw8bit_trains_and_resumes_exactly(kjv_gpt2, tmp_path):
+    """bitsandbytes' 8-bit AdamW (its CPU kernels here) through the DeepSpeed engine: the loss
+    falls, and its quantized state resumes exactly."""
+    over = {"optim.optimizer": "adamw8bit", "train.checkpoint_every": 4}
+    full = train(from_args(tiny(kjv_gpt2, tmp_path / "full", **over)))
+    assert full.losses[8] < full.losses[1] - 1.0
+    step4 = full.run_dir / "checkpoints" / "step_00000004"
+    resumed = train(from_args(tiny(kjv_gpt2, tmp_path / "resumed", **{**over, "train.resume": str(step4)})))
+    for step in range(5, 9):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=0), step

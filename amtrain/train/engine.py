@@ -135,7 +135,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UserError("optim.optimizer = adamw8bit needs bitsandbytes: pip install 'amtrain[bnb]' (CUDA only)") from None
+            raise UserError("optim.optimizer = adamw8bit needs bitsandbytes: pip install 'amtrain[bnb]'") from None
         base = bnb.optim.AdamW8bit
     else:
         base = torch.optim.AdamW
