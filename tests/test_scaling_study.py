@@ -46,7 +46,7 @@ def test_study_killed_midway_resumes_then_fits_and_plots(kjv_ascii, tmp_path):
     proc.wait()
     first = read_results(results)
     assert 2 <= len(first) < 6
-    stamps = {r["run_dir"]: os.stat(os.path.join(r["run_dir"], "metrics.jsonl")).st_mtime_ns for r in first}
+    stamps = {r["run_dir"]: os.stat(out / r["run_dir"] / "metrics.jsonl").st_mtime_ns for r in first}
 
     r = subprocess.run(_study(kjv_ascii, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -54,7 +54,7 @@ def test_study_killed_midway_resumes_then_fits_and_plots(kjv_ascii, tmp_path):
     rows = read_results(results)
     assert len(rows) == 6 and rows[: len(first)] == first
     for run_dir, stamp in stamps.items():  # finished runs were not trained again
-        assert os.stat(os.path.join(run_dir, "metrics.jsonl")).st_mtime_ns == stamp
+        assert os.stat(out / run_dir / "metrics.jsonl").st_mtime_ns == stamp
     for row in rows:
         assert row["tokens"] == 6144 and row["val_loss"] > 0 and row["tokens_per_s"] > 0
     for arch in ("transformer", "lstm"):

@@ -93,5 +93,5 @@ def plot(
     rows = read_results(results)
     out.mkdir(parents=True, exist_ok=True)
     a = plot_loss_vs_params(rows, _fits(rows, num_boot, 0), out / "loss_vs_params.png")
-    b = plot_training_curves(rows, out / "training_curves.png")
+    b = plot_training_curves(rows, results.parent, out / "training_curves.png")
     typer.echo(f"wrote {a} and {b}")

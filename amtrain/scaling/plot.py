@@ -63,13 +63,14 @@ def read_curve(run_dir: Path, kind: str = "train", key: str = "loss") -> tuple[n
     return np.array(xs, float), np.array(ys, float)
 
 
-def plot_training_curves(rows: list[dict], out: Path) -> Path:
+def plot_training_curves(rows: list[dict], study_dir: Path, out: Path) -> Path:
+    """Every run's training loss against tokens seen; run_dir is relative to `study_dir`."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
     sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["non_embedding_params"] for r in rows if r["size"] == s))
     for r in rows:
-        x, y = read_curve(Path(r["run_dir"]))
+        x, y = read_curve(study_dir / r["run_dir"])
         if x.size:
             ax.plot(x, y, color=COLORS.get(r["arch"]), linestyle=styles[sizes.index(r["size"]) % len(styles)],
                     label=f"{r['arch']} {r['size']} ({r['non_embedding_params'] / 1e6:.2f}M)")

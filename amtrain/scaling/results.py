@@ -2,7 +2,7 @@
 
 Columns (RESULT_COLUMNS): arch, size, params (total), non_embedding_params, tokens (trained on),
 train_loss (mean of the last logged train losses), val_loss (final), wall_s, tokens_per_s,
-peak_mem_gb, run_dir (where the run's metrics.jsonl is). A row is appended only when its run
+peak_mem_gb, run_dir (where the run's metrics.jsonl is, relative to the table's folder). A row is appended only when its run
 has finished, by rewriting the file atomically, so a study killed midway keeps every finished
 row and nothing half-written.
 """

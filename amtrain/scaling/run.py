@@ -85,7 +85,8 @@ def run_command(s: StudySettings, arch: str, size: str, steps: int, run_dir: Pat
     return [*launcher, *args, *s.extra]
 
 
-def summarize(run_dir: Path, arch: str, size: str, tokens: int, wall_s: float, vocab: int, seq_len: int) -> dict:
+def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int, wall_s: float, vocab: int,
+              seq_len: int) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
@@ -96,7 +97,7 @@ def summarize(run_dir: Path, arch: str, size: str, tokens: int, wall_s: float, v
     return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "tokens": tokens,
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
             "wall_s": round(wall_s, 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
-            "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir)}
+            "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir))}
 
 
 def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -> Path:
@@ -121,5 +122,5 @@ def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -
             proc = subprocess.run(cmd, cwd=REPO)
             if proc.returncode:
                 raise UserError(f"{arch} {size}: training exited {proc.returncode} (log above); fix and rerun — finished runs are kept")
-            append_result(results, summarize(run_dir, arch, size, tokens, time.perf_counter() - t0, vocab, s.seq_len))
+            append_result(results, summarize(run_dir, s.out, arch, size, tokens, time.perf_counter() - t0, vocab, s.seq_len))
     return results
