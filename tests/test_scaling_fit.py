@@ -53,3 +53,10 @@ def test_data_law_is_recovered():
 def test_too_few_runs_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 3 runs"):
         fit_power_law([1e6, 1e7], [3.0, 2.5])
+
+
+def test_three_sizes_give_no_interval_rather_than_a_false_one():
+    n = np.array([1e5, 1e6, 1e7])
+    res = fit_with_bootstrap(n, PowerLaw(50.0, 0.3, 2.0)(n), num_boot=10)
+    assert res.law.alpha == pytest.approx(0.3, rel=1e-2)
+    assert np.isnan(res.alpha_ci[0]) and np.isnan(res.alpha_ci[1]) and res.num_boot == 0

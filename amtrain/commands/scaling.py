@@ -50,6 +50,11 @@ def run(
     typer.echo(f"results: {results}  (next: amtrain scaling fit {results}; amtrain scaling plot {results} --out {out})")
 
 
+def _ci(f) -> str:
+    lo, hi = f.alpha_ci
+    return "n/a (3 sizes fit 3 parameters exactly)" if lo != lo else f"[{lo:.4f}, {hi:.4f}]"
+
+
 @scaling.command("fit")
 def fit(
     results: Path = typer.Argument(..., help="results.csv written by `amtrain scaling run`."),
@@ -70,7 +75,7 @@ def fit(
     table = Table("arch", "runs", "a", "α", "α 90% CI", "c (irreducible)")
     for arch, f in fits.items():
         table.add_row(arch, str(f.num_runs), f"{f.law.a:.4g}", f"{f.law.alpha:.4f}",
-                      f"[{f.alpha_ci[0]:.4f}, {f.alpha_ci[1]:.4f}]", f"{f.law.c:.4f}")
+                      _ci(f), f"{f.law.c:.4f}")
     Console().print(table)
     for arch in fits:
         sub = [r for r in rows if r["arch"] == arch]

@@ -122,9 +122,15 @@ class FitResult:
 def fit_with_bootstrap(n, loss, num_boot: int = 200, level: float = 0.9, seed: int = 0) -> FitResult:
     """Point fit plus a percentile bootstrap interval for α (resampling runs with replacement;
     resamples with fewer than 3 distinct sizes are drawn again). Each refit starts from the
-    point fit (and from half its α), not the full grid, to stay cheap."""
+    point fit (and from half its α), not the full grid, to stay cheap.
+
+    With runs at only 3 sizes the law's 3 parameters fit them exactly and every admissible
+    resample is the same set of points: there is no spread to measure, so the interval is
+    (nan, nan) — run a 4th size or repeat sizes with other seeds."""
     n, loss = np.asarray(n, float), np.asarray(loss, float)
     law = fit_power_law(n, loss)
+    if np.unique(n).size <= 3:
+        return FitResult(law, (float("nan"), float("nan")), int(n.size), 0)
     starts = [(np.log(law.a), law.alpha, np.log(law.c)), (np.log(law.a), 0.5 * law.alpha, np.log(law.c))]
     rng = np.random.default_rng(seed)
     alphas = []
