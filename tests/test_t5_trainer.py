@@ -150,7 +150,7 @@ def test_loss_falls_on_real_midi(midi_data, tmp_path):
     from amtrain.store import Dataset
     from amtrain.train.objective import DenoiseObjective
 
-    args = t5_args(midi_data, tmp_path / "m", **{"data.val_split": "", "denoise.inputs_length": 96,
+    args = t5_args(midi_data, tmp_path / "m", **{"data.val_split": '""', "denoise.inputs_length": 96,
                                                  "batch.micro_batch": 8, "train.max_steps": 20,
                                                  "train.checkpoint_every": 0})
     result = train(from_args(args))
