@@ -249,6 +249,9 @@ class DenoiseConfig:
     priority: bool = False
     """Audio datasets: draw training chunks through the priority sampler (amtrain.data.priority)
     with the dataset's priority scores instead of uniformly."""
+    priority_temperature: float = 1.0
+    """P(chunk) ∝ priority ** (1 / temperature): 1 = proportional, -> 0 = the best chunks only,
+    large = uniform."""
     exact_match_batches: int = 1
     """Validation micro-batches per span task (R, X) per rank decoded greedily for the exact
     match of reconstructed spans (0 = off)."""
@@ -259,6 +262,7 @@ class DenoiseConfig:
         _check(self.unit is None or self.unit >= 1, "denoise.unit", "must be >= 1 (or null = from the tokenizer)")
         _check(self.unit_offset is None or self.unit_offset >= 0, "denoise.unit_offset", "must be >= 0")
         _check(self.exact_match_batches >= 0, "denoise.exact_match_batches", "must be >= 0")
+        _check(self.priority_temperature > 0, "denoise.priority_temperature", "must be > 0")
         self.curriculum_config()  # a bad curriculum key is an error when the config is read
 
     def curriculum_config(self):

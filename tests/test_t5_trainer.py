@@ -145,17 +145,40 @@ def midi_data(tmp_path_factory):
     return out
 
 
+def test_bad_t5_settings_are_one_clear_error(kjv_gpt2, tmp_path):
+    from amtrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"denoise\.curriculum: .*windw"):
+        from_args(t5_args(kjv_gpt2, tmp_path, **{"denoise.curriculum": {"windw": 4}}))
+    with pytest.raises(UserError, match=r"denoise\.inputs_length"):
+        from_args(t5_args(kjv_gpt2, tmp_path, **{"denoise.inputs_length": 4}))
+    with pytest.raises(UserError, match=r"model\.vocab_size"):
+        train(from_args(t5_args(kjv_gpt2, tmp_path, **{"model.vocab_size": 60000})))
+    with pytest.raises(UserError, match=r"denoise\.priority: .* gpt2 dataset"):
+        train(from_args(t5_args(kjv_gpt2, tmp_path, **{"denoise.priority": True})))
+
+
 def test_loss_falls_on_real_midi(midi_data, tmp_path):
     from amtrain.data.span_corruption import T5Vocab
     from amtrain.store import Dataset
     from amtrain.train.objective import DenoiseObjective
 
+    prompt = str(REPO / "data" / "midi" / "music21_test06_type0.mid")
     args = t5_args(midi_data, tmp_path / "m", **{"data.val_split": '""', "denoise.inputs_length": 96,
                                                  "batch.micro_batch": 8, "train.max_steps": 20,
-                                                 "train.checkpoint_every": 0})
+                                                 "train.checkpoint_every": 0, "train.rollout_every": 10,
+                                                 "train.rollout_prompts": [prompt], "train.rollout_length": 9})
     result = train(from_args(args))
     first, last = result.losses[1], np.mean([result.losses[s] for s in range(16, 21)])
     assert last < first - 1.5, result.losses  # ~11.1 -> ~8.5
+    rollouts = metrics(tmp_path / "m", "rollout")
+    assert [r["step"] for r in rollouts] == [10, 20]
+    for r in rollouts:  # the hook wrote a MIDI file that parses, and its tokens
+        mid = next(f for f in r["files"] if f.endswith(".mid"))
+        assert f"rollouts/step_{r['step']}/" in mid
+        import symusic
+
+        assert symusic.Score(mid).end() >= 0
     cfg = from_args(args)
     dataset = Dataset(midi_data)
     objective = DenoiseObjective(cfg, dataset, T5Vocab(dataset.vocab_size), 0, 1)
@@ -166,3 +189,44 @@ def test_loss_falls_on_real_midi(midi_data, tmp_path):
         body = inputs[1:np.flatnonzero(inputs == vocab.eos_id)[0]]
         runs = np.split(body, np.flatnonzero(vocab.is_sentinel(body)))
         assert all((len(r) - (1 if len(r) and vocab.is_sentinel(r[:1])[0] else 0)) % 3 == 0 for r in runs)
+
+
+@pytest.fixture(scope="module")
+def audio_data(tmp_path_factory):
+    from data_prep.audio import AudioPrepConfig, prep_audio
+    from tests.audio_helpers import AUDIO, random_model, save_codec
+
+    codec = save_codec(random_model("24khz"), tmp_path_factory.mktemp("codec"), "hf")
+    out = tmp_path_factory.mktemp("audio")
+    prep_audio([str(AUDIO)], out, AudioPrepConfig(codec_path=str(codec), chunk_seconds=2.0), show_progress=False)
+    return out
+
+
+def test_audio_priority_sampling_and_frames(audio_data, tmp_path):
+    from amtrain.data.priority import chunk_priorities, chunk_probabilities
+    from amtrain.data.span_corruption import T5Vocab
+    from amtrain.store import Dataset
+    from amtrain.train.objective import DenoiseObjective
+
+    args = t5_args(audio_data, tmp_path / "a", **{"data.val_split": '""', "denoise.inputs_length": 96,
+                                                  "denoise.priority": True, "denoise.priority_temperature": 0.1,
+                                                  "train.max_steps": 3,
+                                                  "train.checkpoint_every": 0})
+    result = train(from_args(args))  # trains end to end on priority-drawn audio chunks
+    assert sorted(result.losses) == [1, 2, 3] and all(np.isfinite(list(result.losses.values())))
+    dataset = Dataset(audio_data)
+    objective = DenoiseObjective(from_args(args), dataset, T5Vocab(dataset.vocab_size), 0, 1)
+    assert (objective.unit, objective.unit_offset) == (8, 1)  # K=8 codebooks per frame, after <eot>
+    batcher = objective.batcher
+    length = batcher.raw_length(objective.curriculum.decide(0).denoisers[0])
+    num_draws = 6000
+    draws = np.bincount([batcher.choose_document(length)[0] for _ in range(num_draws)],
+                        minlength=len(batcher.probs))
+    want = chunk_probabilities(chunk_priorities(audio_data, "train"), 0.1)  # every 2 s chunk is long enough
+    assert want.max() > 5 * want.min()  # far from uniform at this temperature: the check can fail
+    sigma = np.sqrt(want * (1 - want) / num_draws)
+    assert np.all(np.abs(draws / num_draws - want) < 5 * sigma), (draws / num_draws, want)
+    for inputs in objective.next_step(0)[0].input_ids:  # spans cover whole frames
+        body = inputs[1:np.flatnonzero(inputs == objective.vocab.eos_id)[0]]
+        runs = np.split(body, np.flatnonzero(objective.vocab.is_sentinel(body)))
+        assert all((len(r) - (1 if len(r) and objective.vocab.is_sentinel(r[:1])[0] else 0)) % 8 == 0 for r in runs)

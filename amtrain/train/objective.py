@@ -86,21 +86,23 @@ class LMObjective:
 
 def denoise_unit(tokenizer: str, params: dict, unit: int | None, unit_offset: int | None) -> tuple[int, int, bool]:
     """(unit, unit_offset, windows inside documents) for a dataset's tokenizer: text 1 (packed
-    stream), MIDI 3 with offset 1 (the AMT sequence flag), audio K (one frame of K codebooks)."""
+    stream), MIDI 3 with offset 1 (the AMT sequence flag), audio K with offset 1 (one frame of K
+    codebooks; the <eot> before every chunk)."""
     if tokenizer == "midi":
         default, offset, inside = 3, 1, True
     elif tokenizer == "audio":
         from amtrain.tokens import get_tokenizer
 
         tok = get_tokenizer("audio", **params)
-        default, offset, inside = int(tok.tokens_per_step), 0, True
+        default, offset, inside = int(tok.tokens_per_step), 1, True  # prep-audio: <eot> opens each chunk
     else:
         default, offset, inside = 1, 0, False
     return (unit if unit is not None else default, unit_offset if unit_offset is not None else offset,
             inside or unit is not None and unit > 1)
 
 
-def _make_batcher(arrays, doc_starts, vocab, inputs_length, targets_length, unit, unit_offset, priorities=None):
+def _make_batcher(arrays, doc_starts, vocab, inputs_length, targets_length, unit, unit_offset, priorities=None,
+                  temperature: float = 1.0):
     from amtrain.data.span_corruption import DenoisingBatcher
 
     if priorities is None:
@@ -115,20 +117,26 @@ def _make_batcher(arrays, doc_starts, vocab, inputs_length, targets_length, unit
             super().__init__(*a, **kw)
             self.probs = probs
 
-        def _chunk(self, length: int) -> np.ndarray:
+        def choose_document(self, length: int) -> tuple[int, int]:
+            """(document, its number of valid windows of `length`), P(document) ∝ priority
+            among the documents long enough."""
             counts = np.maximum((self._doc_length - length) // self.unit + 1, 0)
             p = self.probs * (counts > 0)
             if p.sum() == 0:
                 raise ValueError(f"no document holds a chunk of {length} tokens; lower denoise.inputs_length")
             doc = int(self.rng.choice(len(p), p=p / p.sum()))
-            k = int(self.rng.integers(counts[doc]))
+            return doc, int(counts[doc])
+
+        def _chunk(self, length: int) -> np.ndarray:
+            doc, num_windows = self.choose_document(length)
+            k = int(self.rng.integers(num_windows))
             start = int(self._doc_begin[doc]) + k * self.unit
             return np.asarray(self.arrays[self._doc_array[doc]][start:start + length])
 
     from amtrain.data.priority import chunk_probabilities
 
     return _Priority(arrays, vocab, inputs_length, targets_length, unit=unit, doc_starts=doc_starts,
-                     unit_offset=unit_offset, probs=chunk_probabilities(priorities, 1.0))
+                     unit_offset=unit_offset, probs=chunk_probabilities(priorities, temperature))
 
 
 class DenoiseObjective:
@@ -154,6 +162,7 @@ class DenoiseObjective:
         self.micro_batch = cfg.batch.micro_batch
         self.grad_accum = 1  # set by the loop from the batch plan (which needs seq_len first)
         self.rank, self.seed = rank, cfg.train.seed
+        self.priority_temperature = den.priority_temperature
         self.batcher = self._batcher(dataset, cfg.data.split, inside, den.priority)
         self.val_batches = self._val_batches(cfg, dataset, inside, world_size)
         self.exact_match_batches = den.exact_match_batches
@@ -166,7 +175,7 @@ class DenoiseObjective:
 
     extra_size = 6  # per task (R, X, S): sum of per-example mean losses, number of examples
 
-    def _batcher(self, dataset, split: str, inside: bool, priority: bool, seed: int = 0):
+    def _batcher(self, dataset, split: str, inside: bool, priority: bool):
         records = dataset.shards(split)
         if not records:
             raise UserError(f"{dataset.folder}: no '{split}' split; set data.split to one the dataset has")
@@ -182,7 +191,7 @@ class DenoiseObjective:
             priorities = chunk_priorities(dataset.folder, split)
         try:
             return _make_batcher(arrays, starts, self.vocab, self.inputs_length, self.targets_length,
-                                 self.unit, self.unit_offset, priorities)
+                                 self.unit, self.unit_offset, priorities, self.priority_temperature)
         except ValueError as e:
             raise UserError(f"{dataset.folder} ({split}): {e}") from None
 
