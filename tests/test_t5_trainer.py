@@ -3,6 +3,7 @@
 * `deepspeed --num_accelerators 2 launchers/train.py` ZeRO-2 on the bundled text: the loss
   falls; the curriculum logs one decision per step and moves; validation writes the loss per
   task (R/X/S) and the exact match of reconstructed spans; the rollout hook fires every N steps.
+* ZeRO-3, 2 ranks: exact-match decodes and rank 0's rollouts run without hanging.
 * one process: a run resumed from its step-4 checkpoint makes the same curriculum decisions and
   has the same losses as the uninterrupted run; the checkpoint holds the curriculum's state;
   `amtrain export` / `sample` / `rollout` work on the T5 run dir.
@@ -70,6 +71,19 @@ def test_two_ranks_zero2_loss_falls_curriculum_val_and_rollouts(two_ranks):
     assert [r["step"] for r in rollouts] == [4, 8]
     assert all(len(r["texts"]) == 2 and all(isinstance(t, str) and t for t in r["texts"]) for r in rollouts)
     assert any(p.name.startswith("events") for p in (two_ranks / "tb").iterdir())
+
+
+def test_two_ranks_zero3_generate_and_rollout_on_rank_0(kjv_gpt2, tmp_path):
+    """ZeRO-3: greedy decodes for exact match (ranks stop at different lengths) and rank 0's
+    rollouts run on gathered parameters with the ZeRO-3 hooks off: no collective hangs."""
+    args = t5_args(kjv_gpt2, tmp_path, **{"train.max_steps": 2, "train.eval_every": 1, "train.rollout_every": 1,
+                                         "train.rollout_prompts": ["In the beginning"], "train.rollout_length": 8,
+                                         "train.checkpoint_every": 0,
+                                         "ds_config": str(REPO / "ds_configs" / "zero3.json")})
+    run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), LAUNCHER, *argv(args)])
+    assert [r["step"] for r in metrics(tmp_path, "rollout")] == [1, 2]
+    assert [r["step"] for r in metrics(tmp_path, "val")] == [1, 2]
+    assert all(np.isfinite(v) for v in losses(tmp_path).values())
 
 
 def info_targets(run_dir) -> int:

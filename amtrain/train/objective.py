@@ -322,8 +322,10 @@ class DenoiseObjective:
 
 
 class gathered:
-    """ZeRO-3: every rank gathers the full parameters for the block (a generate or a rollout
-    calls submodules directly); a no-op at other stages."""
+    """ZeRO-3: every rank gathers the full parameters for the block and the ZeRO-3 module hooks
+    are taken off meanwhile (DeepSpeed's `unwrap_model_for_generation`), so that a generate or a
+    rollout run by some ranks only (rank 0's rollouts; early-stopping greedy decodes) issues no
+    collective of its own. A no-op at other stages. Every rank must enter it."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -331,9 +333,9 @@ class gathered:
 
     def __enter__(self):
         if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-            self.ctx = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+            self.ctx = unwrap_model_for_generation(self.engine)
             self.ctx.__enter__()
         return self
 
