@@ -5,7 +5,9 @@
       data    DataConfig    which token dataset, window length, sequence-length warm-up
       optim   OptimConfig   AdamW (or 8-bit AdamW), warm-up + cosine schedule, clipping
       batch   BatchConfig   micro-batch, accumulation or a global batch in tokens
-      train   TrainConfig   steps, seed, eval/log/checkpoint cadence, run directory, precision
+      train   TrainConfig   steps, seed, eval/log/checkpoint cadence, run directory, precision,
+                            rollouts during training
+      denoise DenoiseConfig the T5 objective (model.arch t5): input length, span unit, curriculum
       ds_config             the DeepSpeed JSON (engine knobs only: ZeRO stage, offload, buckets)
 
 A YAML run config states only what differs from the defaults:
@@ -39,7 +41,7 @@ DEFAULT_TEXT = REPO_ROOT / "data" / "kjv" / "kjv_pentateuch.txt"
 DEFAULT_DATA = REPO_ROOT / "data" / "kjv" / "prepped"
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 
-ARCHS = ("decoder", "lstm")
+ARCHS = ("decoder", "lstm", "t5")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -52,15 +54,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
 @dataclass
 class ModelConfig:
     arch: str = "decoder"
-    """Model family: `decoder` (the parallel-block decoder) or `lstm` (the recurrent baseline of
-    the scaling study, sizes matched to the decoder by non-embedding parameters)."""
+    """Model family: `decoder` (the parallel-block decoder), `lstm` (the recurrent baseline of
+    the scaling study, sizes matched to the decoder by non-embedding parameters) or `t5` (the
+    encoder-decoder denoiser, trained on the `denoise` objective)."""
     size: str = "debug"
-    """Row of the size table (`amtrain.models.sizes.DECODER_SIZES`): debug, tiny, small, medium,
-    large, xl, amt-gpt2."""
+    """Row of the size table: `amtrain.models.sizes.DECODER_SIZES` (debug, tiny, small, medium,
+    large, xl, amt-gpt2) or, for t5, `amtrain.models.t5.T5_SIZES` (debug, tiny, small, base, large)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """DecoderConfig fields to change from the size's row, e.g. {block: serial, dropout: 0.1}."""
+    """DecoderConfig (or T5Config) fields to change from the size's row, e.g. {block: serial, dropout: 0.1}."""
     vocab_size: int | None = None
-    """Model vocabulary; None = the dataset's. Must be >= the dataset's vocabulary."""
+    """Model vocabulary; None = the dataset's. Must be >= the dataset's vocabulary. (t5: leave
+    unset; its vocabulary is the dataset's plus the T5 specials and sentinels.)"""
     compile: bool = False
     """Wrap the model in torch.compile before handing it to DeepSpeed."""
 
@@ -195,8 +199,21 @@ class TrainConfig:
     makes the others exit with an error instead of hanging."""
     progress: bool = True
     """Rich progress bar on rank 0."""
+    rollout_every: int = 0
+    """Steps between rollouts of `rollout_prompts` during training (0 = off); rank 0 generates,
+    text goes into metrics.jsonl (kind "rollout") and TensorBoard, MIDI/WAV files into
+    out_dir/rollouts/step_N/."""
+    rollout_prompts: list[str] = field(default_factory=list)
+    """Prompts rolled out every `rollout_every` steps: text strings, or paths of prompt files
+    (.txt text, .npy token ids, .mid MIDI, .npz audio codes)."""
+    rollout_length: int = 64
+    """Tokens generated per prompt and rollout."""
 
     def __post_init__(self):
+        _check(self.rollout_every >= 0, "train.rollout_every", "must be >= 0 (0 = off)")
+        _check(self.rollout_length >= 1, "train.rollout_length", "must be >= 1")
+        _check(not self.rollout_every or bool(self.rollout_prompts), "train.rollout_prompts",
+               "is empty but train.rollout_every is set; give prompts or set train.rollout_every 0")
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_last", "max_bad_steps"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
@@ -209,12 +226,63 @@ class TrainConfig:
 
 
 @dataclass
+class DenoiseConfig:
+    """The T5 denoising objective (used when model.arch is t5): fixed-shape span-corruption / UL2
+    batches (`amtrain.data.span_corruption.DenoisingBatcher`) whose mixture and difficulty a
+    curriculum (`amtrain.data.curriculum`) decides every step."""
+
+    inputs_length: int = 128
+    """Encoder tokens per example (mode token, kept tokens, sentinels, EOS). The targets length
+    is derived: the longest any denoiser the curriculum can reach needs
+    (`required_targets_length`)."""
+    num_sentinels: int = 100
+    """Sentinel ids above the dataset's vocabulary (T5Vocab)."""
+    unit: int | None = None
+    """Tokens per span unit; None = from the tokenizer: 1 for text, 3 for MIDI (arrival-time
+    triples), K for audio (one frame of K codebooks)."""
+    unit_offset: int | None = None
+    """Tokens skipped at each document start before the first unit; None = from the tokenizer
+    (1 for MIDI: the AMT sequence flag; else 0)."""
+    curriculum: dict[str, Any] = field(default_factory=dict)
+    """CurriculumConfig fields (amtrain/data/curriculum.py), e.g. {mode: schedule,
+    schedule_steps: 2000} or {mode: adaptive, window: 20, level_step: 0.25}."""
+    priority: bool = False
+    """Audio datasets: draw training chunks through the priority sampler (amtrain.data.priority)
+    with the dataset's priority scores instead of uniformly."""
+    priority_temperature: float = 1.0
+    """P(chunk) ∝ priority ** (1 / temperature): 1 = proportional, -> 0 = the best chunks only,
+    large = uniform."""
+    exact_match_batches: int = 1
+    """Validation micro-batches per span task (R, X) per rank decoded greedily for the exact
+    match of reconstructed spans (0 = off)."""
+
+    def __post_init__(self):
+        _check(self.inputs_length >= 8, "denoise.inputs_length", f"{self.inputs_length} is too short; use at least 8")
+        _check(self.num_sentinels >= 1, "denoise.num_sentinels", "must be >= 1")
+        _check(self.unit is None or self.unit >= 1, "denoise.unit", "must be >= 1 (or null = from the tokenizer)")
+        _check(self.unit_offset is None or self.unit_offset >= 0, "denoise.unit_offset", "must be >= 0")
+        _check(self.exact_match_batches >= 0, "denoise.exact_match_batches", "must be >= 0")
+        _check(self.priority_temperature > 0, "denoise.priority_temperature", "must be > 0")
+        self.curriculum_config()  # a bad curriculum key is an error when the config is read
+
+    def curriculum_config(self):
+        """The CurriculumConfig these settings describe (UserError naming the key if wrong)."""
+        from amtrain.data.curriculum import CurriculumConfig
+
+        try:
+            return CurriculumConfig(**self.curriculum)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config denoise.curriculum: {e}") from None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     ds_config: str = ""
     """DeepSpeed JSON (engine knobs). Empty = ds_configs/zero2.json."""
 
@@ -232,7 +300,7 @@ class RunConfig:
 def _diff(d: dict, base: dict) -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "overrides":
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("overrides", "curriculum"):
             sub = _diff(v, base[k])
             if sub:
                 out[k] = sub
@@ -246,7 +314,7 @@ def _diff(d: dict, base: dict) -> dict:
 def from_dict(d: dict, where: str = "config") -> RunConfig:
     """Build a RunConfig from a nested dict that states only what differs from the defaults."""
     if not isinstance(d, dict):
-        raise UserError(f"{where}: expected a mapping of sections (model, data, optim, batch, train)")
+        raise UserError(f"{where}: expected a mapping of sections (model, data, optim, batch, train, denoise)")
     return _build(RunConfig, d, "", where)
 
 
@@ -296,6 +364,10 @@ def _coerce(value, typ, key: str, where: str):
         return tuple(_coerce(v, a, key, where) for v, a in zip(value, args, strict=True))
     if origin is dict and isinstance(value, dict):
         return dict(value)
+    if origin is list and isinstance(value, list):
+        return [_coerce(v, args[0], key, where) for v in value]
+    if origin is list and isinstance(value, str):  # one item given alone
+        return [_coerce(value, args[0], key, where)]
     name = getattr(typ, "__name__", str(typ))
     raise UserError(f"{where}: {key} = {value!r} is not a {name}")
 

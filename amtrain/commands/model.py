@@ -1,4 +1,4 @@
-"""export (checkpoint -> safetensors folder) and sample (text from a trained decoder)."""
+"""export (checkpoint -> safetensors folder) and sample (text from a trained decoder or T5)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def sample(
     if "tokenizer" not in meta:
         raise UserError(f"{model_path}: no tokenizer recorded; it was not made by amtrain training or export")
     tok = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
+    if not hasattr(model.cfg, "max_seq_len"):  # T5: prefix-LM continuation through amtrain.rollout
+        _sample_t5(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples)
+        return
     ids = [tok.eot_id, *tok.encode(prompt)]  # documents start with end-of-text in training data
     room = model.cfg.max_seq_len - len(ids)
     if room < 1:
@@ -57,3 +60,21 @@ def sample(
         if num_samples > 1:
             typer.echo(f"--- sample {i + 1}")
         typer.echo(tok.decode(row[1:]))
+
+
+def _sample_t5(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples) -> None:
+    """T5 checkpoints continue a prompt as rollout's `continue` mode does (S mode token, the
+    prompt as prefix, KV-cached decoding)."""
+    import numpy as np
+
+    from amtrain.rollout.checkpoint import load_rollout_model
+    from amtrain.rollout.run import RolloutConfig, continue_tape
+
+    rm = load_rollout_model(model_path)
+    cfg = RolloutConfig(length=max_new_tokens, temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p,
+                        seed=seed)
+    tape = np.array(rm.tokenizer.encode(prompt), np.int64)
+    for i, row in enumerate(continue_tape(rm, tape, cfg, num_samples)):
+        if num_samples > 1:
+            typer.echo(f"--- sample {i + 1}")
+        typer.echo(rm.tokenizer.decode(np.asarray(row).tolist()))

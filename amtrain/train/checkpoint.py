@@ -56,6 +56,8 @@ class RunState:
     """Training tokens consumed over all ranks."""
     loader: dict = field(default_factory=dict)
     """TrainLoader.state_dict()."""
+    objective: dict = field(default_factory=dict)
+    """The objective's state (T5: the curriculum's levels, loss windows and pending events)."""
     num_bad_steps: int = 0
     """Steps skipped for a NaN/inf loss, in total."""
     bad_streak: int = 0

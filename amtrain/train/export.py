@@ -1,5 +1,5 @@
 """Checkpoints -> plain models: consolidate DeepSpeed (ZeRO) shards into one fp32 state dict and
-build the Decoder from the config recorded in the checkpoint, without a DeepSpeed engine.
+build the model (decoder, lstm or t5) from the config recorded in the checkpoint, without a DeepSpeed engine.
 
 `export_checkpoint(ckpt, out)` writes `save_pretrained`'s folder (model.safetensors + config.json
 with the tokenizer, step and source recorded), loadable by `amtrain.models.io.load_pretrained`.
@@ -17,21 +17,30 @@ from amtrain.train.checkpoint import consolidated_state_dict, read_meta, resolve
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """A run or checkpoint folder -> (Decoder in eval mode with the consolidated fp32 weights, meta)."""
-    from amtrain.models.decoder import Decoder, DecoderConfig
+    """A run or checkpoint folder -> (model in eval mode with the consolidated fp32 weights, meta).
+    The model class comes from the run's model.arch (decoder, lstm, t5) through the
+    `amtrain.models.io` registry."""
+    from amtrain.models.io import ARCHS
 
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
-    model = Decoder(DecoderConfig(**meta["model"]))
+    arch = meta.get("config", {}).get("model", {}).get("arch", "decoder")
+    if arch not in ARCHS:
+        raise UserError(f"{folder}: unknown model.arch {arch!r} in the checkpoint; known: {', '.join(ARCHS)}")
+    config_cls, model_cls = ARCHS[arch]
+    model = model_cls(config_cls(**meta["model"]))
     state = consolidated_state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to embed.weight
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [k for k in missing if k not in tied]  # e.g. the decoder's lm_head.weight = embed.weight
     if missing or unexpected:
         raise UserError(f"{folder}: checkpoint weights do not fit the recorded model config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     info = {"tokenizer": meta["tokenizer"], "tokenizer_params": meta.get("tokenizer_params", {}),
             "step": meta["run_state"]["step"], "tokens_seen": meta["run_state"]["tokens_seen"],
             "source_checkpoint": str(folder.resolve()), "data": meta.get("data", "")}
+    if "denoise" in meta:  # T5: the span layout it was trained with (inputs/targets length, unit)
+        info["denoise"] = meta["denoise"]
     return model.eval(), info
 
 

@@ -1,9 +1,14 @@
 """`train(cfg)`: the training entry point, a page of `build_*` calls and one loop.
 
 One optimizer step = `grad_accum` micro-batches per rank, forward + `engine.backward` each,
-then one all-reduce of [loss sum, non-finite count, checkpoint-due flag] so every rank agrees
-on the logged loss, on skipping a NaN/inf step (no update; `max_bad_steps` in a row stop the
-run) and on time-based checkpoints; then `engine.step()` (clipping, optimizer, LR schedule).
+then one all-reduce of [loss sum, non-finite count, checkpoint-due flag, objective extras] so
+every rank agrees on the logged loss, on skipping a NaN/inf step (no update; `max_bad_steps` in
+a row stop the run), on time-based checkpoints and (T5) on the curriculum's next decision; then
+`engine.step()` (clipping, optimizer, LR schedule).
+
+What a micro-batch is and what its loss is belongs to the objective (`amtrain.train.objective`):
+windows + causal LM loss for the decoder and the LSTM, denoising batches + curriculum for T5.
+Every `train.rollout_every` steps rank 0 rolls out `train.rollout_prompts` (`rollout_hook`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from amtrain.train.engine import (
     zero_stage,
 )
 from amtrain.train.logging import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
+from amtrain.train.objective import DenoiseObjective, LMObjective, gathered
 
 
 @dataclass
@@ -73,7 +79,13 @@ def _train(cfg: RunConfig, d: DistInfo) -> RunResult:
     ckpt_dir = run_dir / "checkpoints"
     dataset = build_dataset(cfg, d)
     model = build_model(cfg, dataset)
-    plan = batch_plan(cfg.batch, cfg.data.seq_len, d.world_size)
+    t5 = cfg.model.arch == "t5"
+    objective = None
+    if t5:  # its example length (inputs + targets) is the batch plan's
+        objective = DenoiseObjective(cfg, dataset, t5_vocab(cfg, dataset), d.rank, d.world_size)
+    plan = batch_plan(cfg.batch, objective.seq_len if t5 else cfg.data.seq_len, d.world_size)
+    if t5:
+        objective.grad_accum = plan.grad_accum
     resume = checkpoint.find_resume(cfg.train.resume, ckpt_dir, d.world_size)
     if resume is not None:
         check_same_model(resume, asdict(model.cfg))
@@ -82,27 +94,33 @@ def _train(cfg: RunConfig, d: DistInfo) -> RunResult:
     engine, optimizer = build_engine(model, cfg, ds_config)
     if cfg.model.compile:
         engine.compile()
-    loader = TrainLoader(dataset, cfg.data.split, cfg.data.seq_len, plan.micro_batch, plan.grad_accum,
-                         d.rank, d.world_size, cfg.train.seed)
-    val = build_val(cfg, dataset, plan, d)
+    if not t5:
+        loader = TrainLoader(dataset, cfg.data.split, cfg.data.seq_len, plan.micro_batch, plan.grad_accum,
+                             d.rank, d.world_size, cfg.train.seed)
+        objective = LMObjective(loader, build_val(cfg, dataset, plan, d), dataset.manifest.tokenizer)
     state = RunState()
     if resume is not None:
         state = checkpoint.load(engine, resume)
-        loader.load_state_dict(state.loader)
+        objective.load_loader_state(state.loader)
+        objective.load_state_dict(state.objective)
     peak = cfg.train.peak_flops or measure_peak_flops(d.device, torch.bfloat16 if precision == "bf16" else torch.float32)
     meta = {"zero_stage": zero_stage(ds_config), "model": asdict(model.cfg), "data": str(dataset.folder),
             "tokenizer": dataset.manifest.tokenizer, "tokenizer_params": dataset.manifest.tokenizer_params,
             "config": cfg.to_dict()}
+    if t5:
+        meta["denoise"] = {"inputs_length": objective.inputs_length, "targets_length": objective.targets_length,
+                           "unit": objective.unit, "unit_offset": objective.unit_offset,
+                           "num_sentinels": cfg.denoise.num_sentinels}
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         record_run(run_dir, cfg, ds_config, {"world_size": d.world_size, "backend": d.backend,
                                              "device": str(d.device), "precision": precision, "peak_flops": peak,
                                              "num_params": model.num_params(), "tokens_per_step": plan.tokens_per_step,
                                              "resumed_from": str(resume.folder) if resume else None})
-    return run_loop(cfg, d, engine, optimizer, model, loader, val, plan, state, peak, meta, resume)
+    return run_loop(cfg, d, engine, optimizer, model, objective, plan, state, peak, meta, resume)
 
 
-def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: TrainLoader, val, plan: BatchPlan,
+def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, objective, plan: BatchPlan,
              state: RunState, peak: float, meta: dict, resume: ResumePoint | None) -> RunResult:
     t = cfg.train
     ckpt_dir = Path(t.out_dir) / "checkpoints"
@@ -113,14 +131,20 @@ def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: Trai
     result = RunResult(Path(t.out_dir), resume.folder if resume else ckpt_dir, state)
     last_ckpt_time = tick = time.perf_counter()
     tokens_since, saved_at = 0, state.step if resume else -1
+    rollouts = Rollouts(cfg, meta, d) if t.rollout_every else None
     while state.step < t.max_steps:
-        seq_len = cfg.data.seq_len_at(state.step)
+        seq_len = plan.seq_len if cfg.model.arch == "t5" else cfg.data.seq_len_at(state.step)
         due_by_time = t.checkpoint_minutes > 0 and time.perf_counter() - last_ckpt_time >= 60 * t.checkpoint_minutes
-        loss, bad, time_due = train_step(engine, optimizer, loader.next_step(), seq_len, d, due_by_time)
+        micro = objective.next_step(state.step)
+        loss, bad, time_due, extra = train_step(engine, optimizer, micro, seq_len, d, due_by_time, objective)
+        record = objective.after_step(state.step, extra, bad)
         state.step += 1
         state.tokens_seen += plan.global_batch * seq_len
         tokens_since += plan.global_batch * seq_len
-        state.loader = loader.state_dict()
+        state.loader = objective.loader_state()
+        state.objective = objective.state_dict()
+        if record is not None and d.is_main:
+            log.write("curriculum", state.step, record)
         state.num_bad_steps += bad
         state.bad_streak = state.bad_streak + 1 if bad else 0
         result.losses[state.step] = loss
@@ -132,7 +156,7 @@ def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: Trai
             state.elapsed_s += now - tick
             tok_s = tokens_since / max(now - tick, 1e-9)
             values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm(engine),
-                      "tokens_per_s": tok_s, "mfu": tok_s / d.world_size * model.flops_per_token(seq_len) / peak,
+                      "tokens_per_s": tok_s, "mfu": tok_s / d.world_size * objective.flops_per_token(model, seq_len) / peak,
                       "mem_gb": memory_gb(d.device), "tokens_seen": state.tokens_seen, "seq_len": seq_len,
                       "bad_steps": state.num_bad_steps}
             if d.is_main:
@@ -141,15 +165,18 @@ def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: Trai
                           f"tok/s {tok_s:,.0f}  mfu {values['mfu']:.1%}")
             tick, tokens_since = time.perf_counter(), 0
         bar.update(state.step, f"loss {loss:.3f}")
-        if val and t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            result.val_loss = evaluate(engine, val, d, log, state.step, bar, meta["tokenizer"])
+        if objective.has_val() and t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
+            result.val_loss = objective.evaluate(engine, d, log, state.step, bar)
+            tick = time.perf_counter()
+        if rollouts is not None and state.step % t.rollout_every == 0:
+            rollouts.run(engine, state.step, log, bar)
             tick = time.perf_counter()
         if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or time_due:
             result.checkpoint = checkpoint.save(engine, ckpt_dir, state, meta, t.keep_last)
             last_ckpt_time = tick = time.perf_counter()
             saved_at = state.step
-    if val:
-        result.val_loss = evaluate(engine, val, d, log, state.step, bar, meta["tokenizer"])
+    if objective.has_val():
+        result.val_loss = objective.evaluate(engine, d, log, state.step, bar)
     if saved_at != state.step:
         result.checkpoint = checkpoint.save(engine, ckpt_dir, state, meta, t.keep_last)
     bar.close()
@@ -160,26 +187,74 @@ def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, loader: Trai
     return result
 
 
-def train_step(engine, optimizer, micro_batches, seq_len: int, d: DistInfo, due_by_time: bool) -> tuple[float, bool, bool]:
-    """One optimizer step. -> (global mean loss, skipped for NaN/inf, checkpoint due by time)."""
-    losses = []
-    for i, (x, y) in enumerate(micro_batches):
-        x, y = x[:, :seq_len].to(d.device), y[:, :seq_len].to(d.device)  # (B, T)
-        _, loss = engine(x, y)
+def train_step(engine, optimizer, micro_batches, seq_len: int, d: DistInfo, due_by_time: bool,
+               objective) -> tuple[float, bool, bool, torch.Tensor | None]:
+    """One optimizer step. -> (global mean loss, skipped for NaN/inf, checkpoint due by time,
+    the objective's extras summed over micro-batches and ranks)."""
+    losses, extra = [], torch.zeros(objective.extra_size, device=d.device)
+    for i, micro in enumerate(micro_batches):
+        loss, more = objective.micro_loss(engine, micro, seq_len, d.device)
         engine.backward(loss)
         losses.append(loss.detach().float())
+        if more is not None:
+            extra += more
         if i + 1 < len(micro_batches):
             engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
     loss_sum = torch.stack(losses).sum()
     finite = torch.isfinite(loss_sum)
     stats = torch.stack([torch.where(finite, loss_sum, 0.0), (~finite).float(), torch.tensor(float(due_by_time))]).to(d.device)
+    stats = torch.cat([stats, extra.to(stats.device)])
     dist.all_reduce(stats)
     bad = bool(stats[1] > 0)
     optimizer.skip = bad
     engine.step()
     optimizer.skip = False
     loss = float(stats[0]) / (len(losses) * d.world_size) if not bad else math.nan
-    return loss, bad, bool(stats[2] > 0)
+    return loss, bad, bool(stats[2] > 0), (stats[3:] if objective.extra_size else None)
+
+
+class Rollouts:
+    """Every train.rollout_every steps: rank 0 rolls out the fixed prompts through
+    `amtrain.rollout.rollout_hook` (ZeRO-3: every rank gathers the parameters around it).
+    Text into metrics.jsonl (kind "rollout") and TensorBoard text; MIDI/WAV files into
+    out_dir/rollouts/step_N/ (the hook writes them)."""
+
+    def __init__(self, cfg: RunConfig, meta: dict, d: DistInfo):
+        from amtrain.rollout.checkpoint import MODALITIES
+        from amtrain.tokens import get_tokenizer
+
+        self.cfg, self.d = cfg, d
+        self.tokenizer = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
+        self.modality = MODALITIES.get(meta["tokenizer"], "tokens")
+        self.prompts = [self._prompt(p) for p in cfg.train.rollout_prompts]
+
+    def _prompt(self, text: str):
+        import numpy as np
+
+        path = Path(text)
+        if path.suffix == ".npy" and path.is_file():
+            return np.load(path).astype(np.int64)
+        if self.modality in ("text", "tokens"):
+            return path.read_text() if path.suffix == ".txt" and path.is_file() else text
+        if not path.is_file():
+            raise UserError(f"train.rollout_prompts: {text}: no such prompt file; a {self.modality} run takes "
+                            f"prompt files (.mid, .npz, .npy)")
+        return path
+
+    def run(self, engine, step: int, log: MetricsLog | None, bar: Progress) -> None:
+        from amtrain.rollout.hook import rollout_hook
+
+        with gathered(engine):
+            if self.d.is_main:
+                out = rollout_hook(engine.module, self.prompts, tokenizer=self.tokenizer, step=step,
+                                   run_dir=self.cfg.train.out_dir, length=self.cfg.train.rollout_length,
+                                   seed=self.cfg.train.seed, arch=self.cfg.model.arch)
+                values = {"prompts": [str(p) if not hasattr(p, "tolist") else "<tokens>" for p in self.prompts]}
+                values |= {k: v for k, v in out.items() if k != "step"}
+                log.write("rollout", step, values)
+                for i, text in enumerate(out.get("texts", [])):
+                    log.tb.add_text(f"rollout/prompt_{i}", text, step)
+                bar.print(f"step {step:>6}  rollout: " + "; ".join(out.get("texts", out.get("files", [])))[:300])
 
 
 def grad_norm(engine) -> float:
@@ -231,8 +306,27 @@ def build_dataset(cfg: RunConfig, d: DistInfo) -> Dataset:
     return Dataset(path)
 
 
+def t5_vocab(cfg: RunConfig, dataset: Dataset):
+    """The T5 id layout of a run: specials and sentinels above the dataset's vocabulary."""
+    from amtrain.data.span_corruption import T5Vocab
+
+    if cfg.model.vocab_size is not None:
+        raise UserError("config model.vocab_size: a t5 model's vocabulary is the dataset's plus the T5 specials "
+                        "and sentinels (denoise.num_sentinels); leave model.vocab_size unset")
+    return T5Vocab(dataset.vocab_size, cfg.denoise.num_sentinels)
+
+
 def build_model(cfg: RunConfig, dataset: Dataset):
     """The configured architecture at its named size, for the dataset's vocabulary."""
+    if cfg.model.arch == "t5":
+        from amtrain.models.t5 import T5, T5Config
+
+        vocab = t5_vocab(cfg, dataset)
+        try:
+            return T5(T5Config.from_size(cfg.model.size, vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+                                         decoder_start_token_id=vocab.pad_id, **cfg.model.overrides))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"config model.size / model.overrides: {e}") from None
     vocab = cfg.model.vocab_size or dataset.vocab_size
     check_vocab(dataset, vocab)
     config_fn, model_cls = _model_builders()[cfg.model.arch]
