@@ -130,8 +130,12 @@ def is_val(doc: str, val_fraction: float) -> bool:
 def encode_docs(tok, docs: list[str], num_threads: int) -> list[np.ndarray]:
     """Each document as [EOT, *ids] in the smallest dtype that holds the vocabulary."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    if hasattr(tok, "encode_batch_numpy"):
+        encoded = tok.encode_batch_numpy(docs, num_threads=num_threads)
+    else:
+        encoded = tok.encode_batch(docs, num_threads=num_threads)
     out = []
-    for ids in tok.encode_batch(docs, num_threads=num_threads):
+    for ids in encoded:
         a = np.empty(len(ids) + 1, dtype=dtype)
         a[0] = tok.eot_id
         a[1:] = ids

@@ -79,3 +79,10 @@ def test_unknown_tokenizer_names_choices():
 def test_missing_ranks_file_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="gpt2.tiktoken"):
         get_tokenizer("gpt2", ranks_file=str(tmp_path / "gpt2.tiktoken"))
+
+
+def test_gpt2_numpy_batch_equals_encode_ordinary():
+    tok = get_tokenizer("gpt2")
+    docs = KJV.read_text(encoding="utf-8").split("\n\n")[:30] + [UNICODE_TEXT, ""]
+    got = tok.encode_batch_numpy(docs, num_threads=2)
+    assert [a.tolist() for a in got] == [tok.encode(d) for d in docs]
