@@ -1,5 +1,5 @@
 """Tiny randomly initialised checkpoints for tests/test_rollout*.py, written with save_pretrained
-(decoder and T5, text / MIDI / audio tokenizers) and a debug EnCodec saved as a HF folder."""
+(decoder, LSTM and T5, text / MIDI / audio tokenizers) and a debug EnCodec saved as a HF folder."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ def decoder_ckpt(folder: Path, tokenizer: str, params: dict | None = None, max_s
     tok = get_tokenizer(tokenizer, **(params or {}))
     torch.manual_seed(seed)
     model = Decoder(decoder_config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
+    return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
+
+
+def lstm_ckpt(folder: Path, tokenizer: str, max_seq_len: int = 64, seed: int = 0) -> Path:
+    from amtrain.models.io import save_pretrained
+    from amtrain.models.lstm import LSTMLM, lstm_config
+    from amtrain.tokens import get_tokenizer
+
+    tok = get_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    model = LSTMLM(lstm_config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
     return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
 
 

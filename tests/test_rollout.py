@@ -403,3 +403,30 @@ def test_text_file_drops_the_document_start_header(tmp_path):
     ids = np.array([tok.eot_id, *tok.encode("In the beginning"), tok.eot_id, *tok.encode(" next")])
     txt, npy = write_text(ids, tok, tmp_path / "s")
     assert txt.read_text() == "In the beginning<|endoftext|> next" and np.array_equal(np.load(npy), ids)
+
+
+def test_lstm_checkpoints_continue_text_and_infill_midi(tmp_path):
+    """Rollout takes any left-to-right LM: the LSTM baseline continues text across window
+    stitches (recurrent state as the cache, equal to recomputation) and in-fills MIDI the AMT way."""
+    from tests.rollout_helpers import lstm_ckpt
+
+    rm = load_rollout_model(lstm_ckpt(tmp_path / "text", "ascii", max_seq_len=32))
+    prompt = torch.tensor([[rm.tokenizer.eot_id, *rm.tokenizer.encode("In the beginning")]] * 2)
+    kw = dict(stride=8, header=1, temperature=1.0, top_k=40, seed=3)
+    cached = generate_long(rm.model, prompt, 70, use_cache=True, **kw)
+    assert torch.equal(cached, generate_long(rm.model, prompt, 70, use_cache=False, **kw))
+    assert torch.equal(cached[:, :prompt.shape[1]], prompt)
+    cfg = RolloutConfig(length=40, seed=1)
+    out = rollout(rm, read_prompt(rm, _text(tmp_path, "Moses said"), cfg), cfg)
+    assert len(out) == 1 and len(out[0]) == 1 + len("Moses said") + 40
+
+    midi = load_rollout_model(lstm_ckpt(tmp_path / "midi", "midi", max_seq_len=64))
+    cfg = RolloutConfig(mode="infill", infill_range=(2.0, 4.0), seed=0)
+    tape = read_prompt(midi, MIDI, cfg)
+    ev = tape.triples
+    got = rollout(midi, tape, cfg)[0].events()
+    got = got[got[:, 2] != REST]
+    order = lambda e: e[np.lexsort((e[:, 2], e[:, 1], e[:, 0]))]  # noqa: E731
+    for sel in (lambda e: e[:, 0] < 200, lambda e: e[:, 0] >= 400):  # prefix and suffix kept exactly
+        assert np.array_equal(order(got[sel(got)]), order(ev[sel(ev)]))
+    assert _valid_event_triples(got[(got[:, 0] >= 200) & (got[:, 0] < 400)])

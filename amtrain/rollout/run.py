@@ -145,8 +145,16 @@ def _no_gaps(rm: RolloutModel, prompt):
     return prompt
 
 
+AUTOREGRESSIVE = ("decoder", "lstm")  # left-to-right LMs: continuation, and AMT infill on MIDI
+
+
+def _require_autoregressive(rm: RolloutModel) -> None:
+    if rm.arch not in AUTOREGRESSIVE:
+        raise UserError(f"{rm.path}: rollout samples from decoder, LSTM and T5 checkpoints, not {rm.arch}")
+
+
 def _check_can_infill(rm: RolloutModel) -> None:
-    if rm.is_t5 or (rm.modality == "midi" and rm.arch == "decoder"):
+    if rm.is_t5 or (rm.modality == "midi" and rm.arch in AUTOREGRESSIVE):
         return
     raise UserError(f"{rm.path}: a {rm.arch} checkpoint on {rm.modality} cannot in-fill; in-filling needs a T5 "
                     "checkpoint (text, MIDI, audio: sentinel spans) or a decoder trained on MIDI (AMT anticipation)")
@@ -170,8 +178,7 @@ def continue_tape(rm: RolloutModel, tape, cfg: RolloutConfig, num_samples: int, 
 def _decoder_continue(rm, ids, n, num_samples, cfg, seed_offset, header=0, unit=1, processor=None, forced=None):
     from amtrain.rollout.window import generate_long
 
-    if rm.arch != "decoder":
-        raise UserError(f"{rm.path}: rollout samples from decoder and T5 checkpoints, not {rm.arch}")
+    _require_autoregressive(rm)
     dev = next(rm.model.parameters()).device
     x = torch.tensor(np.tile(ids, (num_samples, 1)), dtype=torch.long, device=dev)
     return generate_long(rm.model, x, n, stride=cfg.stride, header=header, unit=unit,
@@ -224,8 +231,7 @@ def _continue_midi(rm, tape: MidiTape, cfg, num_samples, seed_offset):
         if cfg.seconds:
             raise UserError("T5 MIDI continuation takes --length in tokens (whole events: 3 tokens each)")
         return _t5_continue_midi(rm, tape, cfg, num_samples, seed_offset)
-    if rm.arch != "decoder":
-        raise UserError(f"{rm.path}: rollout samples from decoder and T5 checkpoints, not {rm.arch}")
+    _require_autoregressive(rm)
     if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
         tri = pad(tri, now)  # a MIDI file's events: REST padding as in training
     end = now + round(cfg.length * TIME_RESOLUTION) if cfg.seconds else None
