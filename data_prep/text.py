@@ -10,7 +10,8 @@ depend on file order or on how the corpus is cut into units.
 
 Big files are cut into units of about `unit_bytes` at document boundaries; each unit becomes
 its own shards. Units already finished are skipped, so a rerun resumes (and is idempotent).
-Encoding runs tiktoken's `encode_ordinary_batch` over all cores.
+Encoding runs tiktoken's BPE (`encode_to_numpy`, one uint32 buffer per document) on a thread
+pool over all cores.
 """
 
 from __future__ import annotations
