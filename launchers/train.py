@@ -35,7 +35,21 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        shutdown_distributed()
     return 0
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group before the interpreter tears down. Left alive, gloo's worker
+    threads can still hold tensors during finalization and the process dies with SIGABRT
+    ("terminate called without an active exception") after a finished run: 15 of 40 two-rank
+    gloo runs did so here, none with this call. Local on every backend we use; no barrier, so a
+    rank whose peer died still exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

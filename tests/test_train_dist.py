@@ -147,3 +147,19 @@ def test_default_command_smoke(tmp_path):
     s = run([sys.executable, *cmd[1:]])
     assert s.stdout.strip().splitlines()[-1].startswith("In the beginning")
     assert os.path.isfile(out / "checkpoints" / "latest")
+
+
+def test_launcher_destroys_the_process_group_on_every_exit(kjv_gpt2, tmp_path):
+    """Left to interpreter teardown, a gloo group aborts the process ("terminate called without an
+    active exception", exit -6) after a finished run, at random: the launcher destroys it, after a
+    finished run and after a user error raised once the group exists (a missing data folder)."""
+    code = ("import importlib.util, sys, torch.distributed as dist\n"
+            f"spec = importlib.util.spec_from_file_location('launch', {LAUNCHER!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "rc = m.main(sys.argv[1:])\n"
+            "print('rc', rc, 'group alive', dist.is_initialized())\n")
+    ok = run([sys.executable, "-c", code, *argv(tiny(kjv_gpt2, tmp_path / "ok", **{"train.max_steps": 2}))])
+    assert ok.stdout.strip().splitlines()[-1] == "rc 0 group alive False"
+    bad = run([sys.executable, "-c", code, *argv(tiny(tmp_path / "missing", tmp_path / "bad"))])
+    assert bad.stdout.strip().splitlines()[-1] == "rc 1 group alive False"
+    assert "error: " in bad.stderr and str(tmp_path / "missing") in bad.stderr
