@@ -288,6 +288,22 @@ def test_alternate_text_t5_and_midi_decoder(ckpts, tmp_path):
 
 
 # --------------------------------------------------------------------------- hook + CLI
+def test_rollout_hook_gpt2_text_is_the_prompt_and_its_continuation():
+    """The document separator the hook puts before a decoder's text prompt is not in the text."""
+    from amtrain.models.decoder import Decoder
+    from amtrain.models.sizes import decoder_config
+    from amtrain.rollout.hook import rollout_hook
+    from amtrain.tokens import get_tokenizer
+
+    tok = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = Decoder(decoder_config("debug", tok.vocab_size, max_seq_len=64))
+    out = rollout_hook(model, ["In the beginning", "And God said"], tokenizer=tok, step=1, length=6)
+    assert [t[: len(p)] for t, p in zip(out["texts"], ["In the beginning", "And God said"], strict=True)] == [
+        "In the beginning", "And God said"]
+    assert not any(t.startswith("<|endoftext|>") for t in out["texts"])
+
+
 def test_rollout_hook_text_strings_and_midi_files(ckpts, tmp_path):
     from amtrain.models.io import load_pretrained
     from amtrain.rollout.hook import rollout_hook

@@ -4,6 +4,7 @@ midway and resumed without redoing finished runs; then the fit and the plots."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,9 @@ def test_study_killed_midway_resumes_then_fits_and_plots(kjv_ascii, tmp_path):
         assert os.stat(out / run_dir / "metrics.jsonl").st_mtime_ns == stamp
     for row in rows:
         assert row["tokens"] == 6144 and row["val_loss"] > 0 and row["tokens_per_s"] > 0
+        last = [json.loads(ln) for ln in (out / row["run_dir"] / "metrics.jsonl").read_text().splitlines()
+                if json.loads(ln)["kind"] == "train"][-1]
+        assert row["wall_s"] == round(last["elapsed_s"], 2) > 0  # the run's clock, over all its launches
     for arch in ("transformer", "lstm"):
         n = [x["non_embedding_params"] for x in rows if x["arch"] == arch]
         assert n == sorted(n) and len(set(n)) == 3

@@ -73,6 +73,31 @@ def test_two_ranks_zero2_loss_falls_curriculum_val_and_rollouts(two_ranks):
     assert any(p.name.startswith("events") for p in (two_ranks / "tb").iterdir())
 
 
+def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, kjv_gpt2, tmp_path):
+    """World size 2 -> 1 through the universal checkpoint: the trained weights, the step count and
+    the curriculum's state come back (the data differ: each rank draws its own examples)."""
+    from amtrain.train import checkpoint
+
+    step4 = two_ranks / "checkpoints" / "step_00000004"
+    saved = json.loads((step4 / "amtrain_state.json").read_text())["run_state"]["objective"]["curriculum"]
+    out = tmp_path / "resumed"
+    resumed = train(from_args(t5_args(kjv_gpt2, out, **{"train.resume": str(step4), "train.max_steps": 6,
+                                                        "train.eval_every": 0})))
+    assert (step4 / "universal").is_dir() and sorted(resumed.losses) == [5, 6]
+    before = losses(two_ranks)
+    assert resumed.losses[5] < before[1] - 0.8  # trained weights, not a fresh model (~11.5)
+    assert abs(resumed.losses[5] - before[5]) < 0.5  # other examples, the same model
+    first = metrics(out, "curriculum")[0]
+    assert first["step"] == 5
+    for task, level in saved["levels"].items():  # one decision on from the saved levels
+        assert abs(first[f"{task}/level"] - level) <= CURRICULUM["level_step"] + 1e-9, task
+    a = checkpoint.consolidated_state_dict(step4)
+    b = checkpoint.consolidated_state_dict(resumed.checkpoint)
+    assert a.keys() == b.keys() and resumed.state.step == 6
+    # 4 steps x 8 examples on two ranks, then 2 steps x 4 on one
+    assert resumed.state.tokens_seen == (4 * 8 + 2 * 4) * (64 + info_targets(two_ranks))
+
+
 def test_two_ranks_zero3_generate_and_rollout_on_rank_0(kjv_gpt2, tmp_path):
     """ZeRO-3: greedy decodes for exact match (ranks stop at different lengths) and rank 0's
     rollouts run on gathered parameters with the ZeRO-3 hooks off: no collective hangs."""

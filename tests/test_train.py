@@ -33,6 +33,11 @@ def test_resume_equals_uninterrupted(full_run, kjv_gpt2, tmp_path):
         assert resumed.losses[step] == pytest.approx(full_run.losses[step], rel=1e-6, abs=0), step
     assert resumed.state.tokens_seen == full_run.state.tokens_seen == 8 * 512
     assert resumed.state.loader == full_run.state.loader
+    # the run's clock continues from the checkpoint: step 5's elapsed time includes steps 1-4
+    at4 = next(r["elapsed_s"] for r in metrics(full_run.run_dir) if r["step"] == 4)
+    after = metrics(tmp_path)
+    assert after[0]["step"] == 5 and after[0]["elapsed_s"] > at4 > 0
+    assert resumed.state.elapsed_s == after[-1]["elapsed_s"]
     a = checkpoint.consolidated_state_dict(full_run.checkpoint)
     b = checkpoint.consolidated_state_dict(resumed.checkpoint)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

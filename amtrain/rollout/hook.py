@@ -34,7 +34,9 @@ def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_d
         tape = _prompt_tape(rm, prompt)
         results.append(continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
     if modality in ("text", "tokens"):
-        out["texts"] = [tokenizer.decode(np.asarray(r).tolist()) for r in results]
+        # _prompt_tape gave a decoder's text prompt a leading document separator: not part of the text
+        skip = [int(modality == "text" and arch != "t5" and isinstance(p, str)) for p in prompts]
+        out["texts"] = [tokenizer.decode(np.asarray(r)[k:].tolist()) for r, k in zip(results, skip, strict=True)]
         return out
     folder = Path(run_dir) / "rollouts" / f"step_{step}"
     out["files"] = [str(p) for p in write_tapes(rm, results, folder, codec, name="prompt")]

@@ -1,8 +1,9 @@
 """The results table of a scaling study: one CSV row per finished (architecture, size) run.
 
 Columns (RESULT_COLUMNS): arch, size, params (total), non_embedding_params, tokens (trained on),
-train_loss (mean of the last logged train losses), val_loss (final), wall_s (of the launch that
-finished the run: a run resumed after a kill counts only its last segment), tokens_per_s,
+train_loss (mean of the last logged train losses), val_loss (final), wall_s (training time of the
+run's steps summed over every launch of it, from its checkpointed clock: a run resumed after a kill
+counts the segments before the kill too; evaluation and checkpoint writes excluded), tokens_per_s,
 peak_mem_gb, run_dir (where the run's metrics.jsonl is, relative to the table's folder). A row is
 appended only when its run has finished, by rewriting the file atomically, so a study killed
 midway keeps every finished row and nothing half-written.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -85,6 +86,16 @@ def run_command(s: StudySettings, arch: str, size: str, steps: int, run_dir: Pat
     return [*launcher, *args, *s.extra]
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of one run: each run is its own job, so a process group this study was
+    started inside (its RANK, MASTER_PORT, ...) must not leak into it — the run would try to
+    join it, or bind a port already taken."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+
+
 def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int, wall_s: float, vocab: int,
               seq_len: int) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -96,7 +107,7 @@ def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int,
     tail = train[-3:]
     return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "tokens": tokens,
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
-            "wall_s": round(wall_s, 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
+            "wall_s": round(train[-1].get("elapsed_s", wall_s), 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
             "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir))}
 
 
@@ -119,7 +130,7 @@ def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -
             cmd = run_command(s, arch, size, steps, run_dir)
             log(f"{arch} {size}: {steps} steps x {tokens_per_step(s)} tokens  ->  {shlex.join(cmd)}")
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=REPO)
+            proc = subprocess.run(cmd, cwd=REPO, env=child_env())
             if proc.returncode:
                 raise UserError(f"{arch} {size}: training exited {proc.returncode} (log above); fix and rerun — finished runs are kept")
             append_result(results, summarize(run_dir, s.out, arch, size, tokens, time.perf_counter() - t0, vocab, s.seq_len))

@@ -158,7 +158,7 @@ def run_loop(cfg: RunConfig, d: DistInfo, engine, optimizer, model, objective, p
             values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm(engine),
                       "tokens_per_s": tok_s, "mfu": tok_s / d.world_size * objective.flops_per_token(model, seq_len) / peak,
                       "mem_gb": memory_gb(d.device), "tokens_seen": state.tokens_seen, "seq_len": seq_len,
-                      "bad_steps": state.num_bad_steps}
+                      "bad_steps": state.num_bad_steps, "elapsed_s": state.elapsed_s}
             if d.is_main:
                 log.write("train", state.step, values)
                 bar.print(f"step {state.step:>6}  loss {loss:.4f}  lr {values['lr']:.2e}  "
