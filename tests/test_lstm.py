@@ -45,6 +45,18 @@ def test_state_cache_equals_full_forward():
     assert cache.pos == 20
 
 
+def test_last_only_logits_are_the_full_forwards_last_row():
+    torch.manual_seed(0)
+    m = LSTMLM(lstm_config("debug", 300)).eval()
+    x = torch.randint(0, 300, (2, 20))
+    full, _ = m(x)
+    last, _ = m(x, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        m(x, targets=x, last_only=True)
+
+
 def test_generate_with_and_without_cache_agree():
     from amtrain.rollout.sampling import generate
 

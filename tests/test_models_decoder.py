@@ -141,6 +141,25 @@ def test_kv_cache_prefill_and_chunks_equal_full_forward(block):
     torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("block", BLOCKS)
+def test_last_only_logits_are_the_full_forwards_last_row(block):
+    """Generation projects only the last position; the values are the full forward's."""
+    model = tiny(block)
+    idx = random_ids(2, 24)
+    full, _ = model(idx)
+    last, loss = model(idx, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1]) and loss is None
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    cache = model.new_cache(2, 24)
+    prefill, _ = model(idx[:, :20], cache=cache, last_only=True)
+    step, _ = model(idx[:, 20:], cache=cache, last_only=True)  # a 4-token chunk on the cache
+    torch.testing.assert_close(prefill, full[:, 19:20], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, full[:, -1:], atol=1e-5, rtol=0)
+    assert cache.pos == 24
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
 def test_kv_cache_overflow_is_an_error():
     model = tiny()
     cache = model.new_cache(1, 4)

@@ -93,7 +93,7 @@ def test_midi_constraint_never_lets_an_invalid_token_through_adversarial_logits(
             self.cfg = type("C", (), {"vocab_size": VOCAB_SIZE, "max_seq_len": 400})()
             self.g = torch.Generator().manual_seed(0)
 
-        def forward(self, idx, cache=None):  # generate reads the last position only
+        def forward(self, idx, cache=None, last_only=False):  # generate asks for the last position only
             logits = torch.randn(idx.shape[0], 1, VOCAB_SIZE, generator=self.g)
             logits[..., CONTROL_OFFSET:] += 1e4  # controls and specials
             logits[..., :200] += 2e4  # early onsets (before the current time once it moved on)

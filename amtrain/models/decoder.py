@@ -138,18 +138,24 @@ class Decoder(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=residual_init_std(self.cfg.num_layers))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean
         cross-entropy over positions whose target is not -100. With a cache, idx holds the T
-        positions after the cache's `pos` and the cache advances by T."""
+        positions after the cache's `pos` and the cache advances by T. `last_only` (generation)
+        projects only the last position onto the vocabulary: logits (B, 1, V), the same values
+        as the last row of the full forward, without the (B, T, V) prefill logits."""
         B, T = idx.shape
+        if last_only and targets is not None:
+            raise ValueError("last_only gives no loss: pass targets or last_only, not both")
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.drop(self.embed(idx))  # (B, T, D)
         for block in self.blocks:
             x = block(x, cache)  # (B, T, D)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
+        logits = self.lm_head(self.norm(x))  # (B, T or 1, V)
         if cache is not None:
             cache.pos += T
         loss = None

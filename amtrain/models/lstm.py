@@ -89,14 +89,20 @@ class LSTMLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: LSTMState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: LSTMState | None = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `Decoder.forward`: logits (B, T, V), the loss given targets; `last_only` projects only
+        the last position (B, 1, V) for generation."""
+        if last_only and targets is not None:
+            raise ValueError("last_only gives no loss: pass targets or last_only, not both")
         x = self.drop(self.embed(idx))  # (B, T, D)
         state = (cache.h, cache.c) if cache is not None and cache.pos > 0 else None
         y, (h, c) = self.lstm(x, state)  # (B, T, D)
         if cache is not None:
             cache.h, cache.c = h, c
             cache.pos += idx.shape[1]
-        logits = self.norm(y) @ self.embed.weight.T  # (B, T, V)
+        if last_only:
+            y = y[:, -1:]  # (B, 1, D)
+        logits = self.norm(y) @ self.embed.weight.T  # (B, T or 1, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -104,7 +104,7 @@ class _Window:
         return self._logits(self.seq)
 
     def _logits(self, feed: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.model(feed if self.use_cache else self.seq, cache=self.cache)
+        logits, _ = self.model(feed if self.use_cache else self.seq, cache=self.cache, last_only=True)
         return logits[:, -1, :self.model.cfg.vocab_size].float()  # (B, V)
 
     def push(self, tok: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,10 @@ Shape legend: B batch, T0 prompt length, t tokens so far, V the tokenizer's voca
 (model rows beyond V are vocabulary padding and are cut off before any choice, so a padded id
 can never be produced).
 
+The model is called as `model(ids, cache=cache, last_only=True)` -> (logits (B, 1, V'), _):
+only the last position is projected onto the vocabulary (nanoGPT's `lm_head(x[:, [-1]])`), so a
+long prompt's prefill never builds its (B, T0, V') logits. `Decoder` and `LSTMLM` take it.
+
 Sequences longer than the model's context are not handled here (no sliding window): asking
 for prompt + new tokens > max_seq_len is an error.
 """
@@ -112,7 +116,7 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, generator,
     feed = prompt  # what the next forward consumes: the prompt, then one token at a time
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
-        logits, _ = model(feed if use_cache else seq, cache=cache)
+        logits, _ = model(feed if use_cache else seq, cache=cache, last_only=True)
         logits = logits[:, -1, :vocab_size].float()  # (B, V): padded rows cut off
         if logits_processor is not None:
             logits = logits_processor(logits, seq)
