@@ -97,11 +97,23 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _launch(cmd: list[str], run_env: dict[str, str], logs: list[Path] = ()) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    assert p.returncode == 0, (f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}\n"
+def _launch(cmd: list[str], run_env: dict[str, str], logs: list[Path]) -> subprocess.CompletedProcess:
+    """Run a deepspeed launcher; past the timeout, SIGTERM it first: its handler then stops the ranks on
+    every host (`pdsh ... pkill -f <this launch>`), which killing the launcher alone would leave running."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, err = p.communicate(timeout=30)
+        finally:
+            _stop([p])
+        pytest.fail(f"{' '.join(cmd)}: still running after {RUN_TIMEOUT_S} s\n{out[-4000:]}\n{err[-4000:]}")
+    assert p.returncode == 0, (f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-4000:]}\n{err[-4000:]}\n"
                                + "\n".join(_tail(log) for log in logs))
-    return p
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
