@@ -177,7 +177,7 @@ def sshd() -> Iterator[Sshd]:
 
 def _deepspeed_hostfile(sshd: Sshd, hostfile: Path, *script: str) -> list[str]:
     # --no_ssh_check: DeepSpeed's pre-flight `ssh HOST hostname` reads only ~/.ssh (key, known_hosts),
-    # which this test does not touch; pdsh below makes the real ssh connections with the same options.
+    # which this test does not touch; pdsh then makes the real ssh connections (PDSH_SSH_ARGS_APPEND).
     return ["deepspeed", "--hostfile", str(hostfile), "--launcher", "pdsh", "--ssh_port", str(sshd.port),
             "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script]
 
