@@ -150,9 +150,10 @@ def test_default_command_smoke(tmp_path):
 
 
 def test_launcher_destroys_the_process_group_on_every_exit(kjv_gpt2, tmp_path):
-    """Left to interpreter teardown, a gloo group aborts the process ("terminate called without an
-    active exception", exit -6) after a finished run, at random: the launcher destroys it, after a
-    finished run and after a user error raised once the group exists (a missing data folder)."""
+    """torch asks every program that made a process group to destroy it: the launcher does, after a
+    finished run and after a user error raised once the group exists (a missing data folder).
+    (Run as a script it then leaves through `exit_process`, skipping the interpreter teardown in
+    which gloo's worker threads can abort a finished run; every launch in this suite goes that way.)"""
     code = ("import importlib.util, sys, torch.distributed as dist\n"
             f"spec = importlib.util.spec_from_file_location('launch', {LAUNCHER!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
@@ -163,3 +164,23 @@ def test_launcher_destroys_the_process_group_on_every_exit(kjv_gpt2, tmp_path):
     bad = run([sys.executable, "-c", code, *argv(tiny(tmp_path / "missing", tmp_path / "bad"))])
     assert bad.stdout.strip().splitlines()[-1] == "rc 1 group alive False"
     assert "error: " in bad.stderr and str(tmp_path / "missing") in bad.stderr
+
+
+@pytest.mark.parametrize("body, rc, out, err", [
+    ("print('done: step 8'); return 0", 0, "done: step 8", ""),  # buffered stdout (a pipe) still arrives
+    ("print('error: bad', file=sys.stderr); return 1", 1, "", "error: bad"),
+    ("raise RuntimeError('boom')", 1, "", "RuntimeError: boom"),  # a crash: traceback, exit 1
+    ("raise SystemExit(3)", 3, "", ""),
+])
+def test_launcher_script_exit_codes_and_flushed_output(body, rc, out, err):
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('launch', {LAUNCHER!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"def fake(argv):\n    {body}\n"
+            "m.main = fake\n"
+            "m._run_as_script()\n"
+            "print('not reached')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == rc, p.stderr
+    assert p.stdout.strip() == out and "not reached" not in p.stdout
+    assert err in p.stderr and ("Traceback" in p.stderr) == ("boom" in err)
