@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled corpus prepped once per test session, and repo paths."""
+"""Shared fixtures: the bundled corpus prepped once per test session, repo paths, and the
+one-process reference run the multi-process tests compare with."""
 
 from __future__ import annotations
 
@@ -35,3 +36,13 @@ def kjv_ascii(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kjv_ascii")
     prep_text([str(KJV)], out, tokenizer="ascii", show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def one_process(kjv_gpt2, tmp_path_factory):
+    """The `tests.train_helpers.tiny` run in this process (one rank): the reference every
+    multi-rank launch of the same config must match step by step. A RunResult."""
+    from amtrain.train.loop import train
+    from tests.train_helpers import from_args, tiny
+
+    return train(from_args(tiny(kjv_gpt2, tmp_path_factory.mktemp("one_process"))))

@@ -33,8 +33,16 @@ from pathlib import Path
 
 import pytest
 
-from amtrain.train.loop import train
-from tests.train_helpers import LAUNCHER, REPO, argv, env, free_port, from_args, losses, tiny
+from tests.train_helpers import (
+    LAUNCHER,
+    REPO,
+    argv,
+    assert_same_losses,
+    env,
+    free_port,
+    losses,
+    tiny,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -116,17 +124,10 @@ def _launch(cmd: list[str], run_env: dict[str, str], logs: list[Path]) -> subpro
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-@pytest.fixture(scope="module")
-def one_process(kjv_gpt2, tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of one process at the same global batch (the reference)."""
-    return train(from_args(tiny(kjv_gpt2, tmp_path_factory.mktemp("one")))).losses
-
-
 def _assert_same_as_one_process(run_dir: Path, one: dict[int, float]) -> None:
     got = losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1)), got
-    for s in range(1, STEPS + 1):
-        assert got[s] == pytest.approx(one[s], rel=1e-4), (s, got, one)  # summation order differs across ranks
+    assert_same_losses(got, one, range(1, STEPS + 1))
     assert json.loads((run_dir / "run_info.json").read_text())["world_size"] == 2
 
 
@@ -207,7 +208,7 @@ def test_deepspeed_hostfile_over_pdsh_two_nodes(sshd, kjv_gpt2, one_process, tmp
     p = _launch(_deepspeed_hostfile(sshd, hostfile, LAUNCHER, *argv(tiny(kjv_gpt2, out))), run_env, logs)
     assert re.search(r"^localhost: amtrain: .* 2 rank\(s\) on cpu", p.stdout, re.M), p.stdout[-3000:]
     assert len(re.findall(r"Accepted publickey for ", (sshd.folder / "sshd.log").read_text())) >= 4  # 2 per launch
-    _assert_same_as_one_process(out, one_process)
+    _assert_same_as_one_process(out, one_process.losses)
 
 
 # --- SLURM: sbatch launchers/slurm.sh on two slurmd nodes of this host ---
@@ -319,4 +320,4 @@ def test_sbatch_slurm_script_two_nodes(slurm, kjv_gpt2, one_process, tmp_path):
     assert "2 rank(s) on cpu" in text, text[-3000:]
     for n in slurm.nodes:  # srun put a task (one torchrun) on each node
         assert re.search(rf"launch task StepId={job_id.group(1)}\.0 ", (slurm.folder / "log" / f"slurmd-{n}.log").read_text())
-    _assert_same_as_one_process(out, one_process)
+    _assert_same_as_one_process(out, one_process.losses)

@@ -29,6 +29,7 @@ from tests.train_helpers import (
     LAUNCHER,
     REPO,
     argv,
+    assert_same_losses,
     env,
     free_port,
     from_args,
@@ -52,11 +53,6 @@ def _assert_falls(run_losses: dict[int, float]):
     assert run_losses[STEPS] < run_losses[1] - 0.8, run_losses  # 10.8 -> ~9.8 in 8 steps on KJV text
 
 
-def _assert_same(a: dict[int, float], b: dict[int, float], steps):
-    for s in steps:
-        assert a[s] == pytest.approx(b[s], rel=1e-4), (s, a, b)  # summation order differs across ranks
-
-
 @pytest.fixture(scope="module")
 def two_rank_zero2(kjv_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2x2")
@@ -64,19 +60,18 @@ def two_rank_zero2(kjv_gpt2, tmp_path_factory):
     return out
 
 
-def test_two_ranks_zero2_match_one_process_and_resume_on_one(two_rank_zero2, kjv_gpt2, tmp_path):
+def test_two_ranks_zero2_match_one_process_and_resume_on_one(two_rank_zero2, one_process, kjv_gpt2, tmp_path):
     two = losses(two_rank_zero2)
     _assert_falls(two)
     info = metrics(two_rank_zero2)[-1]
     assert info["tokens_seen"] == STEPS * 512
-    one = train(from_args(tiny(kjv_gpt2, tmp_path / "one")))
-    assert one.state.tokens_seen == STEPS * 512
-    _assert_same(one.losses, two, range(1, STEPS + 1))
+    assert one_process.state.tokens_seen == STEPS * 512
+    assert_same_losses(one_process.losses, two, range(1, STEPS + 1))
     step4 = two_rank_zero2 / "checkpoints" / "step_00000004"
     resumed = train(from_args(tiny(kjv_gpt2, tmp_path / "resumed", **{"train.resume": str(step4)})))
     assert (step4 / "universal" / "zero").is_dir()  # converted by amtrain
     assert sorted(resumed.losses) == [5, 6, 7, 8] and resumed.state.tokens_seen == STEPS * 512
-    _assert_same(resumed.losses, two, range(5, STEPS + 1))
+    assert_same_losses(resumed.losses, two, range(5, STEPS + 1))
 
 
 def test_two_ranks_zero3_and_export(two_rank_zero2, kjv_gpt2, tmp_path):
@@ -88,7 +83,7 @@ def test_two_ranks_zero3_and_export(two_rank_zero2, kjv_gpt2, tmp_path):
     run(_deepspeed(tiny(kjv_gpt2, tmp_path / "z3", ds_config=str(REPO / "ds_configs" / "zero3.json"))))
     z3 = losses(tmp_path / "z3")
     _assert_falls(z3)
-    _assert_same(z3, losses(two_rank_zero2), range(1, STEPS + 1))
+    assert_same_losses(z3, losses(two_rank_zero2), range(1, STEPS + 1))
     r = CliRunner().invoke(app, ["export", str(tmp_path / "z3"), str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     model, meta = load_pretrained(tmp_path / "exp")
@@ -108,7 +103,7 @@ def test_simulated_two_nodes_zero1(two_rank_zero2, kjv_gpt2, tmp_path):
     assert "2 rank(s) on cpu" in outs[0]
     nodes = losses(tmp_path / "nodes")
     _assert_falls(nodes)
-    _assert_same(nodes, losses(two_rank_zero2), range(1, STEPS + 1))
+    assert_same_losses(nodes, losses(two_rank_zero2), range(1, STEPS + 1))
 
 
 def test_dead_rank_ends_the_others_with_a_clear_error(kjv_gpt2, tmp_path):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = str(REPO / "launchers" / "train.py")
 BIN = Path(sys.executable).parent
@@ -67,3 +69,10 @@ def from_args(args: dict[str, object]):
     from amtrain.config import parse_args
 
     return parse_args(argv(args))
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
+    """Per-step losses of two runs at the same global batch agree (rel 1e-4: summation order
+    differs across ranks)."""
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=1e-4), (s, a, b)

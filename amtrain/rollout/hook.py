@@ -29,26 +29,27 @@ def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_d
     rm = RolloutModel(model, {"tokenizer": tokenizer.name}, tokenizer, arch, modality, Path(run_dir or "."))
     cfg = RolloutConfig(length=length, temperature=temperature, top_k=top_k, top_p=top_p)
     out: dict = {"step": step}
-    results = []
+    results, added = [], []
     for i, prompt in enumerate(prompts):
-        tape = _prompt_tape(rm, prompt)
+        tape, n = _prompt_tape(rm, prompt)
         results.append(continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
-    if modality in ("text", "tokens"):
-        # _prompt_tape gave a decoder's text prompt a leading document separator: not part of the text
-        skip = [int(modality == "text" and arch != "t5" and isinstance(p, str)) for p in prompts]
-        out["texts"] = [tokenizer.decode(np.asarray(r)[k:].tolist()) for r, k in zip(results, skip, strict=True)]
+        added.append(n)
+    if modality in ("text", "tokens"):  # without the ids _prompt_tape put before the prompt
+        out["texts"] = [tokenizer.decode(np.asarray(r)[n:].tolist()) for r, n in zip(results, added, strict=True)]
         return out
     folder = Path(run_dir) / "rollouts" / f"step_{step}"
     out["files"] = [str(p) for p in write_tapes(rm, results, folder, codec, name="prompt")]
     return out
 
 
-def _prompt_tape(rm: RolloutModel, prompt):
+def _prompt_tape(rm: RolloutModel, prompt) -> tuple:
+    """(the tape to continue, how many ids were put before the prompt's own): a decoder's text
+    prompt opens with the document separator, as every document in its training data does."""
     from amtrain.rollout.run import read_prompt
 
     if rm.modality == "text" and isinstance(prompt, str):
         ids = np.array(rm.tokenizer.encode(prompt), np.int64)
-        return ids if rm.arch == "t5" else np.concatenate([[rm.tokenizer.eot_id], ids])
+        return (ids, 0) if rm.arch == "t5" else (np.concatenate([[rm.tokenizer.eot_id], ids]), 1)
     if isinstance(prompt, (str, Path)):
-        return read_prompt(rm, Path(prompt), RolloutConfig())
-    return prompt
+        return read_prompt(rm, Path(prompt), RolloutConfig()), 0
+    return prompt, 0

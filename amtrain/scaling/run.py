@@ -15,7 +15,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +95,7 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
 
 
-def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int, wall_s: float, vocab: int,
-              seq_len: int) -> dict:
+def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int, vocab: int, seq_len: int) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
@@ -107,7 +105,7 @@ def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int,
     tail = train[-3:]
     return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "tokens": tokens,
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
-            "wall_s": round(train[-1].get("elapsed_s", wall_s), 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
+            "wall_s": round(train[-1]["elapsed_s"], 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
             "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir))}
 
 
@@ -129,9 +127,8 @@ def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -
             run_dir = s.out / "runs" / f"{arch}-{size}"
             cmd = run_command(s, arch, size, steps, run_dir)
             log(f"{arch} {size}: {steps} steps x {tokens_per_step(s)} tokens  ->  {shlex.join(cmd)}")
-            t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=REPO, env=child_env())
             if proc.returncode:
                 raise UserError(f"{arch} {size}: training exited {proc.returncode} (log above); fix and rerun — finished runs are kept")
-            append_result(results, summarize(run_dir, s.out, arch, size, tokens, time.perf_counter() - t0, vocab, s.seq_len))
+            append_result(results, summarize(run_dir, s.out, arch, size, tokens, vocab, s.seq_len))
     return results
