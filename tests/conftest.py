@@ -22,7 +22,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def kjv_gpt2(tmp_path_factory) -> Path:
     """The bundled KJV corpus as a gpt2 dataset (read-only for tests: copy before changing)."""
-    from data_prep.text import prep_text
+    from amtrain.prep.text import prep_text
 
     out = tmp_path_factory.mktemp("kjv_gpt2")
     prep_text([str(KJV)], out, tokenizer="gpt2", show_progress=False)
@@ -31,7 +31,7 @@ def kjv_gpt2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def kjv_ascii(tmp_path_factory) -> Path:
-    from data_prep.text import prep_text
+    from amtrain.prep.text import prep_text
 
     out = tmp_path_factory.mktemp("kjv_ascii")
     prep_text([str(KJV)], out, tokenizer="ascii", show_progress=False)

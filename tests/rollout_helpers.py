@@ -39,7 +39,7 @@ def t5_ckpt(folder: Path, tokenizer: str, params: dict | None = None, seed: int 
     from amtrain.data.span_corruption import T5Vocab
     from amtrain.models.io import save_pretrained
     from amtrain.models.t5 import T5, T5Config
-    from amtrain.rollout.checkpoint import register_t5
+    from amtrain.rollout.load import register_t5
     from amtrain.tokens import get_tokenizer
 
     register_t5()

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 from audio_helpers import JOPLIN, MELODY
 
-from data_prep.audio_features import (
+from amtrain.prep.audio_features import (
     FLOOR,
     FeatureParams,
     checkerboard_novelty,

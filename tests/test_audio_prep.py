@@ -23,10 +23,10 @@ from amtrain.data.priority import (
     chunk_priorities,
     read_scores,
 )
+from amtrain.prep.audio import AudioPrepConfig, prep_audio
 from amtrain.store import Dataset
 from amtrain.store.dataset import validate_dataset
 from amtrain.tokens import get_tokenizer
-from data_prep.audio import AudioPrepConfig, prep_audio
 
 COLUMNS = ["file", "split", "chunk", "start_frame", "end_frame", "start_s", "end_s", "flux", "rms",
            "rms_db", "novelty", "stability", "priority"]
@@ -211,7 +211,7 @@ def test_windows_bound_memory_and_agree_with_whole_file(tmp_path, codec_dir):
             seen.append(wave.shape[1])
             return super().encode(wave, bandwidth)
 
-    import data_prep.audio as prep
+    import amtrain.prep.audio as prep
 
     base = load_codec(codec_dir)
     codec = Spy(base.model, base.codec_id)

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 
 from amtrain.midi.events import read_notes
+from amtrain.prep.midi import (
+    MidiPrepConfig,
+    apply_variant,
+    file_split,
+    import_token_files,
+    prep_midi,
+)
 from amtrain.store import Dataset
 from amtrain.tokens.midi import DRUMS, VOCAB_SIZE
-from data_prep.midi import MidiPrepConfig, apply_variant, file_split, import_token_files, prep_midi
 from tests import reference_amt as ref
 from tests.midi_helpers import MIDI_DIR, MIDI_FILES, smf, vlq
 

@@ -72,8 +72,10 @@ def test_flash_required_but_missing_names_the_field():
 
 
 def test_param_groups_cover_every_parameter_once():
+    from amtrain.train.engine import param_groups
+
     model = tiny()
-    decay, no_decay = model.param_groups(0.1)
+    decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
     assert len(ids) == len(set(ids)) and sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()

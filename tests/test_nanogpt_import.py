@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from amtrain.errors import ShardError
+from amtrain.prep.nanogpt import import_bins
 from amtrain.store import Dataset
 from amtrain.tokens import get_tokenizer
-from data_prep.nanogpt import import_bins
 from tests.conftest import KJV
 
 

@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
+from amtrain.prep import text as text_prep
+from amtrain.prep.text import is_val, prep_text
 from amtrain.store import Dataset, DatasetBuilder
 from amtrain.tokens import get_tokenizer
-from data_prep import text as text_prep
-from data_prep.text import is_val, prep_text
 from tests.conftest import KJV
 
 

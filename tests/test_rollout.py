@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from amtrain.errors import UserError
-from amtrain.rollout.checkpoint import load_rollout_model
+from amtrain.rollout.load import load_rollout_model
 from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
 from amtrain.rollout.sampling import generate
 from amtrain.rollout.window import generate_long, window_start

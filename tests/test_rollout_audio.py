@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from amtrain.rollout.checkpoint import load_rollout_model
+from amtrain.rollout.load import load_rollout_model
 from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
 from tests.audio_helpers import JOPLIN
 from tests.rollout_helpers import codec_folder, decoder_ckpt, t5_ckpt

@@ -1,6 +1,6 @@
 """The debug T5 learns to denoise real MIDI: AMT arrival-time triples, spans over whole events.
 
-Needs the MIDI prep of the `midi` area (data_prep/midi.py and the bundled files in data/midi);
+Needs the MIDI prep of the `midi` area (amtrain/prep/midi.py and the bundled files in data/midi);
 until that lands beside this file the module is skipped at import."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from amtrain.data.span_corruption import (
 from amtrain.models.t5 import T5, T5Config
 from amtrain.store.dataset import Dataset
 
-midi_prep = pytest.importorskip("data_prep.midi", reason="MIDI prep (midi area) not in this checkout yet")
+midi_prep = pytest.importorskip("amtrain.prep.midi", reason="MIDI prep (midi area) not in this checkout yet")
 
 torch.set_num_threads(1)
 MIDI_DIR = Path(__file__).resolve().parents[1] / "data" / "midi"

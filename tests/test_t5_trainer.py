@@ -177,7 +177,7 @@ def test_export_sample_and_rollout_on_a_t5_run(one_rank, tmp_path):
 
 @pytest.fixture(scope="module")
 def midi_data(tmp_path_factory):
-    from data_prep.midi import prep_midi
+    from amtrain.prep.midi import prep_midi
 
     out = tmp_path_factory.mktemp("midi")
     prep_midi([str(REPO / "data" / "midi")], out, show_progress=False)
@@ -232,7 +232,7 @@ def test_loss_falls_on_real_midi(midi_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def audio_data(tmp_path_factory):
-    from data_prep.audio import AudioPrepConfig, prep_audio
+    from amtrain.prep.audio import AudioPrepConfig, prep_audio
     from tests.audio_helpers import AUDIO, random_model, save_codec
 
     codec = save_codec(random_model("24khz"), tmp_path_factory.mktemp("codec"), "hf")

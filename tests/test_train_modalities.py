@@ -20,7 +20,7 @@ def _train(data, out, **over):
 
 
 def test_decoder_trains_on_midi_and_reports_event_perplexity(tmp_path):
-    from data_prep.midi import MidiPrepConfig, prep_midi
+    from amtrain.prep.midi import MidiPrepConfig, prep_midi
 
     ds = tmp_path / "midi"
     prep_midi([str(REPO / "data" / "midi")], ds, MidiPrepConfig(split="ratio", val_fraction=0.2, test_fraction=0.0),
@@ -34,7 +34,7 @@ def test_decoder_trains_on_midi_and_reports_event_perplexity(tmp_path):
 
 
 def test_decoder_trains_on_audio_codes(tmp_path):
-    from data_prep.audio import AudioPrepConfig, prep_audio
+    from amtrain.prep.audio import AudioPrepConfig, prep_audio
     from tests.audio_helpers import random_model, save_codec
 
     codec = save_codec(random_model(), tmp_path / "codec")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from amtrain.errors import UserError
-from amtrain.store.format import file_sha256
+from amtrain.fileio import atomic_target, file_sha256, write_json_atomic
 
 CODEBOOK_SIZE = 1024
 ENV_DIR = "AMTRAIN_CODEC_DIR"
@@ -132,11 +132,10 @@ def save_original_checkpoint(model, path: str | Path, with_config: bool = False)
     the architecture in `config.json` beside it, needed only for non-standard sizes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(original_state_dict(model), tmp)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        torch.save(original_state_dict(model), tmp)
     if with_config:
-        _write_json_atomic(path.parent / "config.json", model.config.to_dict())
+        write_json_atomic(path.parent / "config.json", model.config.to_dict())
     return path
 
 
@@ -147,22 +146,15 @@ def save_hf_folder(model, folder: str | Path, weights: str = "model.safetensors"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = folder / (weights + ".tmp")
-    if weights == "model.safetensors":
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    elif weights == "pytorch_model.bin":
-        torch.save(sd, tmp)
-    else:
+    if weights not in HF_WEIGHTS:
         raise ValueError(f"weights must be one of {HF_WEIGHTS}")
-    os.replace(tmp, folder / weights)
-    _write_json_atomic(folder / "config.json", model.config.to_dict())
+    with atomic_target(folder / weights) as tmp:
+        if weights == "model.safetensors":
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(sd, tmp)
+    write_json_atomic(folder / "config.json", model.config.to_dict())
     return folder
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- loading
@@ -255,7 +247,7 @@ def load_codec(path: str | Path | None = None, model: str = "24khz") -> Codec:
 # ---------------------------------------------------------------- the codec
 class Codec:
     """An EnCodec model with the facts prep needs. encode/decode work on one window of audio;
-    `data_prep.audio` slides windows over files of any length."""
+    `amtrain.prep.audio` slides windows over files of any length."""
 
     def __init__(self, model, codec_id: str):
         self.model = model

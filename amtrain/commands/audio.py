@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from amtrain.fileio import atomic_target
+
 CODEC_PATH_HELP = ("EnCodec weights: encodec_24khz-d7cc33bc.th, a facebook/encodec_24khz folder, or a folder "
                    "holding either (default $AMTRAIN_CODEC_DIR, else ~/.cache/amtrain/encodec).")
 
@@ -32,9 +34,9 @@ def prep_audio(
     """Encode audio to EnCodec codes (.npz), chunk priority scores (.parquet) and token shards."""
     from rich.console import Console
 
-    from data_prep.audio import AudioPrepConfig
-    from data_prep.audio import prep_audio as run
-    from data_prep.common import default_workers
+    from amtrain.prep.audio import AudioPrepConfig
+    from amtrain.prep.audio import prep_audio as run
+    from amtrain.prep.common import default_workers
 
     cfg = AudioPrepConfig(codec_path or None, codec_model, bandwidth, layout, chunk_seconds, window_seconds,
                           context_seconds, val_fraction)
@@ -128,7 +130,6 @@ def load_codes(codes: Path, dataset: Path | None, layout: str | None, num_codebo
 
 def decode_to_wav(codes_path: Path, out: Path, codec_path: str | None, codec_model: str | None,
                   dataset: Path | None, layout: str | None, num_codebooks: int | None) -> dict:
-    import os
 
     import soundfile as sf
 
@@ -147,9 +148,8 @@ def decode_to_wav(codes_path: Path, out: Path, codec_path: str | None, codec_mod
     if meta:
         wave = wave[:, : int(meta["num_samples"])]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.wav")
-    sf.write(tmp, wave.T, codec.sample_rate, subtype="PCM_16")
-    os.replace(tmp, out)
+    with atomic_target(out) as tmp:
+        sf.write(tmp, wave.T, codec.sample_rate, subtype="PCM_16", format="WAV")
     return {"seconds": wave.shape[1] / codec.sample_rate, "sample_rate": codec.sample_rate,
             "channels": wave.shape[0], "num_codebooks": codes.shape[0], "num_frames": codes.shape[1]}
 
@@ -165,8 +165,8 @@ def plot_features(file: Path, out: Path, chunk_seconds: float, sample_rate: int)
     import numpy as np
 
     from amtrain.errors import UserError
-    from data_prep.audio import BadAudio, Times, read_blocks
-    from data_prep.audio_features import FeatureParams, chunk_features, frame_features
+    from amtrain.prep.audio import BadAudio, Times, read_blocks
+    from amtrain.prep.audio_features import FeatureParams, chunk_features, frame_features
 
     try:
         y = np.concatenate(list(read_blocks(file, sample_rate, 1, Times())), axis=1)[0]  # (N,)
@@ -195,7 +195,7 @@ def plot_features(file: Path, out: Path, chunk_seconds: float, sample_rate: int)
     fig.suptitle(f"{file.name}: {y.size / sample_rate:.1f} s, chunks of {chunk_seconds:g} s")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_target(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     os.replace(tmp, out)

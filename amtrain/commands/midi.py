@@ -50,9 +50,9 @@ def prep_midi(
     from rich.console import Console
 
     from amtrain.errors import UserError
-    from data_prep.common import default_workers
-    from data_prep.midi import MidiPrepConfig, import_token_files
-    from data_prep.midi import prep_midi as run
+    from amtrain.prep.common import default_workers
+    from amtrain.prep.midi import MidiPrepConfig, import_token_files
+    from amtrain.prep.midi import prep_midi as run
 
     con = Console()
     if from_tokens:

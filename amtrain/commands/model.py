@@ -67,7 +67,7 @@ def _sample_t5(model_path, prompt, max_new_tokens, temperature, top_k, top_p, se
     prompt as prefix, KV-cached decoding)."""
     import numpy as np
 
-    from amtrain.rollout.checkpoint import load_rollout_model
+    from amtrain.rollout.load import load_rollout_model
     from amtrain.rollout.run import RolloutConfig, continue_tape
 
     rm = load_rollout_model(model_path)

@@ -56,7 +56,7 @@ def rollout(
     """Generate from a decoder or T5 checkpoint: continue (sliding window), infill (T5 sentinels,
     MIDI anticipation) or alternate; writes .txt / .mid / .wav and the token sequence."""
     from amtrain.errors import UserError
-    from amtrain.rollout.checkpoint import load_rollout_model
+    from amtrain.rollout.load import load_rollout_model
     from amtrain.rollout.run import RolloutConfig, read_prompt, write_tapes
     from amtrain.rollout.run import rollout as run_rollout
 

@@ -27,8 +27,8 @@ def prep_text(
     """Tokenize text corpora into token shards (train/val by document hash)."""
     from rich.console import Console
 
-    from data_prep.common import default_workers
-    from data_prep.text import prep_text as run
+    from amtrain.prep.common import default_workers
+    from amtrain.prep.text import prep_text as run
 
     s = run(inputs, out, tokenizer=tokenizer, txt_docs=txt_docs, text_field=text_field,
             val_fraction=val_fraction, errors=errors, workers=workers or default_workers(),
@@ -105,7 +105,7 @@ def import_bin(
     tokenizer: str = typer.Option("gpt2", help="Tokenizer the ids belong to."),
 ) -> None:
     """Import nanoGPT (raw uint16) or modded-nanogpt (headered) .bin token files."""
-    from data_prep.nanogpt import import_bins
+    from amtrain.prep.nanogpt import import_bins
 
     split_of = {p: "train" for p in train} | {p: "val" for p in val}
     import_bins(list(split_of), out, split_of, tokenizer)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from amtrain.tokens import IGNORE_INDEX
+
 VOCAB_MULTIPLE = 64
 TASKS = ("R", "X", "S")
 NUM_SPECIALS = 2 + len(TASKS)  # PAD, EOS, one mode token per task

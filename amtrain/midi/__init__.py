@@ -5,5 +5,5 @@
     decode.py     any ids -> notes -> MIDI (symusic), skipping and counting what is invalid
     pianoroll.py  PNG piano rolls of token sequences or MIDI files
 
-The vocabulary itself is `amtrain.tokens.midi`; the prep pipeline is `data_prep.midi`.
+The vocabulary itself is `amtrain.tokens.midi`; the prep pipeline is `amtrain.prep.midi`.
 """

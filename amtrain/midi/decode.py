@@ -176,7 +176,7 @@ def notes_to_score(notes: Notes):
 
 def write_midi(notes: Notes, path: str | Path) -> None:
     """Write atomically (temp file + rename)."""
-    from amtrain.store.format import write_bytes_atomic
+    from amtrain.fileio import write_bytes_atomic
 
     write_bytes_atomic(Path(path), notes_to_score(notes).dumps_midi())
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amtrain.fileio import atomic_target
 from amtrain.midi.decode import ids_to_notes
 from amtrain.midi.events import Notes, read_notes
 from amtrain.tokens.midi import DRUMS, TIME_RESOLUTION
@@ -47,8 +48,8 @@ def plot_notes(notes: Notes, out: str | Path, title: str = "", controls: np.ndar
         ax.legend(loc="upper right", fontsize=7, ncol=max(1, len(instrs) // 8))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_target(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(out)
     return out

@@ -34,13 +34,13 @@ from amtrain.models.layers import (
     make_norm,
     residual_init_std,
 )
+from amtrain.tokens import IGNORE_INDEX
 
 __all__ = ["DecoderConfig", "Decoder", "KVCache"]
 
 BLOCKS = ("parallel", "serial")
 NORMS = ("layernorm", "rmsnorm")
 ATTN_IMPLS = ("auto", "sdpa", "flash")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -174,13 +174,6 @@ class Decoder(nn.Module):
         w = self.embed.weight
         return KVCache.empty(c.num_layers, batch_size, c.num_heads, max_len, c.head_dim,
                              device or w.device, dtype or w.dtype)
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups as in nanoGPT `configure_optimizers`: matrices (embedding, Linear
-        weights) decay, 1-D norm gains do not. Each parameter appears once (tied counted once)."""
-        params = list(self.parameters())
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied embedding counted once); `non_embedding` leaves out the

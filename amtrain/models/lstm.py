@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amtrain.errors import UserError
+from amtrain.tokens import IGNORE_INDEX
 
 
 @dataclass
@@ -105,7 +106,7 @@ class LSTMLM(nn.Module):
         logits = self.norm(y) @ self.embed.weight.T  # (B, T or 1, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> LSTMState:

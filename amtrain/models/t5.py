@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.tokens import IGNORE_INDEX
+
 VOCAB_MULTIPLE = 64
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -284,7 +285,7 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-class Encoder(nn.Module):
+class T5Encoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.rel_bias = RelativePositionBias(cfg, bidirectional=True)
@@ -301,7 +302,7 @@ class Encoder(nn.Module):
         return self.dropout(self.final_norm(x))  # (B, S, D)
 
 
-class Decoder(nn.Module):
+class T5Decoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.rel_bias = RelativePositionBias(cfg, bidirectional=False)
@@ -344,8 +345,8 @@ class T5(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)  # shared by both stacks
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = T5Encoder(cfg)
+        self.decoder = T5Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.apply(self._init_weights)
 
@@ -424,7 +425,7 @@ class T5(nn.Module):
         """input_ids (B, S), labels (B, T) with -100 = ignore (or decoder_input_ids (B, T)).
 
         Returns (logits (B, T, V) or None, loss or None). The loss is the cross-entropy over
-        labels != -100: their mean (`reduction="mean"`) or per position (B, T) with 0 where
+        labels != IGNORE_INDEX: their mean (`reduction="mean"`) or per position (B, T) with 0 where
         ignored (`reduction="none"`, e.g. for loss per denoising task). `return_logits=False`
         (training) applies the LM head only at labelled positions: padded targets cost nothing."""
         if decoder_input_ids is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from amtrain.rollout.checkpoint import MODALITIES, RolloutModel
+from amtrain.rollout.load import MODALITIES, RolloutModel
 from amtrain.rollout.run import RolloutConfig, continue_tape, write_tapes
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from amtrain.errors import UserError
-from amtrain.rollout.checkpoint import RolloutModel
+from amtrain.rollout.load import RolloutModel
 from amtrain.rollout.tapes import MidiTape
 
 MODES = ("continue", "infill", "alternate")
@@ -114,7 +114,7 @@ def write_tapes(rm: RolloutModel, results: list, out: Path, codec=None, name: st
             files += tapes.write_text(tape, rm.tokenizer, stem)
         else:
             ids = np.asarray(tape, np.int64)
-            from amtrain.store.format import write_bytes_atomic
+            from amtrain.fileio import write_bytes_atomic
 
             write_bytes_atomic(stem.with_suffix(".txt"), (" ".join(map(str, ids.tolist())) + "\n").encode())
             files += [stem.with_suffix(".txt"), tapes.save_npy(ids, stem)]

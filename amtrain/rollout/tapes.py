@@ -86,7 +86,7 @@ def read_text_prompt(path: Path, tok, gap_marker: str = "<gap>") -> list[np.ndar
 
 
 def write_text(ids: np.ndarray, tok, stem: Path) -> list[Path]:
-    from amtrain.store.format import write_bytes_atomic
+    from amtrain.fileio import write_bytes_atomic
 
     ids = np.asarray(ids, np.int64)
     body = ids[1:] if ids.size and ids[0] == tok.eot_id else ids  # the decoder's document-start header
@@ -97,7 +97,7 @@ def write_text(ids: np.ndarray, tok, stem: Path) -> list[Path]:
 def save_npy(arr: np.ndarray, stem: Path) -> Path:
     import io
 
-    from amtrain.store.format import write_bytes_atomic
+    from amtrain.fileio import write_bytes_atomic
 
     buf = io.BytesIO()
     np.save(buf, np.asarray(arr))
@@ -206,7 +206,7 @@ def write_audio_tape(codes: np.ndarray, tok, codec, stem: Path) -> list[Path]:
 
     import soundfile as sf
 
-    from amtrain.store.format import write_bytes_atomic
+    from amtrain.fileio import write_bytes_atomic
 
     wave = codec.decode(codes)  # (C, T * hop)
     buf = io.BytesIO()

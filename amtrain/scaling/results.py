@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 from amtrain.errors import UserError
-from amtrain.store.format import write_bytes_atomic
+from amtrain.fileio import write_bytes_atomic
 
 RESULT_COLUMNS = ["arch", "size", "params", "non_embedding_params", "tokens", "train_loss", "val_loss",
                   "wall_s", "tokens_per_s", "peak_mem_gb", "run_dir"]

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from amtrain.errors import ShardError
-from amtrain.store.format import open_shard, read_header, write_bytes_atomic, write_shard
+from amtrain.fileio import write_bytes_atomic
+from amtrain.store.format import open_shard, read_header, write_shard
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "amtrain-dataset"

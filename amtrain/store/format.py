@@ -19,8 +19,6 @@ under the final name; the header is written last, so a half-written temp file ne
 
 from __future__ import annotations
 
-import hashlib
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from amtrain.errors import ShardError
+from amtrain.fileio import atomic_target
 
 MAGIC = b"AMTSHRD\0"
 VERSION = 1
@@ -50,29 +49,6 @@ class ShardHeader:
     crc32: int
 
 
-def atomic_path(path: Path) -> Path:
-    """The temporary name a file is written under before it is renamed into place."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    tmp.write_bytes(data)
-    fsync_replace(tmp, path)
-
-
 def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> ShardHeader:
     """Write `tokens` (any integer array, all < vocab_size) as one shard, atomically."""
     path = Path(path)
@@ -85,14 +61,11 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> ShardH
         )
     payload = np.ascontiguousarray(tokens, dtype=dtype).tobytes()
     header = ShardHeader(VERSION, dtype, tokens.size, vocab_size, zlib.crc32(payload))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    with open(tmp, "wb") as f:
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
         f.write(b"\0" * HEADER_BYTES)
         f.write(payload)
         f.seek(0)
         f.write(_pack(header))
-    fsync_replace(tmp, path)
     return header
 
 

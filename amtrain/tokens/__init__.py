@@ -12,6 +12,9 @@ from typing import Protocol, runtime_checkable
 
 from amtrain.errors import UserError
 
+IGNORE_INDEX = -100
+"""Label id the losses skip (PyTorch's cross_entropy default): padding and unlabelled positions."""
+
 
 @runtime_checkable
 class Tokenizer(Protocol):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from amtrain.store.format import dtype_for_vocab
+
 CODEBOOK_SIZE = 1024  # EnCodec codebook entries (amtrain.codec.CODEBOOK_SIZE; kept here so tokens need no torch)
 
 LAYOUTS = ("flatten", "delay", "parallel")
@@ -48,7 +50,7 @@ class AudioTokenizer:
 
     @property
     def dtype(self):
-        return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+        return dtype_for_vocab(self.vocab_size)
 
     def _offsets(self) -> np.ndarray:
         return (np.arange(self.num_codebooks, dtype=np.int64) * self.codebook_size)[:, None]  # (K, 1)

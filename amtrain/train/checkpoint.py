@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from amtrain.errors import UserError
-from amtrain.store.format import write_bytes_atomic
+from amtrain.fileio import write_bytes_atomic
 
 STATE_FILE = "amtrain_state.json"
 LATEST = "latest"

@@ -125,12 +125,17 @@ class SkipStepMixin:
         return super().step(closure)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in nanoGPT `configure_optimizers`, for every model family: matrices
+    (embeddings, Linear and LSTM weights) decay, 1-D gains and biases do not. Each parameter
+    appears once (a tied one counted once)."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    if hasattr(model, "param_groups"):  # the model's own split (Decoder: matrices decay, gains do not)
-        groups = model.param_groups(optim.weight_decay)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": optim.weight_decay},
-                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    groups = param_groups(model, optim.weight_decay)
     if optim.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -37,7 +37,7 @@ from amtrain.train.engine import (
     resolve_precision,
     zero_stage,
 )
-from amtrain.train.logging import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
+from amtrain.train.metrics import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
 from amtrain.train.objective import DenoiseObjective, LMObjective, gathered
 
 
@@ -220,7 +220,7 @@ class Rollouts:
     out_dir/rollouts/step_N/ (the hook writes them)."""
 
     def __init__(self, cfg: RunConfig, meta: dict, d: DistInfo):
-        from amtrain.rollout.checkpoint import MODALITIES
+        from amtrain.rollout.load import MODALITIES
         from amtrain.tokens import get_tokenizer
 
         self.cfg, self.d = cfg, d
@@ -296,7 +296,7 @@ def build_dataset(cfg: RunConfig, d: DistInfo) -> Dataset:
     path = cfg.data.resolved_path()
     if not cfg.data.path and not (DEFAULT_DATA / "manifest.json").is_file():
         if d.is_main:
-            from data_prep.text import prep_text
+            from amtrain.prep.text import prep_text
 
             print(f"preparing the bundled corpus {DEFAULT_TEXT.name} (gpt2) into {DEFAULT_DATA} ...", flush=True)
             prep_text([str(DEFAULT_TEXT)], DEFAULT_DATA, tokenizer="gpt2", show_progress=False)

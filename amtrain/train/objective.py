@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from amtrain.data.loader import TrainLoader
 from amtrain.errors import UserError
+from amtrain.tokens import IGNORE_INDEX
 
 VAL_SEED = 1_000_003  # the held-out denoising batches' stream, apart from every training step
 
@@ -218,7 +219,7 @@ class DenoiseObjective:
 
         t = self.tensors(micro, device)
         _, token_nll = engine(**t, return_logits=False, reduction="none")  # (B, T), 0 where ignored
-        labelled = (t["labels"] != -100).sum()
+        labelled = (t["labels"] != IGNORE_INDEX).sum()
         loss = token_nll.sum() / labelled.clamp(min=1)
         per_example = per_example_loss(token_nll.detach(), t["labels"]).float()  # (B,)
         task_ids = torch.from_numpy(micro.task_ids).to(device)
@@ -295,7 +296,7 @@ class DenoiseObjective:
                 t = self.tensors(batch, d.device)
                 _, token_nll = engine(**t, return_logits=False, reduction="none")  # (B, T)
                 totals[k] += token_nll.float().sum()
-                totals[n + k] += (t["labels"] != -100).sum()
+                totals[n + k] += (t["labels"] != IGNORE_INDEX).sum()
         with gathered(engine):
             model = engine.module
             for task in ("R", "X"):

@@ -46,7 +46,7 @@ def codec_baseline(codec, files: list[Path]) -> tuple[float, float]:
     """(seconds of audio, seconds of codec.model.encode) on the decoded, resampled audio."""
     import torch
 
-    from data_prep.audio import Times, read_blocks
+    from amtrain.prep.audio import Times, read_blocks
 
     audio_s, enc_s = 0.0, 0.0
     for f in files:
@@ -69,7 +69,7 @@ def main() -> None:
     import torch
 
     from amtrain.codec import load_codec
-    from data_prep.audio import AudioPrepConfig, prep_audio, warm_up
+    from amtrain.prep.audio import AudioPrepConfig, prep_audio, warm_up
 
     torch.set_num_threads(args.threads)
     base_runs, prep_runs = [], []

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from amtrain.midi.events import notes_to_events, read_notes  # noqa: E402
+from amtrain.prep.common import default_workers  # noqa: E402
+from amtrain.prep.midi import MidiPrepConfig, prep_midi, warm_up  # noqa: E402
 from amtrain.store import Dataset  # noqa: E402
-from data_prep.common import default_workers  # noqa: E402
-from data_prep.midi import MidiPrepConfig, prep_midi, warm_up  # noqa: E402
 from tests import reference_amt as ref  # noqa: E402
 
 

@@ -44,10 +44,10 @@ def best_of(n, fn):
 
 
 def main() -> None:
+    from amtrain.prep.common import default_workers
+    from amtrain.prep.text import prep_text, split_documents
     from amtrain.store import Dataset
     from amtrain.tokens import get_tokenizer
-    from data_prep.common import default_workers
-    from data_prep.text import prep_text, split_documents
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=60)

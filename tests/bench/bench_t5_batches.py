@@ -32,8 +32,8 @@ from amtrain.data.span_corruption import (  # noqa: E402
     required_targets_length,
 )
 from amtrain.models.t5 import T5, T5Config  # noqa: E402
+from amtrain.prep.text import prep_text  # noqa: E402
 from amtrain.store.dataset import Dataset  # noqa: E402
-from data_prep.text import prep_text  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

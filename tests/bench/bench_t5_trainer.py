@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from amtrain.prep.text import prep_text  # noqa: E402
 from amtrain.train.loop import train  # noqa: E402
-from data_prep.text import prep_text  # noqa: E402
 from tests.train_helpers import from_args, metrics  # noqa: E402
 
 DECODER = {"num_layers": 4, "num_heads": 4, "d_model": 64, "d_ff": 256}

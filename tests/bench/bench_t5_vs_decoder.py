@@ -35,8 +35,8 @@ from amtrain.data.span_corruption import (  # noqa: E402
 )
 from amtrain.models.decoder import Decoder, DecoderConfig  # noqa: E402
 from amtrain.models.t5 import T5, T5Config  # noqa: E402
+from amtrain.prep.text import prep_text  # noqa: E402
 from amtrain.store.dataset import Dataset  # noqa: E402
-from data_prep.text import prep_text  # noqa: E402
 
 
 def step_seconds(step, repeats: int) -> float:

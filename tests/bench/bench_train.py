@@ -15,7 +15,7 @@ clip 1.0, fp32, one thread per rank.
   load drift on a shared machine hits both sides alike; reported as the median step and the
   best step (the least disturbed by other jobs);
 * MFU = tokens/s x flops_per_token(256) / peak, the peak measured here: the best 512^3 fp32 matmul
-  on one thread over 3 s (amtrain.train.logging.measure_peak_flops) (target >= 45%);
+  on one thread over 3 s (amtrain.train.metrics.measure_peak_flops) (target >= 45%);
 * --two-ranks: `deepspeed --num_accelerators 2` with the same per-rank batch; global tokens/s
   against the one-rank figure.
 """
@@ -45,7 +45,7 @@ MODEL = {"model.size": "small", "model.overrides": json.dumps({"num_layers": 12}
 
 
 def prep_data(folder: Path) -> Path:
-    from data_prep.text import prep_text
+    from amtrain.prep.text import prep_text
 
     prep_text([str(REPO / "data" / "kjv" / "kjv_pentateuch.txt")], folder, tokenizer="ascii", show_progress=False)
     return folder
@@ -104,8 +104,8 @@ def main() -> None:
     ap.add_argument("--two-ranks", action="store_true")
     a = ap.parse_args()
     from amtrain.config import parse_args
-    from amtrain.train.logging import measure_peak_flops
     from amtrain.train.loop import train
+    from amtrain.train.metrics import measure_peak_flops
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = prep_data(tmp / "kjv_ascii")

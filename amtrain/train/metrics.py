@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from amtrain.config import RunConfig, to_yaml
-from amtrain.store.format import write_bytes_atomic
+from amtrain.fileio import write_bytes_atomic
 
 PACKAGES = ("torch", "deepspeed", "numpy", "tiktoken", "safetensors", "tensorboard", "pyyaml", "rich")
 

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from amtrain.fileio import source_id
+from amtrain.prep.common import SkipReport, expand_inputs, progress
 from amtrain.store import DatasetBuilder
+from amtrain.store.format import dtype_for_vocab
 from amtrain.tokens import get_tokenizer
-from data_prep.common import SkipReport, expand_inputs, progress
 
 SUFFIXES = (".txt", ".jsonl")
 DOC_MODES = ("paragraph", "line", "file")
@@ -63,8 +65,7 @@ def plan_units(files: list[Path], txt_docs: str, unit_bytes: int, salt: str) -> 
         mode = "line" if path.suffix.lower() == ".jsonl" else txt_docs
         sep = _SEPARATORS.get(mode)
         num = max(1, -(-st.st_size // unit_bytes)) if sep else 1
-        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{salt}".encode()
-        tag = hashlib.sha1(key).hexdigest()[:10]
+        tag = source_id(path, salt)
         for k in range(num):
             end = (k + 1) * unit_bytes if k + 1 < num else st.st_size
             units.append(Unit(f"{i:05d}-{k:04d}-{tag}", path, k * unit_bytes, end, sep))
@@ -130,7 +131,7 @@ def is_val(doc: str, val_fraction: float) -> bool:
 
 def encode_docs(tok, docs: list[str], num_threads: int) -> list[np.ndarray]:
     """Each document as [EOT, *ids] in the smallest dtype that holds the vocabulary."""
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    dtype = dtype_for_vocab(tok.vocab_size)
     if hasattr(tok, "encode_batch_numpy"):
         encoded = tok.encode_batch_numpy(docs, num_threads=num_threads)
     else:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -34,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from amtrain.errors import UserError
+from amtrain.fileio import short_hash, source_id, write_bytes_atomic
 from amtrain.midi.events import MidiReadError, Notes, notes_to_events, parse_notes
 from amtrain.midi.tokenize import DROP_REASONS, SequenceCutter, drop_reason, piece_chunks
+from amtrain.prep.common import SkipReport, expand_inputs, progress
 from amtrain.store import DatasetBuilder
-from amtrain.store.format import atomic_path
 from amtrain.tokens.midi import DRUMS, LAKH_TEST, LAKH_VALID, VOCAB_SIZE, MidiTokenizer
-from data_prep.common import SkipReport, expand_inputs, progress
 
 SUFFIXES = (".mid", ".midi")
 SPLITS = ("train", "val", "test")
@@ -148,9 +147,7 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
 def _write_cache(path: Path, data: bytes) -> None:
     """Temp file + rename, without fsync: a cache entry torn by a crash fails np.load in
     `load_unit` and the file is simply parsed again (fsync per file cost a third of the run)."""
-    tmp = atomic_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, fsync=False)
 
 
 def load_unit(cache_dir: Path, uid: str, path: str) -> UnitResult | None:
@@ -206,9 +203,7 @@ class MidiPrepSummary:
 def plan_units(files: list[Path], salt: str) -> list[tuple[str, Path]]:
     units = []
     for i, path in enumerate(files):
-        st = path.stat()
-        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{salt}".encode()
-        units.append((f"{i:06d}-{hashlib.sha1(key).hexdigest()[:10]}", path))
+        units.append((f"{i:06d}-{source_id(path, salt)}", path))
     return units
 
 
@@ -287,7 +282,7 @@ def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = N
                 pieces[r.split] += 1
         groups.setdefault((stream_key(r, cfg), r.split), []).append(uid)
     tasks = [GroupTask(key, split, uids, cfg.augment if split == "train" else 1, cfg.seed, str(out),
-                       hashlib.sha1(f"{salt}|{cfg.augment}|{cfg.seed}|{key}|{uids}".encode()).hexdigest()[:12])
+                       short_hash(f"{salt}|{cfg.augment}|{cfg.seed}|{key}|{uids}", 12))
              for (key, split), uids in sorted(groups.items())]
     done = _map(run_group, tasks, workers)
     seq_counts = dict.fromkeys(SPLITS, 0)
@@ -411,8 +406,7 @@ def import_token_files(files: list[str], out: str | Path, split: str = "train") 
     unit_ids, num_seq, num_tok, bad = [], 0, 0, 0
     lengths: dict[int, int] = {}
     for i, p in enumerate(paths):
-        st = p.stat()
-        uid = f"tokens-{i:05d}-" + hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}".encode()).hexdigest()[:10]
+        uid = f"tokens-{i:05d}-" + source_id(p, split)
         recs = builder.load_unit(uid)
         if recs is None:
             docs = []

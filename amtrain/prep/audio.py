@@ -15,16 +15,14 @@ resampled by a streaming soxr resampler, and encoded window by window: each wind
 `window_seconds` (whole chunks) is encoded with `context_seconds` of audio before it (and after
 it too for non-causal codecs; the 24 kHz encoder is causal), whose codes are dropped; features
 see 1 s either side (the novelty kernel). Memory is bounded for any length. Features are computed on the same
-windows (data_prep/audio_features.py). Files already finished are skipped (resume).
+windows (amtrain/prep/audio_features.py). Files already finished are skipped (resume).
 Unreadable, empty, truncated or unsupported files are skipped and reported by name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import re
 import struct
 import time
@@ -36,9 +34,14 @@ import numpy as np
 
 from amtrain.data.priority import SCHEMA_VERSION, SCORES_FORMAT, read_scores  # noqa: F401 (re-exported)
 from amtrain.errors import UserError
-from amtrain.store.format import file_sha256
-from data_prep.audio_features import PRIORITY_WEIGHTS, FeatureParams, chunk_features, frame_features
-from data_prep.common import SkipReport, expand_inputs, progress
+from amtrain.fileio import file_sha256, source_id, write_bytes_atomic
+from amtrain.prep.audio_features import (
+    PRIORITY_WEIGHTS,
+    FeatureParams,
+    chunk_features,
+    frame_features,
+)
+from amtrain.prep.common import SkipReport, expand_inputs, progress
 
 SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 BLOCK_SECONDS = 10.0  # read granularity
@@ -262,10 +265,8 @@ def encode_stream(blocks: Iterator[np.ndarray], codec, cfg: AudioPrepConfig, geo
 
 
 def unit_id(path: Path, salt: str) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{salt}".encode()
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:60] or "audio"
-    return f"{stem}-{hashlib.sha1(key).hexdigest()[:10]}"
+    return f"{stem}-{source_id(path, salt)}"
 
 
 def is_val(sha256: str, val_fraction: float) -> bool:
@@ -319,7 +320,7 @@ def _write_npz(path: Path, enc: Encoded, codec, cfg: AudioPrepConfig, sha: str, 
                         bandwidth=cfg.bandwidth, frame_rate=codec.frame_rate, hop_length=codec.hop_length,
                         codec_id=codec.codec_id, source_sha256=sha, num_samples=enc.num_samples,
                         source=str(source))
-    _write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _write_scores(path: Path, enc: Encoded, codec, source: Path, split: str) -> None:
@@ -338,14 +339,9 @@ def _write_scores(path: Path, enc: Encoded, codec, source: Path, split: str) -> 
     table = pa.table(cols).replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _write_atomic(path, sink.getvalue().to_pybytes())
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the batch

@@ -1,0 +1,75 @@
+"""Files written whole or not at all, and file identities: the one home of both.
+
+Every file amtrain writes goes through `atomic_target` (or the `write_*_atomic` helpers on
+top of it): the content goes to a temporary name beside the target (`.NAME.tmpPID`), is
+fsynced, and is renamed into place (`os.replace`, atomic on POSIX). A crash leaves either the
+old file or the new one, never a torn one under the final name; on an error the temporary
+file is removed. (audiocraft's `flashy.utils.write_and_rename` does the same.)
+
+`file_sha256` names a file by content; `short_hash` makes the short, stable ids prep uses for
+its resumable units (a hash of the source's path, size and mtime, plus the settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def atomic_path(path: Path) -> Path:
+    """The temporary name a file is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s content to; on a clean exit it is fsynced and
+    renamed to `path`, on an error removed. `fsync=False` for caches whose torn entry is
+    detected and rebuilt anyway (the rename still makes it all-or-nothing for a reader)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    with atomic_target(path, fsync) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, obj, indent: int | None = 1) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def short_hash(key: str | bytes, length: int = 10) -> str:
+    """A short stable id of `key` (hex of SHA-1): prep's unit ids and cache names."""
+    data = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+    return hashlib.sha1(data).hexdigest()[:length]
+
+
+def source_id(path: Path, salt: str = "", length: int = 10) -> str:
+    """The id of one input file as prep's resumable unit: a hash of its resolved path, size,
+    modification time and the settings (`salt`), so an edited file or a changed setting makes
+    a new unit and an unchanged one is found again."""
+    st = path.stat()
+    return short_hash(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{salt}", length)
