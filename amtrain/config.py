@@ -41,7 +41,6 @@ DEFAULT_TEXT = REPO_ROOT / "data" / "kjv" / "kjv_pentateuch.txt"
 DEFAULT_DATA = REPO_ROOT / "data" / "kjv" / "prepped"
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero2.json"
 
-ARCHS = ("decoder", "lstm", "t5")
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -54,14 +53,15 @@ def _check(cond: bool, key: str, msg: str) -> None:
 @dataclass
 class ModelConfig:
     arch: str = "decoder"
-    """Model family: `decoder` (the parallel-block decoder), `lstm` (the recurrent baseline of
-    the scaling study, sizes matched to the decoder by non-embedding parameters) or `t5` (the
-    encoder-decoder denoiser, trained on the `denoise` objective)."""
+    """Model family (`amtrain.registry`): `decoder` (the parallel-block decoder), `lstm` (the
+    recurrent baseline of scaling studies) or `t5` (the encoder-decoder denoiser, trained on the
+    `denoise` objective); plugins add more."""
     size: str = "debug"
-    """Row of the size table: `amtrain.models.sizes.DECODER_SIZES` (debug, tiny, small, medium,
-    large, xl, amt-gpt2) or, for t5, `amtrain.models.t5.T5_SIZES` (debug, tiny, small, base, large)."""
+    """Row of the family's size table (`amtrain models` lists them): decoder debug, tiny, small,
+    medium, large, xl, amt-gpt2; lstm debug ... large; t5 debug, tiny, small, base, large."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """DecoderConfig (or T5Config) fields to change from the size's row, e.g. {block: serial, dropout: 0.1}."""
+    """Fields of the family's config (DecoderConfig, LSTMConfig, T5Config) to change from the
+    size's row, e.g. {block: serial, dropout: 0.1}."""
     vocab_size: int | None = None
     """Model vocabulary; None = the dataset's. Must be >= the dataset's vocabulary. (t5: leave
     unset; its vocabulary is the dataset's plus the T5 specials and sentinels.)"""
@@ -69,7 +69,9 @@ class ModelConfig:
     """Wrap the model in torch.compile before handing it to DeepSpeed."""
 
     def __post_init__(self):
-        _check(self.arch in ARCHS, "model.arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
+        from amtrain.registry import family_names
+
+        _check(self.arch in family_names(), "model.arch", f"{self.arch!r} is not one of {', '.join(family_names())}")
         _check(isinstance(self.overrides, dict), "model.overrides", "must be a mapping of DecoderConfig fields")
         _check(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive")
 

@@ -15,38 +15,38 @@ NUM_SENTINELS = 8
 def decoder_ckpt(folder: Path, tokenizer: str, params: dict | None = None, max_seq_len: int = 64, seed: int = 0) -> Path:
     from amtrain.models.decoder import Decoder
     from amtrain.models.io import save_pretrained
-    from amtrain.models.sizes import decoder_config
+    from amtrain.registry import family
     from amtrain.tokens import get_tokenizer
 
     tok = get_tokenizer(tokenizer, **(params or {}))
     torch.manual_seed(seed)
-    model = Decoder(decoder_config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
+    model = Decoder(family("decoder").config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
     return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
 
 
 def lstm_ckpt(folder: Path, tokenizer: str, max_seq_len: int = 64, seed: int = 0) -> Path:
     from amtrain.models.io import save_pretrained
-    from amtrain.models.lstm import LSTMLM, lstm_config
+    from amtrain.models.lstm import LSTMLM
+    from amtrain.registry import family
     from amtrain.tokens import get_tokenizer
 
     tok = get_tokenizer(tokenizer)
     torch.manual_seed(seed)
-    model = LSTMLM(lstm_config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
+    model = LSTMLM(family("lstm").config("debug", vocab_size=tok.vocab_size, max_seq_len=max_seq_len))
     return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
 
 
 def t5_ckpt(folder: Path, tokenizer: str, params: dict | None = None, seed: int = 0) -> Path:
     from amtrain.data.span_corruption import T5Vocab
     from amtrain.models.io import save_pretrained
-    from amtrain.models.t5 import T5, T5Config
-    from amtrain.rollout.load import register_t5
+    from amtrain.models.t5 import T5
+    from amtrain.registry import family
     from amtrain.tokens import get_tokenizer
 
-    register_t5()
     tok = get_tokenizer(tokenizer, **(params or {}))
     vocab = T5Vocab(tok.vocab_size, NUM_SENTINELS)
     torch.manual_seed(seed)
-    model = T5(T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+    model = T5(family("t5").config("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
                                   decoder_start_token_id=vocab.pad_id))
     return save_pretrained(model, folder, {"tokenizer": tokenizer, "tokenizer_params": tok.params()})
 

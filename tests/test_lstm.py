@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from amtrain.models.decoder import Decoder
-from amtrain.models.lstm import LSTM_SIZES, LSTMLM, lstm_config
-from amtrain.models.sizes import decoder_config
+from amtrain.models.lstm import LSTM_SIZES, LSTMLM
+from amtrain.registry import family
 from amtrain.store import Dataset
 
 PINNED_NON_EMBEDDING = {"debug": 97_900, "tiny": 988_528, "small": 4_727_358, "medium": 21_230_840, "large": 50_363_148}
@@ -16,16 +16,16 @@ PINNED_NON_EMBEDDING = {"debug": 97_900, "tiny": 988_528, "small": 4_727_358, "m
 
 @pytest.mark.parametrize("size", list(LSTM_SIZES))
 def test_sizes_match_decoder_non_embedding_counts(size):
-    lstm = LSTMLM(lstm_config(size, 50257))
+    lstm = LSTMLM(family("lstm").config(size, vocab_size=50257))
     assert lstm.num_params(non_embedding=True) == PINNED_NON_EMBEDDING[size]
     with torch.device("meta"):
-        dec = Decoder(decoder_config(size, 50257))
+        dec = Decoder(family("decoder").config(size, vocab_size=50257))
     assert lstm.num_params(non_embedding=True) == pytest.approx(dec.num_params(non_embedding=True), rel=0.01)
 
 
 def test_causal_by_gradient():
     torch.manual_seed(0)
-    m = LSTMLM(lstm_config("debug", 300))
+    m = LSTMLM(family("lstm").config("debug", vocab_size=300))
     x = torch.randint(0, 300, (1, 12))
     emb = m.embed(x).detach().requires_grad_(True)
     y, _ = m.lstm(emb)
@@ -36,7 +36,7 @@ def test_causal_by_gradient():
 
 def test_state_cache_equals_full_forward():
     torch.manual_seed(0)
-    m = LSTMLM(lstm_config("debug", 300)).eval()
+    m = LSTMLM(family("lstm").config("debug", vocab_size=300)).eval()
     x = torch.randint(0, 300, (2, 20))
     full, _ = m(x)
     cache = m.new_cache(2, 20)
@@ -47,7 +47,7 @@ def test_state_cache_equals_full_forward():
 
 def test_last_only_logits_are_the_full_forwards_last_row():
     torch.manual_seed(0)
-    m = LSTMLM(lstm_config("debug", 300)).eval()
+    m = LSTMLM(family("lstm").config("debug", vocab_size=300)).eval()
     x = torch.randint(0, 300, (2, 20))
     full, _ = m(x)
     last, _ = m(x, last_only=True)
@@ -61,7 +61,7 @@ def test_generate_with_and_without_cache_agree():
     from amtrain.rollout.sampling import generate
 
     torch.manual_seed(0)
-    m = LSTMLM(lstm_config("debug", 300)).eval()
+    m = LSTMLM(family("lstm").config("debug", vocab_size=300)).eval()
     prompt = torch.randint(0, 300, (2, 5))
     a = generate(m, prompt, 15, temperature=0.8, top_k=20, seed=3, use_cache=True)
     b = generate(m, prompt, 15, temperature=0.8, top_k=20, seed=3, use_cache=False)
@@ -71,7 +71,7 @@ def test_generate_with_and_without_cache_agree():
 def test_loss_falls_on_real_text(kjv_ascii):
     torch.manual_seed(0)
     tokens = np.concatenate(Dataset(kjv_ascii).tokens("train")).astype(np.int64)
-    m = LSTMLM(lstm_config("debug", 258))
+    m = LSTMLM(family("lstm").config("debug", vocab_size=258))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     rng = np.random.default_rng(0)
     losses = []
@@ -90,7 +90,7 @@ def test_save_load_round_trip(tmp_path):
     from amtrain.models.io import load_pretrained, save_pretrained
 
     torch.manual_seed(0)
-    m = LSTMLM(lstm_config("debug", 300)).eval()
+    m = LSTMLM(family("lstm").config("debug", vocab_size=300)).eval()
     save_pretrained(m, tmp_path / "export", {"tokenizer": "ascii"})
     back, meta = load_pretrained(tmp_path / "export")
     x = torch.randint(0, 300, (2, 9))

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from amtrain.data.midi_metrics import bits_per_event, event_metrics, event_perplexity
+from amtrain.modalities.midi import bits_per_event, event_metrics, event_perplexity
 
 
 def test_event_perplexity_is_token_perplexity_cubed():

@@ -17,7 +17,8 @@ from amtrain.errors import UserError
 from amtrain.models import layers
 from amtrain.models.decoder import Decoder, DecoderConfig
 from amtrain.models.io import load_pretrained, save_pretrained
-from amtrain.models.sizes import DECODER_SIZES, decoder_config
+from amtrain.models.sizes import DECODER_SIZES
+from amtrain.registry import family
 
 BLOCKS = ["parallel", "serial"]
 
@@ -255,8 +256,8 @@ PINNED = {
 def test_size_table_param_counts_pinned(size):
     non_emb, gpt2_total, midi_total = PINNED[size]
     with torch.device("meta"):  # shapes only: no memory, no init time
-        gpt2 = Decoder(decoder_config(size, 50257))
-        midi = Decoder(decoder_config(size, 55028))
+        gpt2 = Decoder(family("decoder").config(size, vocab_size=50257))
+        midi = Decoder(family("decoder").config(size, vocab_size=55028))
     assert gpt2.num_params(non_embedding=True) == non_emb
     assert (gpt2.num_params(), midi.num_params()) == (gpt2_total, midi_total)
 
@@ -264,24 +265,24 @@ def test_size_table_param_counts_pinned(size):
 def test_size_names_match_their_scale():
     def non_emb(size):
         with torch.device("meta"):
-            return Decoder(decoder_config(size, 256)).num_params(non_embedding=True)
+            return Decoder(family("decoder").config(size, vocab_size=256)).num_params(non_embedding=True)
     assert non_emb("debug") < 1e6
     assert 0.8e6 <= non_emb("tiny") <= 1.5e6
     assert 4e6 <= non_emb("small") <= 6e6
     assert 16e6 <= non_emb("medium") <= 24e6
     assert 40e6 <= non_emb("large") <= 60e6
     assert non_emb("xl") >= 100e6
-    amt = decoder_config("amt-gpt2", 55028)
+    amt = family("decoder").config("amt-gpt2", vocab_size=55028)
     assert (amt.d_model, amt.num_layers, amt.num_heads, amt.max_seq_len) == (768, 12, 12, 1024)
 
 
 def test_unknown_size_lists_valid_sizes():
     with pytest.raises(UserError, match="debug, tiny, small"):
-        decoder_config("huge", 256)
+        family("decoder").config("huge", vocab_size=256)
 
 
 def test_decoder_config_overrides():
-    cfg = decoder_config("debug", 256, block="serial", max_seq_len=128)
+    cfg = family("decoder").config("debug", vocab_size=256, block="serial", max_seq_len=128)
     assert (cfg.block, cfg.max_seq_len, cfg.d_model) == ("serial", 128, 64)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from amtrain.errors import UserError
+from amtrain.registry import family
 from amtrain.rollout.load import load_rollout_model
 from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
 from amtrain.rollout.sampling import generate
@@ -291,13 +292,12 @@ def test_alternate_text_t5_and_midi_decoder(ckpts, tmp_path):
 def test_rollout_hook_gpt2_text_is_the_prompt_and_its_continuation():
     """The document separator the hook puts before a decoder's text prompt is not in the text."""
     from amtrain.models.decoder import Decoder
-    from amtrain.models.sizes import decoder_config
     from amtrain.rollout.hook import rollout_hook
     from amtrain.tokens import get_tokenizer
 
     tok = get_tokenizer("gpt2")
     torch.manual_seed(0)
-    model = Decoder(decoder_config("debug", tok.vocab_size, max_seq_len=64))
+    model = Decoder(family("decoder").config("debug", vocab_size=tok.vocab_size, max_seq_len=64))
     out = rollout_hook(model, ["In the beginning", "And God said"], tokenizer=tok, step=1, length=6)
     assert [t[: len(p)] for t, p in zip(out["texts"], ["In the beginning", "And God said"], strict=True)] == [
         "In the beginning", "And God said"]
@@ -412,12 +412,12 @@ def test_t5_recurring_postfix(ckpts, tmp_path):
 
 
 def test_text_file_drops_the_document_start_header(tmp_path):
-    from amtrain.rollout.tapes import write_text
-    from amtrain.tokens import get_tokenizer
+    from tests.rollout_helpers import decoder_ckpt
 
-    tok = get_tokenizer("gpt2")
+    rm = load_rollout_model(decoder_ckpt(tmp_path / "ckpt", "gpt2"))
+    tok = rm.tokenizer
     ids = np.array([tok.eot_id, *tok.encode("In the beginning"), tok.eot_id, *tok.encode(" next")])
-    txt, npy = write_text(ids, tok, tmp_path / "s")
+    txt, npy = rm.modality.write_tape(rm, ids, tmp_path / "s")
     assert txt.read_text() == "In the beginning<|endoftext|> next" and np.array_equal(np.load(npy), ids)
 
 

@@ -15,6 +15,8 @@ from amtrain.models.t5 import (
     per_example_loss,
     relative_position_bucket,
 )
+from amtrain.errors import UserError
+from amtrain.registry import family
 
 torch.set_num_threads(1)
 
@@ -35,7 +37,7 @@ PINNED = {"debug": 4_310_016, "tiny": 25_892_608, **HF_V1_1_COUNTS}
 
 @pytest.mark.parametrize("size", sorted(T5_SIZES))
 def test_size_table_param_counts(size):
-    cfg = T5Config.from_size(size, vocab_size=32128)
+    cfg = family("t5").config(size, vocab_size=32128)
     with torch.device("meta"):
         model = T5(cfg)
     assert model.num_params() == PINNED[size]
@@ -51,16 +53,16 @@ def test_size_table_param_counts(size):
 
 
 def test_vocab_padding_and_config_errors():
-    cfg = T5Config.from_size("debug", vocab_size=50362)
+    cfg = family("t5").config("debug", vocab_size=50362)
     assert cfg.padded_vocab_size == 50368
-    with pytest.raises(ValueError, match="unknown T5 size"):
-        T5Config.from_size("huge")
+    with pytest.raises(UserError, match="model.size: unknown t5 size 'huge'; valid sizes: debug"):
+        family("t5").config("huge")
     with pytest.raises(ValueError, match="pad_token_id"):
         T5Config(vocab_size=10, pad_token_id=10)
 
 
 def test_flops_per_token_is_about_six_times_params_for_short_sequences():
-    model = T5(T5Config.from_size("debug", vocab_size=512))
+    model = T5(family("t5").config("debug", vocab_size=512))
     # With S = T and tiny attention contexts, FLOPs/token -> 6 * (params used per token) where an
     # input token uses the encoder layers and a target token the decoder layers + head.
     enc = sum(p.numel() for p in model.encoder.layers.parameters())

@@ -20,7 +20,8 @@ from amtrain.data.span_corruption import (
     merge_inputs_targets,
     required_targets_length,
 )
-from amtrain.models.t5 import T5, T5Config
+from amtrain.models.t5 import T5
+from amtrain.registry import family
 from amtrain.store.dataset import Dataset
 
 midi_prep = pytest.importorskip("amtrain.prep.midi", reason="MIDI prep (midi area) not in this checkout yet")
@@ -73,7 +74,7 @@ def test_denoising_loss_falls_on_real_midi(midi_dataset):
     ds = Dataset(midi_dataset)
     train, val = batcher(ds, "train", seed=0), batcher(ds, "val", seed=1)
     vocab = train.vocab
-    cfg = T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+    cfg = family("t5").config("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
                              decoder_start_token_id=vocab.pad_id)
     torch.manual_seed(0)
     model = T5(cfg)

@@ -10,7 +10,8 @@ import torch
 
 from amtrain.data.curriculum import Curriculum, CurriculumConfig, losses_by_task
 from amtrain.data.span_corruption import DenoisingBatcher, T5Vocab, required_targets_length
-from amtrain.models.t5 import T5, T5Config, per_example_loss
+from amtrain.models.t5 import T5, per_example_loss
+from amtrain.registry import family
 from amtrain.store.dataset import Dataset
 
 torch.set_num_threads(1)
@@ -27,7 +28,7 @@ def to_torch(batch) -> dict[str, torch.Tensor]:
 def short_run(folder, num_steps: int, lr: float) -> tuple[float, float, list[dict]]:
     ds = Dataset(folder)
     vocab = T5Vocab(ds.vocab_size)
-    cfg = T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+    cfg = family("t5").config("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
                              decoder_start_token_id=vocab.pad_id)
     torch.manual_seed(0)
     model = T5(cfg)

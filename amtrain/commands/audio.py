@@ -156,7 +156,6 @@ def decode_to_wav(codes_path: Path, out: Path, codec_path: str | None, codec_mod
 
 def plot_features(file: Path, out: Path, chunk_seconds: float, sample_rate: int) -> None:
     """Waveform, frame features and per-chunk priority of an audio file, as a PNG."""
-    import os
 
     import matplotlib
 
@@ -198,4 +197,3 @@ def plot_features(file: Path, out: Path, chunk_seconds: float, sample_rate: int)
     with atomic_target(out) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out)

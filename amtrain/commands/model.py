@@ -38,6 +38,7 @@ def sample(
     import torch
 
     from amtrain.errors import UserError
+    from amtrain.registry import family_of
     from amtrain.rollout.sampling import generate
     from amtrain.tokens import get_tokenizer
     from amtrain.train.export import load_any
@@ -46,7 +47,7 @@ def sample(
     if "tokenizer" not in meta:
         raise UserError(f"{model_path}: no tokenizer recorded; it was not made by amtrain training or export")
     tok = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
-    if not hasattr(model.cfg, "max_seq_len"):  # T5: prefix-LM continuation through amtrain.rollout
+    if not family_of(model).left_to_right:  # a denoiser: prefix-LM continuation through amtrain.rollout
         _sample_t5(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples)
         return
     ids = [tok.eot_id, *tok.encode(prompt)]  # documents start with end-of-text in training data

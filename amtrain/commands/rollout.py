@@ -62,7 +62,7 @@ def rollout(
 
     rm = load_rollout_model(ckpt, device=device)
     codec = None
-    if rm.modality == "audio":
+    if rm.modality.needs_codec:
         from amtrain.codec import load_codec
 
         codec = load_codec(codec_path, codec_model)
@@ -81,7 +81,7 @@ def rollout(
     if prompt_from_priority is not None:
         from amtrain.rollout.priority import prompt_from_priority as pick
 
-        if rm.modality != "audio":
+        if not rm.modality.priority_scores:
             raise UserError("--prompt-from-priority picks audio chunks; the checkpoint is not an audio model")
         tape, chunks, info = pick(prompt_from_priority, rm.tokenizer, priority_rank, whole_file=mode == "alternate")
         typer.echo(info)

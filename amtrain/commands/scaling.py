@@ -31,8 +31,8 @@ def _fits(rows, num_boot: int, seed: int):
 def run(
     data: Path = typer.Option(..., "--data", help="Dataset folder (from amtrain prep-*)."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: runs/ and results.csv."),
-    sizes: str = typer.Option("tiny,small,medium", help="Comma-separated sizes (debug, tiny, small, medium, large)."),
-    arch: str = typer.Option("transformer,lstm", help="Comma-separated architectures: transformer, lstm."),
+    sizes: str = typer.Option("tiny,small,medium", help="Comma-separated sizes of each family's size table (debug, tiny, small, medium, large)."),
+    arch: str = typer.Option("transformer,lstm", help="Comma-separated architectures (the families' study names: transformer = decoder, lstm)."),
     tokens: int = typer.Option(0, help="Token budget per run (0 = one epoch of the train split)."),
     seq_len: int = typer.Option(128, help="Training window length."),
     micro_batch: int = typer.Option(8, help="Sequences per micro-batch per process."),

@@ -51,7 +51,6 @@ def plot_notes(notes: Notes, out: str | Path, title: str = "", controls: np.ndar
     with atomic_target(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 

@@ -34,6 +34,8 @@ from amtrain.models.layers import (
     make_norm,
     residual_init_std,
 )
+from amtrain.models.sizes import DECODER_SIZES
+from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
 __all__ = ["DecoderConfig", "Decoder", "KVCache"]
@@ -196,3 +198,8 @@ class Decoder(nn.Module):
         c = self.cfg
         return 6.0 * self.num_params() + 12.0 * c.num_layers * c.d_model * seq_len
 
+
+register_family(ModelFamily(
+    name="decoder", config_cls=DecoderConfig, model_cls=Decoder, sizes=DECODER_SIZES, left_to_right=True,
+    objective="amtrain.train.objective:LMObjective", study_name="transformer",
+    description="parallel-block decoder (PaLM / GPT-J blocks; serial blocks as an option)"))

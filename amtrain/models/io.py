@@ -4,16 +4,15 @@
       model.safetensors   fp32 weights; a tied parameter is stored once (under its first name)
       config.json         {"arch": "decoder", "model": {DecoderConfig fields}, **meta}
 
-Both files are written to a temporary name and moved into place (`os.replace`), config.json
-last, so a folder with a config.json is complete. `load_pretrained` picks the model class by
-"arch" from a small registry; other model families call `register_arch` at import time.
+Both files are written atomically (`amtrain.fileio`), config.json last, so a folder with a
+config.json is complete. "arch" names the model family (`amtrain.registry`), which gives
+`load_pretrained` the config and model classes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,32 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from amtrain.errors import UserError
-from amtrain.models.decoder import Decoder, DecoderConfig
-from amtrain.models.lstm import LSTMLM, LSTMConfig
-from amtrain.models.t5 import T5, T5Config
+from amtrain.fileio import atomic_target, write_json_atomic
+from amtrain.registry import family, family_names, family_of
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-ARCHS: dict[str, tuple[type, type[nn.Module]]] = {}
-
-
-def register_arch(name: str, config_cls: type, model_cls: type[nn.Module]) -> None:
-    """Make `model_cls(config_cls(**cfg))` loadable under "arch": name. The model keeps its
-    config dataclass as `model.cfg`."""
-    ARCHS[name] = (config_cls, model_cls)
-
-
-register_arch("decoder", DecoderConfig, Decoder)
-register_arch("lstm", LSTMConfig, LSTMLM)
-register_arch("t5", T5Config, T5)
-
-
-def arch_of(model: nn.Module) -> str:
-    for name, (_, model_cls) in ARCHS.items():
-        if type(model) is model_cls:
-            return name
-    raise ValueError(f"{type(model).__name__} is not a registered architecture; call register_arch first")
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path, meta: dict | None = None) -> Path:
@@ -57,13 +35,9 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, meta: dict | None = N
     # named_parameters() yields a tied parameter once, so safetensors sees no shared storage.
     state = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in model.named_parameters()}
     state |= {n: b.detach().to("cpu").contiguous() for n, b in _persistent_buffers(model)}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS)
-    config = {"arch": arch_of(model), "model": asdict(model.cfg), **(meta or {})}
-    tmp = out / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, out / CONFIG)
+    with atomic_target(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(out / CONFIG, {"arch": family_of(model).name, "model": asdict(model.cfg), **(meta or {})})
     return out
 
 
@@ -81,15 +55,10 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
         folder = folder.parent
     config = _read_config(folder)
     arch = config.pop("arch")
-    if arch not in ARCHS:
-        raise UserError(f"{folder / CONFIG}: unknown arch {arch!r}; known: {', '.join(ARCHS)}")
-    config_cls, model_cls = ARCHS[arch]
-    model_cfg = config.pop("model")
-    unknown = set(model_cfg) - {f.name for f in fields(config_cls)}
-    if unknown:
-        raise UserError(f"{folder / CONFIG}: unknown model fields {sorted(unknown)} for arch {arch!r}; "
-                        "was it written by a newer amtrain?")
-    model = model_cls(config_cls(**model_cfg))
+    if arch not in family_names():
+        raise UserError(f"{folder / CONFIG}: unknown arch {arch!r}; known: {', '.join(family_names())}")
+    fam = family(arch)
+    model = fam.build(fam.config_from_dict(config.pop("model"), str(folder / CONFIG)))
     _load_weights(model, folder / WEIGHTS)
     return model.to(map_location).eval(), config
 

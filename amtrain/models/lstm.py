@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amtrain.errors import UserError
+from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
 
@@ -61,11 +61,6 @@ LSTM_SIZES: dict[str, dict] = {
     "large": {"num_layers": 4, "d_model": 1254},
 }
 
-
-def lstm_config(size: str, vocab_size: int, **overrides) -> LSTMConfig:
-    if size not in LSTM_SIZES:
-        raise UserError(f"model.size: unknown LSTM size {size!r}; valid sizes: {', '.join(LSTM_SIZES)}")
-    return LSTMConfig(vocab_size=vocab_size, **{**LSTM_SIZES[size], **overrides})
 
 
 @dataclass
@@ -123,3 +118,9 @@ class LSTMLM(nn.Module):
         """Training FLOPs per token: 6 N with N the matmul weights, the tied (V, D) output
         projection included (as the decoder counts it); recurrence has no T-dependent term."""
         return 6.0 * self.num_params()
+
+
+register_family(ModelFamily(
+    name="lstm", config_cls=LSTMConfig, model_cls=LSTMLM, sizes=LSTM_SIZES, left_to_right=True,
+    objective="amtrain.train.objective:LMObjective", study_name="lstm",
+    description="LSTM language model: the recurrent baseline of scaling studies"))

@@ -1,7 +1,8 @@
 """The decoder size table: named shapes from `debug` (tests, CI, quickstart) to `xl`, plus the
 GPT-2-small shape of the Anticipatory Music Transformer recipe (Thickstun et al. 2023:
-768 wide, 12 layers, 12 heads, context 1024). `decoder_config(size, vocab_size, **overrides)`
-turns a name into a validated `DecoderConfig`.
+768 wide, 12 layers, 12 heads, context 1024). The decoder family's spec (`amtrain.registry`)
+holds this table: `family("decoder").config(size, vocab_size=V, **overrides)` turns a name into
+a validated `DecoderConfig`.
 
 Sizes are named by their NON-embedding parameter count (Kaplan et al. 2020), because the
 (V, D) embedding depends on the tokenizer. Counts below are for the default parallel block
@@ -22,9 +23,6 @@ Totals are quoted for the gpt2 vocab (50257 -> padded 50304) and the midi vocab
 
 from __future__ import annotations
 
-from amtrain.errors import UserError
-from amtrain.models.decoder import DecoderConfig
-
 DECODER_SIZES: dict[str, dict] = {
     "debug": {"num_layers": 2, "num_heads": 4, "d_model": 64, "max_seq_len": 256},
     "tiny": {"num_layers": 5, "num_heads": 4, "d_model": 128, "max_seq_len": 512},
@@ -36,11 +34,3 @@ DECODER_SIZES: dict[str, dict] = {
     # this toolkit's block, norm and RoPE apply unless overridden (block="serial" is closest).
     "amt-gpt2": {"num_layers": 12, "num_heads": 12, "d_model": 768, "max_seq_len": 1024},
 }
-
-
-def decoder_config(size: str, vocab_size: int, **overrides) -> DecoderConfig:
-    """The `DecoderConfig` of a named size for a vocabulary; keyword overrides replace any
-    field (e.g. max_seq_len=512, block="serial")."""
-    if size not in DECODER_SIZES:
-        raise UserError(f"model.size: unknown size {size!r}; valid sizes: {', '.join(DECODER_SIZES)}")
-    return DecoderConfig(vocab_size=vocab_size, **{**DECODER_SIZES[size], **overrides})

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
 VOCAB_MULTIPLE = 64
@@ -91,27 +92,16 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
-    @classmethod
-    def from_size(cls, size: str, **overrides) -> T5Config:
-        """A config from the size table, e.g. `T5Config.from_size("debug", vocab_size=50368)`."""
-        if size not in T5_SIZES:
-            raise ValueError(f"unknown T5 size {size!r}; choose one of {sorted(T5_SIZES)}")
-        return replace(T5_SIZES[size], **overrides)
-
 
 # Sizes follow google/t5-v1_1-{small,base,large} (param counts pinned in tests/test_t5.py) and
-# google/t5-efficient-tiny; `debug` is for tests and CI.
-T5_SIZES: dict[str, T5Config] = {
-    "debug": T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=2,
-                      num_decoder_layers=2),
-    "tiny": T5Config(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_encoder_layers=4,
-                     num_decoder_layers=4),
-    "small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_encoder_layers=8,
-                      num_decoder_layers=8),
-    "base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_encoder_layers=12,
-                     num_decoder_layers=12),
-    "large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_heads=16, num_encoder_layers=24,
-                      num_decoder_layers=24),
+# google/t5-efficient-tiny; `debug` is for tests and CI. The t5 family's spec holds this table:
+# `family("t5").config(size, vocab_size=V, ...)`.
+T5_SIZES: dict[str, dict] = {
+    "debug": dict(d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2),
+    "tiny": dict(d_model=256, d_kv=64, d_ff=1024, num_heads=4, num_encoder_layers=4, num_decoder_layers=4),
+    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_encoder_layers=8, num_decoder_layers=8),
+    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_encoder_layers=12, num_decoder_layers=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_heads=16, num_encoder_layers=24, num_decoder_layers=24),
 }
 
 
@@ -557,3 +547,21 @@ def _ours_to_hf(key: str) -> str:
     stack, _, block, name, tail = key.split(".", 4)  # decoder, layers, 3, cross_attn, q.weight
     inverse = {v: k for k, v in _HF_SUBLAYERS[stack].items()}
     return f"{stack}.block.{block}.layer.{inverse[name]}.{tail}"
+
+
+class HFAdapter:
+    """State dicts of transformers' `T5ForConditionalGeneration` <-> this T5 (same weights)."""
+
+    @staticmethod
+    def to_hf(model: T5) -> dict[str, torch.Tensor]:
+        return model.to_hf_state_dict()
+
+    @staticmethod
+    def from_hf(state: dict[str, torch.Tensor], cfg: T5Config) -> T5:
+        return T5.from_hf_state_dict(state, cfg)
+
+
+register_family(ModelFamily(
+    name="t5", config_cls=T5Config, model_cls=T5, sizes=T5_SIZES, left_to_right=False,
+    objective="amtrain.train.objective:DenoiseObjective", adapters={"hf": "amtrain.models.t5:HFAdapter"},
+    description="T5 encoder-decoder denoiser (span corruption / UL2 under a curriculum)"))

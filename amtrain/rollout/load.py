@@ -1,61 +1,23 @@
-"""What a rollout needs from a checkpoint: the model, its tokenizer and the modality.
+"""What a rollout needs from a checkpoint: `load_rollout_model(path) -> RolloutModel`.
 
-`load_rollout_model(path)` takes an `amtrain export` / `save_pretrained` folder (decoder, lstm or
-t5) or a training run / checkpoint folder (through `amtrain.train.export.load_any`, the resolver
-`amtrain sample` uses) and returns a `RolloutModel`. The modality comes from the tokenizer
-recorded in the checkpoint's meta ("tokenizer", "tokenizer_params"):
-
-    gpt2, ascii -> text      midi -> midi      audio -> audio      anything else -> tokens
-
-A T5 checkpoint's sentinels sit above the tokenizer's vocabulary (`T5Vocab`); the number of
-sentinels is read back from the model's vocab_size (base + PAD, EOS, 3 mode ids + sentinels).
+Takes an `amtrain export` / `save_pretrained` folder or a training run / checkpoint folder
+(through `amtrain.train.export.load_any`, the resolver `amtrain sample` uses). The family comes
+from the model (`amtrain.registry.family_of`), the modality from the tokenizer recorded in the
+checkpoint's meta ("tokenizer", "tokenizer_params") through `amtrain.registry.modality_of`.
+A denoiser's sentinels sit above the tokenizer's vocabulary (`RolloutModel.t5_vocab`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from amtrain.errors import UserError
-
-MODALITIES = {"gpt2": "text", "ascii": "text", "midi": "midi", "audio": "audio"}
-
-
-@dataclass
-class RolloutModel:
-    model: nn.Module
-    meta: dict
-    tokenizer: object  # amtrain.tokens.Tokenizer
-    arch: str  # "decoder" | "lstm" | "t5"
-    modality: str  # "text" | "midi" | "audio" | "tokens"
-    path: Path
-
-    @property
-    def is_t5(self) -> bool:
-        return self.arch == "t5"
-
-    def t5_vocab(self):
-        """The T5 id layout of this checkpoint (only for arch t5)."""
-        from amtrain.data.span_corruption import NUM_SPECIALS, T5Vocab
-
-        base = self.tokenizer.vocab_size
-        return T5Vocab(base, self.model.cfg.vocab_size - base - NUM_SPECIALS)
-
-    @property
-    def base_vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-
-def register_t5() -> None:
-    """Make "arch": "t5" loadable: amtrain.models.t5 registers itself when imported."""
-    import amtrain.models.t5  # noqa: F401
+from amtrain.modalities import RolloutModel
+from amtrain.registry import family_of, modality_of
 
 
 def load_rollout_model(path: str | Path, device: str = "cpu") -> RolloutModel:
-    register_t5()
-    from amtrain.models.io import CONFIG, arch_of, load_pretrained
+    from amtrain.models.io import CONFIG, load_pretrained
     from amtrain.tokens import get_tokenizer
 
     p = Path(path)
@@ -73,8 +35,7 @@ def load_rollout_model(path: str | Path, device: str = "cpu") -> RolloutModel:
         raise UserError(f"{p}: no tokenizer recorded in config.json; re-export it with `amtrain export` "
                         "(or pass meta={'tokenizer': ..., 'tokenizer_params': ...} to save_pretrained)")
     tok = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
-    arch = arch_of(model)
-    rm = RolloutModel(model.eval(), meta, tok, arch, MODALITIES.get(meta["tokenizer"], "tokens"), p)
+    rm = RolloutModel(model.eval(), meta, tok, family_of(model), modality_of(meta["tokenizer"]), p)
     _check_vocab(rm)
     return rm
 
@@ -82,7 +43,7 @@ def load_rollout_model(path: str | Path, device: str = "cpu") -> RolloutModel:
 def _check_vocab(rm: RolloutModel) -> None:
     need = rm.tokenizer.vocab_size
     have = rm.model.cfg.vocab_size
-    if rm.is_t5:
+    if not rm.family.left_to_right:
         from amtrain.data.span_corruption import NUM_SPECIALS
 
         need += NUM_SPECIALS + 1

@@ -45,7 +45,7 @@ def codes_for(table_path: Path) -> Path:
 def prompt_from_priority(path: str | Path, tok, rank: int = 0, whole_file: bool = False):
     """-> (codes (K, T), chunks [(start, end, priority)] relative to the prompt, a one-line summary)."""
     from amtrain.data.priority import read_scores
-    from amtrain.rollout.tapes import check_codes
+    from amtrain.modalities.audio import check_codes
 
     ranked = rank_chunks(path)
     if not 0 <= rank < len(ranked):

@@ -10,7 +10,10 @@ import numpy as np
 
 from amtrain.scaling.fit import FitResult
 
-COLORS = {"transformer": "tab:blue", "lstm": "tab:orange"}
+
+def arch_colors(rows: list[dict]) -> dict[str, str]:
+    """One matplotlib cycle colour per architecture of the study, in sorted order."""
+    return {arch: f"C{i}" for i, arch in enumerate(sorted({r["arch"] for r in rows}))}
 
 
 def _plt():
@@ -25,11 +28,10 @@ def _plt():
 def plot_loss_vs_params(rows: list[dict], fits: dict[str, FitResult], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arch in sorted({r["arch"] for r in rows}):
+    for arch, color in arch_colors(rows).items():
         sub = [r for r in rows if r["arch"] == arch]
         n = np.array([r["non_embedding_params"] for r in sub], float)
         loss = np.array([r["val_loss"] for r in sub])
-        color = COLORS.get(arch)
         ax.scatter(n, loss, color=color, zorder=3, label=f"{arch} runs")
         if arch in fits:
             f = fits[arch]
@@ -69,11 +71,12 @@ def plot_training_curves(rows: list[dict], study_dir: Path, out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
+    colors = arch_colors(rows)
     sizes = sorted({r["size"] for r in rows}, key=lambda s: min(r["non_embedding_params"] for r in rows if r["size"] == s))
     for r in rows:
         x, y = read_curve(study_dir / r["run_dir"])
         if x.size:
-            ax.plot(x, y, color=COLORS.get(r["arch"]), linestyle=styles[sizes.index(r["size"]) % len(styles)],
+            ax.plot(x, y, color=colors[r["arch"]], linestyle=styles[sizes.index(r["size"]) % len(styles)],
                     label=f"{r['arch']} {r['size']} ({r['non_embedding_params'] / 1e6:.2f}M)")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("training loss (nats/token)")

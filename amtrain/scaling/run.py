@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from amtrain.errors import UserError
+from amtrain.registry import study_families
 from amtrain.scaling.results import append_result, finished, read_results
 
 REPO = Path(__file__).resolve().parents[2]
-ARCH_NAMES = {"transformer": "decoder", "lstm": "lstm"}
 
 
 @dataclass
@@ -57,23 +57,18 @@ def budget(s: StudySettings) -> tuple[int, int]:
 
 
 def count_params(arch: str, size: str, vocab_size: int, seq_len: int) -> tuple[int, int]:
-    """(total, non-embedding) parameters, counted on the meta device (nothing allocated)."""
-    from amtrain.models.decoder import Decoder
-    from amtrain.models.lstm import LSTMLM, lstm_config
-    from amtrain.models.sizes import decoder_config
-
+    """(total, non-embedding) parameters of a study arch, counted on the meta device (nothing
+    allocated), with the fields a run gets from its data (vocabulary, context)."""
+    fam = study_families()[arch]
     with torch.device("meta"):
-        if arch == "lstm":
-            model = LSTMLM(lstm_config(size, vocab_size))
-        else:
-            model = Decoder(decoder_config(size, vocab_size, max_seq_len=seq_len))
+        model = fam.build(fam.config(size, vocab_size=vocab_size, max_seq_len=seq_len))
     return model.num_params(), model.num_params(non_embedding=True)
 
 
 def run_command(s: StudySettings, arch: str, size: str, steps: int, run_dir: Path) -> list[str]:
     warmup = max(1, steps // 10)
     args = ["launchers/train.py", "--ds_config", s.ds_config, "--data", str(s.data),
-            "--model.arch", ARCH_NAMES[arch], "--model.size", size, "--data.seq_len", str(s.seq_len),
+            "--model.arch", study_families()[arch].name, "--model.size", size, "--data.seq_len", str(s.seq_len),
             "--batch.micro_batch", str(s.micro_batch), "--batch.grad_accum", str(s.grad_accum),
             "--train.max_steps", str(steps), "--optim.warmup_steps", str(warmup),
             "--train.eval_every", "0", "--train.checkpoint_every", str(max(1, steps // 4)),
@@ -112,9 +107,9 @@ def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int,
 def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -> Path:
     from amtrain.store import Dataset
 
-    unknown = [a for a in archs if a not in ARCH_NAMES]
+    unknown = [a for a in archs if a not in study_families()]
     if unknown:
-        raise UserError(f"--arch {','.join(unknown)}: unknown; choose from {', '.join(ARCH_NAMES)}")
+        raise UserError(f"--arch {','.join(unknown)}: unknown; choose from {', '.join(study_families())}")
     vocab = Dataset(s.data).vocab_size
     tokens, steps = budget(s)
     results = s.out / "results.csv"

@@ -13,22 +13,20 @@ from pathlib import Path
 from torch import nn
 
 from amtrain.errors import UserError
+from amtrain.registry import family, family_names
 from amtrain.train.checkpoint import consolidated_state_dict, read_meta, resolve_checkpoint
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
     """A run or checkpoint folder -> (model in eval mode with the consolidated fp32 weights, meta).
-    The model class comes from the run's model.arch (decoder, lstm, t5) through the
-    `amtrain.models.io` registry."""
-    from amtrain.models.io import ARCHS
-
+    The model class comes from the run's model.arch through the family registry."""
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
     arch = meta.get("config", {}).get("model", {}).get("arch", "decoder")
-    if arch not in ARCHS:
-        raise UserError(f"{folder}: unknown model.arch {arch!r} in the checkpoint; known: {', '.join(ARCHS)}")
-    config_cls, model_cls = ARCHS[arch]
-    model = model_cls(config_cls(**meta["model"]))
+    if arch not in family_names():
+        raise UserError(f"{folder}: unknown model.arch {arch!r} in the checkpoint; known: {', '.join(family_names())}")
+    fam = family(arch)
+    model = fam.build(fam.config_from_dict(meta["model"], str(folder)))
     state = consolidated_state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}

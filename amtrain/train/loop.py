@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from amtrain.config import DEFAULT_DATA, DEFAULT_TEXT, BatchPlan, RunConfig, batch_plan
-from amtrain.data.loader import TrainLoader, check_vocab, val_batches
+from amtrain.data.loader import TrainLoader, val_batches
 from amtrain.errors import UserError
+from amtrain.registry import family, modality_of
 from amtrain.store import Dataset
 from amtrain.train import checkpoint
 from amtrain.train.checkpoint import ResumePoint, RunState
@@ -82,7 +83,7 @@ def _train(cfg: RunConfig, d: DistInfo) -> RunResult:
     t5 = cfg.model.arch == "t5"
     objective = None
     if t5:  # its example length (inputs + targets) is the batch plan's
-        objective = DenoiseObjective(cfg, dataset, t5_vocab(cfg, dataset), d.rank, d.world_size)
+        objective = DenoiseObjective(cfg, dataset, DenoiseObjective.vocab(cfg, dataset), d.rank, d.world_size)
     plan = batch_plan(cfg.batch, objective.seq_len if t5 else cfg.data.seq_len, d.world_size)
     if t5:
         objective.grad_accum = plan.grad_accum
@@ -220,26 +221,12 @@ class Rollouts:
     out_dir/rollouts/step_N/ (the hook writes them)."""
 
     def __init__(self, cfg: RunConfig, meta: dict, d: DistInfo):
-        from amtrain.rollout.load import MODALITIES
         from amtrain.tokens import get_tokenizer
 
         self.cfg, self.d = cfg, d
         self.tokenizer = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
-        self.modality = MODALITIES.get(meta["tokenizer"], "tokens")
-        self.prompts = [self._prompt(p) for p in cfg.train.rollout_prompts]
-
-    def _prompt(self, text: str):
-        import numpy as np
-
-        path = Path(text)
-        if path.suffix == ".npy" and path.is_file():
-            return np.load(path).astype(np.int64)
-        if self.modality in ("text", "tokens"):
-            return path.read_text() if path.suffix == ".txt" and path.is_file() else text
-        if not path.is_file():
-            raise UserError(f"train.rollout_prompts: {text}: no such prompt file; a {self.modality} run takes "
-                            f"prompt files (.mid, .npz, .npy)")
-        return path
+        modality = modality_of(meta["tokenizer"])
+        self.prompts = [modality.training_prompt(p) for p in cfg.train.rollout_prompts]
 
     def run(self, engine, step: int, log: MetricsLog | None, bar: Progress) -> None:
         from amtrain.rollout.hook import rollout_hook
@@ -248,7 +235,7 @@ class Rollouts:
             if self.d.is_main:
                 out = rollout_hook(engine.module, self.prompts, tokenizer=self.tokenizer, step=step,
                                    run_dir=self.cfg.train.out_dir, length=self.cfg.train.rollout_length,
-                                   seed=self.cfg.train.seed, arch=self.cfg.model.arch)
+                                   seed=self.cfg.train.seed)
                 values = {"prompts": [str(p) if not hasattr(p, "tolist") else "<tokens>" for p in self.prompts]}
                 values |= {k: v for k, v in out.items() if k != "step"}
                 log.write("rollout", step, values)
@@ -273,20 +260,10 @@ def evaluate(engine, batches, d: DistInfo, log: MetricsLog | None, step: int, ba
     engine.train()
     val_loss = float(total[0] / total[1])
     if d.is_main:
-        values = {"val_loss": val_loss, "val_bpt": val_loss / math.log(2), **modality_metrics(tokenizer, val_loss)}
+        values = {"val_loss": val_loss, "val_bpt": val_loss / math.log(2), **modality_of(tokenizer).val_metrics(val_loss)}
         log.write("val", step, values)
         bar.print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     return val_loss
-
-
-def modality_metrics(tokenizer: str, ce_per_token: float) -> dict[str, float]:
-    """Validation figures a modality's own literature reports: AMT's event perplexity and bits
-    per event for MIDI event sequences (3 tokens an event)."""
-    if tokenizer == "midi":
-        from amtrain.data.midi_metrics import event_metrics
-
-        return event_metrics(ce_per_token)
-    return {}
 
 
 # ---------------------------------------------------------------- builders: the only readers of cfg
@@ -306,47 +283,14 @@ def build_dataset(cfg: RunConfig, d: DistInfo) -> Dataset:
     return Dataset(path)
 
 
-def t5_vocab(cfg: RunConfig, dataset: Dataset):
-    """The T5 id layout of a run: specials and sentinels above the dataset's vocabulary."""
-    from amtrain.data.span_corruption import T5Vocab
-
-    if cfg.model.vocab_size is not None:
-        raise UserError("config model.vocab_size: a t5 model's vocabulary is the dataset's plus the T5 specials "
-                        "and sentinels (denoise.num_sentinels); leave model.vocab_size unset")
-    return T5Vocab(dataset.vocab_size, cfg.denoise.num_sentinels)
-
-
 def build_model(cfg: RunConfig, dataset: Dataset):
-    """The configured architecture at its named size, for the dataset's vocabulary."""
-    if cfg.model.arch == "t5":
-        from amtrain.models.t5 import T5, T5Config
-
-        vocab = t5_vocab(cfg, dataset)
-        try:
-            return T5(T5Config.from_size(cfg.model.size, vocab_size=vocab.size, pad_token_id=vocab.pad_id,
-                                         decoder_start_token_id=vocab.pad_id, **cfg.model.overrides))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"config model.size / model.overrides: {e}") from None
-    vocab = cfg.model.vocab_size or dataset.vocab_size
-    check_vocab(dataset, vocab)
-    config_fn, model_cls = _model_builders()[cfg.model.arch]
-    overrides = {"max_seq_len": cfg.data.seq_len, **cfg.model.overrides}
-    try:
-        model_cfg = config_fn(cfg.model.size, vocab, **overrides)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"config model.overrides: {e}") from None
-    if model_cfg.max_seq_len < cfg.data.seq_len:
-        raise UserError(f"config data.seq_len = {cfg.data.seq_len} exceeds model.overrides.max_seq_len = {model_cfg.max_seq_len}")
-    return model_cls(model_cfg)
-
-
-def _model_builders() -> dict:
-    """model.arch -> (size-table lookup `fn(size, vocab_size, **overrides)`, model class)."""
-    from amtrain.models.decoder import Decoder
-    from amtrain.models.lstm import LSTMLM, lstm_config
-    from amtrain.models.sizes import decoder_config
-
-    return {"decoder": (decoder_config, Decoder), "lstm": (lstm_config, LSTMLM)}
+    """The configured family at its named size; the family's objective fixes what the data
+    decides (vocabulary, context), `model.overrides` the rest."""
+    fam = family(cfg.model.arch)
+    data_fields = fam.objective_cls().model_fields(cfg, dataset)
+    model_cfg = fam.config(cfg.model.size, **{**data_fields, **cfg.model.overrides})
+    fam.objective_cls().check_model(cfg, model_cfg)
+    return fam.build(model_cfg)
 
 
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, precision: str, resume: ResumePoint | None) -> dict:

@@ -43,6 +43,22 @@ class LMObjective:
 
     extra_size = 0
 
+    @staticmethod
+    def model_fields(cfg, dataset) -> dict:
+        """Model config fields the data fixes: the vocabulary (the dataset's, or a larger
+        model.vocab_size) and the context (data.seq_len; model.overrides may raise it)."""
+        from amtrain.data.loader import check_vocab
+
+        vocab = cfg.model.vocab_size or dataset.vocab_size
+        check_vocab(dataset, vocab)
+        return {"vocab_size": vocab, "max_seq_len": cfg.data.seq_len}
+
+    @staticmethod
+    def check_model(cfg, model_cfg) -> None:
+        if model_cfg.max_seq_len < cfg.data.seq_len:
+            raise UserError(f"config data.seq_len = {cfg.data.seq_len} exceeds model.overrides.max_seq_len = "
+                            f"{model_cfg.max_seq_len}")
+
     def __init__(self, loader: TrainLoader, val: list, tokenizer: str):
         self.loader, self.val, self.tokenizer = loader, val, tokenizer
 
@@ -86,20 +102,15 @@ class LMObjective:
 
 
 def denoise_unit(tokenizer: str, params: dict, unit: int | None, unit_offset: int | None) -> tuple[int, int, bool]:
-    """(unit, unit_offset, windows inside documents) for a dataset's tokenizer: text 1 (packed
-    stream), MIDI 3 with offset 1 (the AMT sequence flag), audio K with offset 1 (one frame of K
-    codebooks; the <eot> before every chunk)."""
-    if tokenizer == "midi":
-        default, offset, inside = 3, 1, True
-    elif tokenizer == "audio":
-        from amtrain.tokens import get_tokenizer
+    """(unit, unit_offset, windows inside documents): the modality's span layout
+    (`Modality.span_layout`: text 1 in a packed stream, MIDI 3 after the AMT flag, audio K after
+    each chunk's <eot>), with denoise.unit / denoise.unit_offset where set."""
+    from amtrain.registry import modality_of
+    from amtrain.tokens import get_tokenizer
 
-        tok = get_tokenizer("audio", **params)
-        default, offset, inside = int(tok.tokens_per_step), 1, True  # prep-audio: <eot> opens each chunk
-    else:
-        default, offset, inside = 1, 0, False
-    return (unit if unit is not None else default, unit_offset if unit_offset is not None else offset,
-            inside or unit is not None and unit > 1)
+    layout = modality_of(tokenizer).span_layout(get_tokenizer(tokenizer, **params))
+    return (unit if unit is not None else layout.unit, unit_offset if unit_offset is not None else layout.offset,
+            layout.inside_documents or unit is not None and unit > 1)
 
 
 def _make_batcher(arrays, doc_starts, vocab, inputs_length, targets_length, unit, unit_offset, priorities=None,
@@ -143,6 +154,25 @@ def _make_batcher(arrays, doc_starts, vocab, inputs_length, targets_length, unit
 class DenoiseObjective:
     """T5 span corruption / UL2 denoisers with a curriculum (module doc)."""
 
+    @staticmethod
+    def vocab(cfg, dataset):
+        """The T5 id layout of a run: specials and sentinels above the dataset's vocabulary."""
+        from amtrain.data.span_corruption import T5Vocab
+
+        if cfg.model.vocab_size is not None:
+            raise UserError("config model.vocab_size: a t5 model's vocabulary is the dataset's plus the T5 specials "
+                            "and sentinels (denoise.num_sentinels); leave model.vocab_size unset")
+        return T5Vocab(dataset.vocab_size, cfg.denoise.num_sentinels)
+
+    @classmethod
+    def model_fields(cls, cfg, dataset) -> dict:
+        v = cls.vocab(cfg, dataset)
+        return {"vocab_size": v.size, "pad_token_id": v.pad_id, "decoder_start_token_id": v.pad_id}
+
+    @staticmethod
+    def check_model(cfg, model_cfg) -> None:
+        pass
+
     def __init__(self, cfg, dataset, vocab, rank: int, world_size: int):
         from amtrain.data.curriculum import Curriculum
         from amtrain.data.span_corruption import TASKS, required_targets_length
@@ -184,7 +214,9 @@ class DenoiseObjective:
         starts = [dataset.doc_starts(r) for r in records] if inside else None
         priorities = None
         if priority:
-            if dataset.manifest.tokenizer != "audio":
+            from amtrain.registry import modality_of
+
+            if not modality_of(dataset.manifest.tokenizer).priority_scores:
                 raise UserError(f"config denoise.priority: {dataset.folder} is a {dataset.manifest.tokenizer} "
                                 f"dataset; priority sampling needs an audio dataset made by `amtrain prep-audio`")
             from amtrain.data.priority import chunk_priorities

@@ -17,7 +17,7 @@ import time
 import torch
 
 from amtrain.models.decoder import Decoder
-from amtrain.models.sizes import decoder_config
+from amtrain.registry import family
 from amtrain.rollout.sampling import generate
 
 GPT2_VOCAB = 50257
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Decoder(decoder_config(args.size, GPT2_VOCAB, max_seq_len=args.context)).eval()
+    model = Decoder(family("decoder").config(args.size, vocab_size=GPT2_VOCAB, max_seq_len=args.context)).eval()
     prompt = torch.randint(0, GPT2_VOCAB, (1, args.context - args.new))
     timed_generate(model, prompt[:, :32], 4, use_cache=True)  # warm-up
     cached_s, cached = timed_generate(model, prompt, args.new, use_cache=True)

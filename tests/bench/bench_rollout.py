@@ -22,7 +22,7 @@ import time
 import torch
 
 from amtrain.models.decoder import Decoder
-from amtrain.models.sizes import decoder_config
+from amtrain.registry import family
 from amtrain.rollout.sampling import generate
 from amtrain.rollout.window import generate_long
 
@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = decoder_config(args.size, GPT2_VOCAB, max_seq_len=args.context)
+    cfg = family("decoder").config(args.size, vocab_size=GPT2_VOCAB, max_seq_len=args.context)
     ours, hf = Decoder(cfg).eval(), hf_gpt2(cfg)
     prompt = torch.randint(0, GPT2_VOCAB, (1, args.context - args.new))
     generate(ours, prompt[:, :32], 4)  # warm-up

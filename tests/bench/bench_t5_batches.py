@@ -31,8 +31,9 @@ from amtrain.data.span_corruption import (  # noqa: E402
     T5Vocab,
     required_targets_length,
 )
-from amtrain.models.t5 import T5, T5Config  # noqa: E402
+from amtrain.models.t5 import T5  # noqa: E402
 from amtrain.prep.text import prep_text  # noqa: E402
+from amtrain.registry import family  # noqa: E402
 from amtrain.store.dataset import Dataset  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main() -> None:
         vocab = T5Vocab(ds.vocab_size)
         curriculum_cfg = CurriculumConfig(mode="schedule", schedule_steps=100)
         targets_length = required_targets_length(args.inputs_length, curriculum_cfg.all_denoisers())
-        cfg = T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+        cfg = family("t5").config("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
                                  decoder_start_token_id=vocab.pad_id)
         model = T5(cfg)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

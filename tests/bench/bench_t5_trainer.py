@@ -75,10 +75,11 @@ def main() -> None:
             info["decoder"] = json.loads((out / "run_info.json").read_text())
     from amtrain.data.span_corruption import T5Vocab
     from amtrain.models.decoder import Decoder, DecoderConfig
-    from amtrain.models.t5 import T5, T5Config
+    from amtrain.models.t5 import T5
+    from amtrain.registry import family
 
     vocab = T5Vocab(50257)  # gpt2 + T5 specials and sentinels, as the trainer builds it
-    t5 = T5(T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+    t5 = T5(family("t5").config("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
                                decoder_start_token_id=vocab.pad_id))
     dec = Decoder(DecoderConfig(vocab_size=50257, max_seq_len=seq_len, **DECODER))
     print(f"\nmicro-batch {args.micro_batch}, T5 inputs {args.inputs_length} + targets "

@@ -34,8 +34,9 @@ from amtrain.data.span_corruption import (  # noqa: E402
     compute_input_and_target_lengths,
 )
 from amtrain.models.decoder import Decoder, DecoderConfig  # noqa: E402
-from amtrain.models.t5 import T5, T5Config  # noqa: E402
+from amtrain.models.t5 import T5  # noqa: E402
 from amtrain.prep.text import prep_text  # noqa: E402
+from amtrain.registry import family  # noqa: E402
 from amtrain.store.dataset import Dataset  # noqa: E402
 
 
@@ -84,7 +85,7 @@ def main() -> None:
         dec_batch = {"idx": windows[:, :-1], "targets": windows[:, 1:]}
 
         torch.manual_seed(0)
-        t5 = T5(T5Config.from_size("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
+        t5 = T5(family("t5").config("debug", vocab_size=vocab.size, pad_token_id=vocab.pad_id,
                                    decoder_start_token_id=vocab.pad_id))
         decoder = Decoder(DecoderConfig(vocab_size=ds.vocab_size, num_layers=4, num_heads=4,
                                         d_model=64, d_ff=256, max_seq_len=S + T))

@@ -1,0 +1,218 @@
+"""Audio as EnCodec codes in a codebook layout (`amtrain.tokens.audio`: flatten, delay, parallel).
+
+Tape: codes (K, T). Prompts: audio files (encoded by the codec), prep-audio `.npz` codes, or id
+files in the checkpoint's layout; outputs: .wav through the codec (the codes' layout stream as
+.npy beside it), or the .npy alone without a codec. Lengths in seconds become frames through the
+codec's frame rate.
+
+Strategies: continuation keeps codebook k at position k of each frame (`CodebookConstraint`)
+and, for the delay layout, forces the prompt's last K-1 frames' later codebooks so the prompt
+is kept exactly; a denoiser in-fills a frame range as one sentinel span (left-to-right models
+cannot in-fill audio).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from amtrain.errors import UserError
+from amtrain.modalities.base import (
+    GAP,
+    Modality,
+    RolloutModel,
+    SpanLayout,
+    check_ids,
+    left_to_right_continue,
+    read_ids,
+    save_npy,
+    seq2seq_continue,
+)
+from amtrain.registry import register_modality
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+class AudioModality(Modality):
+    name = "audio"
+    tokenizers = ("audio",)
+    prompt_files = ".wav/.flac/.ogg/.mp3, .npz codes, .npy ids"
+    text_output = False
+    needs_codec = True
+    priority_scores = True
+
+    def span_layout(self, tokenizer) -> SpanLayout:
+        # one frame of K codebooks a unit; prep-audio opens every chunk with <eot>
+        return SpanLayout(unit=int(tokenizer.tokens_per_step), offset=1, inside_documents=True)
+
+    # -- prompts and outputs -------------------------------------------------------------
+    def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> np.ndarray:
+        """Audio (encoded by the codec), .npz codes (prep-audio) or an id file in the checkpoint's
+        layout -> codes (K, T)."""
+        tok = rm.tokenizer
+        suffix = path.suffix.lower()
+        if suffix in AUDIO_SUFFIXES:
+            if codec is None:
+                raise UserError("an audio prompt needs the codec: pass --codec-path")
+            return encode_wave(path, codec, tok.num_codebooks)
+        if suffix == ".npz":
+            with np.load(path) as z:
+                if "codes" not in z:
+                    raise UserError(f"{path}: no 'codes' array; pass a prep-audio codes/<unit>.npz")
+                codes = z["codes"].astype(np.int64)
+            return check_codes(codes, tok, path)
+        ids = check_ids(read_ids(path), tok.vocab_size, path)
+        if (ids == GAP).any():
+            raise UserError(f"{path}: audio prompts mark gaps by time (--infill-range), not by <gap>")
+        try:
+            docs = tok.split_documents(ids)
+        except ValueError as e:
+            raise UserError(f"{path}: not a {tok.layout} token stream ({e})") from None
+        if not docs:
+            raise UserError(f"{path}: no audio tokens")
+        return docs[-1]
+
+    def write_tape(self, rm: RolloutModel, codes: np.ndarray, stem: Path, codec=None) -> list[Path]:
+        stream = save_npy(rm.tokenizer.encode(codes).astype(np.int64), stem)
+        if codec is None:
+            return [stream]
+        import io
+
+        import soundfile as sf
+
+        from amtrain.fileio import write_bytes_atomic
+
+        wave = codec.decode(codes)  # (C, T * hop)
+        buf = io.BytesIO()
+        sf.write(buf, wave.T, codec.sample_rate, format="WAV", subtype="PCM_16")
+        write_bytes_atomic(stem.with_suffix(".wav"), buf.getvalue())
+        return [stem.with_suffix(".wav"), stream]
+
+    def continuation_tape(self, rm: RolloutModel, prompt):
+        return prompt
+
+    # -- generation ----------------------------------------------------------------------
+    def continue_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
+        from amtrain.rollout.constraints import CodebookConstraint
+
+        tok = rm.tokenizer
+        K = tok.num_codebooks
+        frames = audio_frames(cfg, cfg.length) if cfg.seconds else max(1, int(cfg.length) // K)
+        n = (frames + (K - 1 if tok.layout == "delay" else 0)) * K
+        stream, forced = delay_prefix(codes, tok), delay_forced(codes, tok)
+        if not rm.family.left_to_right:
+            tapes = seq2seq_continue(rm, stream, n, num_samples, cfg, seed_offset, unit=K,
+                                     inner_for=lambda t: CodebookConstraint(K, tok.codebook_size), forced=forced)
+            return [stream_codes(t, tok) for t in tapes]
+        ids = np.concatenate([[tok.eot_id], stream])
+        out = left_to_right_continue(rm, ids, n, num_samples, cfg, seed_offset, header=1, unit=K,
+                                     processor=CodebookConstraint(K, tok.codebook_size, header=1), forced=forced)
+        return [stream_codes(t[1:], tok) for t in out.numpy()]
+
+    def infill_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
+        from amtrain.rollout.constraints import CodebookConstraint, ForcedConstraint
+        from amtrain.rollout.t5gen import t5_infill
+
+        tok = rm.tokenizer
+        K = tok.num_codebooks
+        if cfg.infill_range is None:
+            raise UserError("audio in-filling needs --infill-range START:END (seconds)")
+        a, b = (audio_frames(cfg, s) if s > 0 else 0 for s in cfg.infill_range)
+        if not 0 <= a < b <= codes.shape[1]:
+            raise UserError(f"--infill-range {cfg.infill_range}: frames [{a}, {b}) must lie inside the prompt's "
+                            f"{codes.shape[1]} frames")
+        # delay: step s holds codebook k of frame s - k, so frames [a, b) live in steps [a, b + K - 1);
+        # inside the span, every id of a frame outside [a, b) (or a pad) is forced to the prompt's
+        stream = tok.encode(codes).astype(np.int64)
+        ext = K - 1 if tok.layout == "delay" else 0
+        lo, hi = a * K, (b + ext) * K
+        frame = np.arange(lo, hi) // K - np.arange(lo, hi) % K * (ext > 0)
+        forced = {j: int(stream[lo + j]) for j in np.flatnonzero((frame < a) | (frame >= b)).tolist()}
+        inner = ForcedConstraint(CodebookConstraint(K, tok.codebook_size), forced)
+        out = t5_infill(rm.model, rm.t5_vocab(), [stream[:lo], stream[hi:]], num_samples, mode=cfg.denoiser,
+                        unit=K, inner=inner, lengths=[hi - lo], **cfg.sampling(seed_offset))
+        return [tok.codes(s) for s in out]
+
+    # -- alternate -----------------------------------------------------------------------
+    def random_region(self, rm: RolloutModel, codes: np.ndarray, cfg, rng: np.random.Generator):
+        """Seconds: as many frames as one continuation, placed uniformly."""
+        frames = codes.shape[1]
+        width = min(audio_frames(cfg, cfg.length) if cfg.seconds else max(1, int(cfg.length) // rm.tokenizer.num_codebooks),
+                    frames - 1)
+        s = int(rng.integers(0, frames - width)) if frames > width else 0
+        return s / cfg.frame_rate, (s + width) / cfg.frame_rate
+
+    def infill_prompt(self, codes: np.ndarray, region):
+        return codes  # the region travels as cfg.infill_range
+
+
+def audio_frames(cfg, seconds: float) -> int:
+    if cfg.frame_rate is None:
+        raise UserError("lengths in seconds for audio need the codec's frame rate: pass --codec-path")
+    return max(1, round(seconds * cfg.frame_rate))
+
+
+def check_codes(codes: np.ndarray, tok, path) -> np.ndarray:
+    if codes.ndim != 2 or codes.shape[0] < tok.num_codebooks:
+        raise UserError(f"{path}: codes of shape {codes.shape}; the checkpoint needs {tok.num_codebooks} codebooks")
+    return codes[:tok.num_codebooks]
+
+
+def bandwidth_for(codec, num_codebooks: int) -> float:
+    for b in codec.bandwidths:
+        if codec.num_codebooks(b) == num_codebooks:
+            return b
+    raise UserError(f"the codec has no bandwidth giving {num_codebooks} codebooks "
+                    f"(it offers {codec.bandwidths} kbps); use the codec the checkpoint's data was made with")
+
+
+def encode_wave(path: Path, codec, num_codebooks: int) -> np.ndarray:
+    import librosa
+    import soundfile as sf
+
+    try:
+        y, sr = sf.read(path, dtype="float32", always_2d=True)  # (N, C)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise UserError(f"{path}: unreadable audio ({e})") from None
+    y = y.T  # (C, N)
+    y = y.mean(0, keepdims=True) if codec.channels == 1 else (np.repeat(y, 2, 0) if y.shape[0] == 1 else y[:2])
+    if sr != codec.sample_rate:
+        y = librosa.resample(y, orig_sr=sr, target_sr=codec.sample_rate)
+    codes, _ = codec.encode(y, bandwidth_for(codec, num_codebooks))
+    return codes.astype(np.int64)
+
+
+def delay_prefix(codes: np.ndarray, tok) -> np.ndarray:
+    """The layout stream of codes (K, T) cut after the step holding codebook 0 of the last frame
+    (for delay: T steps; the later codebooks of the last K-1 frames come in the next steps)."""
+    stream = tok.encode(codes).astype(np.int64)
+    return stream[:codes.shape[1] * tok.num_codebooks]
+
+
+def delay_forced(codes: np.ndarray, tok) -> dict[int, int]:
+    """Delay layout: the ids of the prompt's last K-1 frames that the steps after `delay_prefix`
+    must carry (new-token index -> id), so a continuation keeps the prompt exactly."""
+    if tok.layout != "delay":
+        return {}
+    K, T = codes.shape
+    out = {}
+    for s in range(K - 1):  # step T + s
+        for k in range(s + 1, K):  # codebook k holds frame T + s - k < T
+            if T + s - k >= 0:
+                out[s * K + k] = k * tok.codebook_size + int(codes[k, T + s - k])
+    return out
+
+
+def stream_codes(stream: np.ndarray, tok) -> np.ndarray:
+    """A layout stream cut anywhere (no trailing pads needed) -> the whole frames it holds (K, T)."""
+    K = tok.num_codebooks
+    stream = np.asarray(stream, np.int64)
+    grid = stream[:stream.size // K * K].reshape(-1, K).T  # (K, S)
+    if tok.layout == "delay":
+        T = grid.shape[1] - K + 1
+        grid = np.stack([grid[k, k:k + T] for k in range(K)]) if T > 0 else grid[:, :0]
+    return grid - (np.arange(K) * tok.codebook_size)[:, None]
+
+
+AUDIO = register_modality(AudioModality())

@@ -1,0 +1,233 @@
+"""The `Modality` base class (plain token ids) and `RolloutModel`, what a rollout holds.
+
+Tapes of the base modality are int64 id arrays (T,); a prompt may be split into segments at gap
+markers for in-filling (`-1` in a .npy, the word `<gap>` in an id file).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from amtrain.errors import UserError
+from amtrain.fileio import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from amtrain.registry import ModelFamily
+    from amtrain.rollout.run import RolloutConfig
+    from amtrain.tokens import Tokenizer
+
+GAP = -1
+
+
+@dataclass(frozen=True)
+class SpanLayout:
+    """How T5 span corruption cuts a modality's token stream (`amtrain.data.span_corruption`)."""
+
+    unit: int
+    """Tokens per span unit: a span never splits one (1 text, 3 a MIDI event, K an audio frame)."""
+    offset: int
+    """Tokens at each document start before the first unit (the AMT flag, audio's <eot>)."""
+    inside_documents: bool
+    """Windows are cut inside one document (aligned to units) instead of a packed stream."""
+
+
+@dataclass
+class RolloutModel:
+    """A model ready to roll out: its family spec and modality decide every strategy."""
+
+    model: nn.Module
+    meta: dict
+    tokenizer: Tokenizer
+    family: ModelFamily
+    modality: Modality
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def t5_vocab(self):
+        """The sentinel layout of a denoiser checkpoint (specials and sentinels above the base
+        vocabulary; the number of sentinels read back from the model's vocab_size)."""
+        from amtrain.data.span_corruption import NUM_SPECIALS, T5Vocab
+
+        base = self.tokenizer.vocab_size
+        return T5Vocab(base, self.model.cfg.vocab_size - base - NUM_SPECIALS)
+
+
+class Modality:
+    """Plain token ids (the `tokens` modality); subclasses override what their kind needs."""
+
+    name = "tokens"
+    tokenizers: tuple[str, ...] = ()
+    """Tokenizer ids (as in a dataset's manifest) whose datasets are of this modality."""
+    prompt_files = ".txt ids or .npy"
+    """What `--prompt` accepts, for messages."""
+    text_output = True
+    """Training-time rollouts go into the metrics log as text (else files under rollouts/)."""
+    needs_codec = False
+    """Prompts and outputs pass through the audio codec."""
+    priority_scores = False
+    """prep writes per-chunk priority scores (the priority sampler, --prompt-from-priority)."""
+
+    # -- data and training ---------------------------------------------------------------
+    def span_layout(self, tokenizer: Tokenizer) -> SpanLayout:
+        return SpanLayout(unit=1, offset=0, inside_documents=False)
+
+    def val_metrics(self, ce_per_token: float) -> dict[str, float]:
+        """Validation figures the modality's literature reports, from the mean per-token
+        cross-entropy in nats (beyond val_loss and bits per token, which every run logs)."""
+        return {}
+
+    def document_prefix(self, tokenizer: Tokenizer) -> list[int]:
+        """Ids every training document starts with, so a left-to-right prompt starts so too."""
+        return []
+
+    def training_prompt(self, text: str) -> Any:
+        """A `train.rollout_prompts` entry -> what `hook_tape` takes: ids from a .npy, else the
+        path of a prompt file."""
+        path = Path(text)
+        if path.suffix == ".npy" and path.is_file():
+            return np.load(path).astype(np.int64)
+        if not path.is_file():
+            raise UserError(f"train.rollout_prompts: {text}: no such prompt file; a {self.name} run takes "
+                            f"prompt files ({self.prompt_files})")
+        return path
+
+    def hook_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig) -> tuple[Any, int]:
+        """A training-time prompt -> (tape to continue, ids put before the prompt's own)."""
+        if isinstance(prompt, (str, Path)):
+            return self.continuation_tape(rm, self.read_prompt(rm, Path(prompt), cfg)), 0
+        return prompt, 0
+
+    # -- prompts and outputs -------------------------------------------------------------
+    def read_prompt(self, rm: RolloutModel, path: Path, cfg: RolloutConfig, codec=None):
+        """A prompt file -> a list of id segments split at gaps (one segment: no gap)."""
+        return split_gaps(check_ids(read_ids(path), rm.tokenizer.vocab_size, path))
+
+    def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None) -> list[Path]:
+        ids = np.asarray(tape, np.int64)
+        write_bytes_atomic(stem.with_suffix(".txt"), (" ".join(map(str, ids.tolist())) + "\n").encode())
+        return [stem.with_suffix(".txt"), save_npy(ids, stem)]
+
+    def continuation_tape(self, rm: RolloutModel, prompt):
+        """A prompt read for continuation -> one tape (a left-to-right model's prompt opens
+        with `document_prefix`)."""
+        if not isinstance(prompt, list):
+            return prompt
+        if len(prompt) > 1:
+            raise UserError("the prompt has gap markers; they are for --mode infill")
+        ids = prompt[0].astype(np.int64)
+        prefix = self.document_prefix(rm.tokenizer) if rm.family.left_to_right else []
+        return np.concatenate([np.asarray(prefix, np.int64), ids]) if prefix else ids
+
+    # -- generation ----------------------------------------------------------------------
+    def can_infill(self, family: ModelFamily) -> bool:
+        """In-filling needs a denoiser (sentinel spans) unless the modality has its own way."""
+        return not family.left_to_right
+
+    def continue_tape(self, rm: RolloutModel, tape, cfg: RolloutConfig, num_samples: int,
+                      seed_offset: int = 0) -> list:
+        if cfg.seconds:
+            raise UserError(f"--seconds needs a MIDI or audio checkpoint; give --length in tokens for {self.name}")
+        n = int(cfg.length)
+        if not rm.family.left_to_right:
+            return list(seq2seq_continue(rm, tape, n, num_samples, cfg, seed_offset))
+        header = len(self.document_prefix(rm.tokenizer))
+        return list(left_to_right_continue(rm, tape, n, num_samples, cfg, seed_offset, header=header).numpy())
+
+    def infill_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig, num_samples: int,
+                    seed_offset: int = 0) -> list:
+        from amtrain.rollout.t5gen import t5_infill
+
+        segments = prompt if isinstance(prompt, list) else [prompt]
+        if cfg.postfix_repeat > 1:
+            if len(segments) != 2:
+                raise UserError("--postfix-repeat needs a prompt with one gap: prefix<gap>postfix")
+            segments = [segments[0]] + [segments[1]] * cfg.postfix_repeat
+        return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser, max_span=cfg.max_span,
+                         **cfg.sampling(seed_offset))
+
+    # -- alternate: which region an in-fill iteration takes --------------------------------
+    def random_region(self, rm: RolloutModel, tape, cfg: RolloutConfig, rng: np.random.Generator):
+        """An in-fill region as long as one continuation, placed uniformly (token positions)."""
+        width = min(int(cfg.length), len(tape) - 1)
+        s = int(rng.integers(0, len(tape) - width)) if len(tape) > width else 0
+        return s, s + width
+
+    def infill_prompt(self, tape, region):
+        """The in-fill prompt for `region` of a tape: prefix and suffix segments."""
+        s, e = region
+        return [tape[:s], tape[e:]]
+
+    def after_infill(self, rm: RolloutModel, tape):
+        """The tape an in-fill returned, as the next iteration of `alternate` reads it."""
+        return tape
+
+
+# ---------------------------------------------------------------- the two decoding paths
+def left_to_right_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: RolloutConfig, seed_offset: int,
+                           header: int = 0, unit: int = 1, processor=None, forced=None) -> torch.Tensor:
+    """Continue ids by n tokens with a decoder or LSTM through the sliding window."""
+    from amtrain.rollout.window import generate_long
+
+    x = torch.tensor(np.tile(ids, (num_samples, 1)), dtype=torch.long, device=rm.device)
+    return generate_long(rm.model, x, n, stride=cfg.stride, header=header, unit=unit,
+                         logits_processor=processor, forced=forced, **cfg.sampling(seed_offset)).cpu()
+
+
+def seq2seq_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: RolloutConfig, seed_offset: int,
+                     header: int = 0, unit: int = 1, inner_for=None, forced=None):
+    """Continue ids by n tokens with a denoiser: the S mode by rounds over a prefix window."""
+    from amtrain.rollout.t5gen import t5_continue
+
+    stride = cfg.stride if cfg.stride is not None else cfg.t5_context // 2
+    stride = max(unit, stride // unit * unit)
+    return t5_continue(rm.model, rm.t5_vocab(), ids, n, num_samples, context=cfg.t5_context, stride=stride,
+                       header=header, unit=unit, inner_for=inner_for, forced=forced, **cfg.sampling(seed_offset))
+
+
+# ---------------------------------------------------------------- id files
+def read_ids(path: Path) -> np.ndarray:
+    """An id file: .npy (any shape, -1 = gap) or text of whitespace-separated ints (`<gap>`)."""
+    if path.suffix == ".npy":
+        return np.load(path).astype(np.int64).ravel()
+    words = path.read_text().split()
+    try:
+        return np.array([GAP if w == "<gap>" else int(w) for w in words], np.int64)
+    except ValueError:
+        raise UserError(f"{path}: not a file of integer ids (space-separated, `<gap>` for a gap); "
+                        "plain text prompts need a text checkpoint") from None
+
+
+def is_id_text(path: Path) -> bool:
+    words = path.read_text().split()[:64]
+    return bool(words) and all(w == "<gap>" or w.lstrip("-").isdigit() for w in words)
+
+
+def split_gaps(ids: np.ndarray) -> list[np.ndarray]:
+    cuts = np.flatnonzero(ids == GAP)
+    bounds = np.concatenate([[-1], cuts, [ids.size]])
+    return [ids[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, path: Path) -> np.ndarray:
+    real = ids[ids != GAP]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        raise UserError(f"{path}: ids must lie in [0, {vocab_size}) for this checkpoint's tokenizer")
+    return ids
+
+
+def save_npy(arr: np.ndarray, stem: Path) -> Path:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr))
+    path = stem.with_suffix(".npy")
+    write_bytes_atomic(path, buf.getvalue())
+    return path

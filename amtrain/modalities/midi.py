@@ -1,0 +1,260 @@
+"""MIDI as Anticipatory Music Transformer arrival-time events (`amtrain.tokens.midi`).
+
+Tape: `MidiTape(flag, triples (N, 3))` with absolute times (10 ms bins; AMT's `generate`
+returns the same): the .npy written is the flag followed by the triples, so for pieces longer
+than 100 s the time ids run past the TIME block. Prompts: .mid files or id files; outputs
+.mid + .npy.
+
+Strategies: a left-to-right model continues with AMT's anticipatory loop (`amt_generate`) and
+in-fills by anticipation (events after the range, and the control instruments' events inside it,
+become controls); a denoiser continues by S-mode rounds and in-fills a time range as one
+sentinel span, both under the AMT grammar (`MidiConstraint`).
+
+Validation metrics: AMT's event perplexity and bits per event (arXiv 2306.08620, Sec. 5). An
+event is three tokens (time, duration, note), so a mean per-token cross-entropy `ce` (nats)
+gives event perplexity = exp(3 ce) and bits per event = 3 ce / ln 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from amtrain.errors import UserError
+from amtrain.modalities.base import (
+    GAP,
+    Modality,
+    RolloutModel,
+    SpanLayout,
+    check_ids,
+    read_ids,
+    save_npy,
+    seq2seq_continue,
+)
+from amtrain.registry import register_modality
+from amtrain.tokens.midi import (
+    ANTICIPATE,
+    AUTOREGRESS,
+    CONTROL_OFFSET,
+    EVENT_SIZE,
+    MAX_TIME,
+    REST,
+    SEPARATOR,
+    TIME_RESOLUTION,
+    VOCAB_SIZE,
+)
+
+MIDI_SUFFIXES = (".mid", ".midi")
+MAX_EVENTS_PER_SECOND = 100  # a stop for a model that never moves time on (dense piano ~10-30/s)
+
+
+@dataclass
+class MidiTape:
+    flag: int
+    triples: np.ndarray  # (N, 3) int64, absolute times, events and controls
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([[self.flag], self.triples.ravel()]).astype(np.int64)
+
+    def events(self) -> np.ndarray:
+        """Controls turned back into events (the notes a listener hears), in tape order."""
+        tri = self.triples.copy()
+        ctrl = tri[:, 2] >= CONTROL_OFFSET
+        tri[ctrl] -= CONTROL_OFFSET
+        return tri
+
+
+def event_perplexity(ce_per_token):
+    """exp(EVENT_SIZE * ce): perplexity per (time, duration, note) event."""
+    return np.exp(EVENT_SIZE * np.asarray(ce_per_token, dtype=np.float64))
+
+
+def bits_per_event(ce_per_token):
+    """EVENT_SIZE * ce / ln 2: information per event in bits."""
+    return EVENT_SIZE * np.asarray(ce_per_token, dtype=np.float64) / math.log(2)
+
+
+def event_metrics(ce_per_token: float) -> dict[str, float]:
+    """The pair, as plain floats for logs: {"event_ppl", "bits_per_event"}."""
+    return {"event_ppl": float(event_perplexity(ce_per_token)), "bits_per_event": float(bits_per_event(ce_per_token))}
+
+
+def event_cap(seconds: float) -> int:
+    """Most events sampled for a span given in seconds: the stop rule is the end time, this only
+    bounds a degenerate model that keeps every onset at the current time."""
+    return max(1, round(MAX_EVENTS_PER_SECOND * seconds))
+
+
+
+class MidiModality(Modality):
+    name = "midi"
+    tokenizers = ("midi",)
+    prompt_files = ".mid, .txt ids, .npy ids"
+    text_output = False
+
+    def span_layout(self, tokenizer) -> SpanLayout:
+        return SpanLayout(unit=EVENT_SIZE, offset=1, inside_documents=True)  # after the AMT flag
+
+    def val_metrics(self, ce_per_token: float) -> dict[str, float]:
+        return event_metrics(ce_per_token)
+
+    # -- prompts and outputs -------------------------------------------------------------
+    def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> MidiTape:
+        """.mid -> events (no controls; padding happens at generation); id file -> the triples as
+        given (flags dropped, SEPARATOR triples dropped, controls kept)."""
+        if path.suffix.lower() in MIDI_SUFFIXES:
+            from amtrain.midi.events import MidiReadError, notes_to_events, read_notes
+
+            try:
+                events, _ = notes_to_events(read_notes(path))
+            except MidiReadError as e:
+                raise UserError(f"{path}: {e}") from None
+            return MidiTape(AUTOREGRESS, events[np.argsort(events[:, 0], kind="stable")])
+        ids = check_ids(read_ids(path), VOCAB_SIZE, path)
+        if (ids == GAP).any():
+            raise UserError(f"{path}: MIDI prompts mark gaps by time (--infill-range), not by <gap>")
+        flag = AUTOREGRESS
+        while ids.size and ids[0] in (AUTOREGRESS, ANTICIPATE):
+            flag, ids = int(ids[0]), ids[1:]
+        if ids.size % 3:
+            raise UserError(f"{path}: {ids.size} ids after the flag is not a whole number of (time, dur, note) triples")
+        tri = ids.reshape(-1, 3)
+        return MidiTape(flag, tri[tri[:, 2] != SEPARATOR])
+
+    def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None) -> list[Path]:
+        from amtrain.midi.decode import events_to_notes, write_midi
+
+        write_midi(events_to_notes(tape.events()), stem.with_suffix(".mid"))
+        return [stem.with_suffix(".mid"), save_npy(tape.ids(), stem)]
+
+    def continuation_tape(self, rm: RolloutModel, prompt):
+        return prompt
+
+    # -- generation ----------------------------------------------------------------------
+    def can_infill(self, family) -> bool:
+        return True  # a denoiser by sentinel spans, a left-to-right model by anticipation
+
+    def continue_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
+        from amtrain.midi.tokenize import pad
+        from amtrain.rollout.amt import amt_generate, is_control
+
+        tri = tape.triples
+        ev = tri[~is_control(tri)]
+        now = int(ev[:, 0].max()) if len(ev) else 0
+        if not rm.family.left_to_right:
+            if cfg.seconds:
+                raise UserError("T5 MIDI continuation takes --length in tokens (whole events: 3 tokens each)")
+            return self._seq2seq_continue(rm, tape, cfg, num_samples, seed_offset)
+        if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
+            tri = pad(tri, now)  # a MIDI file's events: REST padding as in training
+        end = now + round(cfg.length * TIME_RESOLUTION) if cfg.seconds else None
+        max_events = event_cap(cfg.length) if cfg.seconds else max(1, int(cfg.length) // 3)
+        flag, tapes = amt_generate(rm.model, tri, tri[:0], num_samples, _amt_sampling(cfg, seed_offset),
+                                   floor_time=now, end_time=end, max_new_events=max_events)
+        return [MidiTape(flag, t) for t in tapes]
+
+    def _seq2seq_continue(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
+        import torch
+
+        from amtrain.rollout.constraints import MidiConstraint, current_time
+
+        n = max(3, int(cfg.length) // 3 * 3)
+
+        def inner_for(t: np.ndarray):
+            body = torch.tensor(t[:, 1:1 + (t.shape[1] - 1) // 3 * 3])
+            return MidiConstraint(header=0, floor=current_time(body, 0))
+
+        out = seq2seq_continue(rm, tape.ids(), n, num_samples, cfg, seed_offset, header=1, unit=3, inner_for=inner_for)
+        return [MidiTape(int(t[0]), t[1:].reshape(-1, 3)) for t in out]
+
+    def infill_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
+        if cfg.infill_range is None and not cfg.control_instruments:
+            raise UserError("MIDI in-filling needs --infill-range START:END (seconds) or --control-instruments")
+        if rm.family.left_to_right:
+            return self._anticipate(rm, tape, cfg, num_samples, seed_offset)
+        return self._seq2seq_infill(rm, tape, cfg, num_samples, seed_offset)
+
+    def _anticipate(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
+        """Events before the range are the prompt; events at/after its end, and events of the
+        control instruments inside it, become controls; the model generates the range."""
+        from amtrain.midi.tokenize import anticipate, pad
+        from amtrain.rollout.amt import amt_generate, event_instruments
+
+        ev = tape.events()
+        ev = ev[ev[:, 2] != REST]
+        a, b = _range_bins(cfg, ev)
+        t = ev[:, 0]
+        inside_kept = np.isin(event_instruments(ev), list(cfg.control_instruments)) & (t >= a)
+        history = ev[t < a]
+        controls = ev[(t >= b) | inside_kept] + CONTROL_OFFSET
+        prompt, controls = anticipate(pad(history, a), controls)
+        flag, tapes = amt_generate(rm.model, prompt, controls, num_samples, _amt_sampling(cfg, seed_offset),
+                                   floor_time=a, end_time=b, max_new_events=event_cap((b - a) / TIME_RESOLUTION))
+        return [MidiTape(flag, tp) for tp in tapes]
+
+    def _seq2seq_infill(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
+        from amtrain.midi.tokenize import pad
+        from amtrain.rollout.amt import is_control, triple_times
+        from amtrain.rollout.constraints import MidiConstraint
+        from amtrain.rollout.t5gen import t5_infill
+
+        tri = tape.triples
+        if not is_control(tri).any() and len(tri):
+            tri = pad(tri, int(triple_times(tri).max()))
+        if len(tri) and triple_times(tri).max() >= MAX_TIME:
+            raise UserError("T5 MIDI in-filling works inside one AMT sequence: the prompt must be shorter than 100 s")
+        a, b = _range_bins(cfg, tri)
+        t = triple_times(tri)
+        prefix = np.concatenate([[tape.flag], tri[t < a].ravel()])
+        suffix = tri[t >= b].ravel()
+        out = t5_infill(rm.model, rm.t5_vocab(), [prefix, suffix], num_samples, mode=cfg.denoiser, unit=3,
+                        inner=MidiConstraint(header=0, floor=a, ceiling=b), max_span=cfg.max_span // 3 * 3,
+                        **cfg.sampling(seed_offset))
+        return [MidiTape(int(ids[0]), ids[1:].reshape(-1, 3)) for ids in out]
+
+    # -- alternate -----------------------------------------------------------------------
+    def random_region(self, rm: RolloutModel, tape: MidiTape, cfg, rng: np.random.Generator):
+        """Seconds: as long as one continuation (or a quarter of the piece), placed uniformly."""
+        from amtrain.rollout.amt import triple_times
+
+        end = triple_times(tape.triples).max() / TIME_RESOLUTION if len(tape.triples) else 0.0
+        width = cfg.length if cfg.seconds else max(end / 4, 0.5)
+        start = float(rng.uniform(0, max(end - width, 0)))
+        return start, start + width
+
+    def infill_prompt(self, tape: MidiTape, region):
+        return tape  # the region travels as cfg.infill_range
+
+    def after_infill(self, rm: RolloutModel, tape: MidiTape) -> MidiTape:
+        """After an anticipatory in-fill the suffix rides along as controls; the next iteration
+        must see it as plain events again (sorted by onset, RESTs dropped: continuation re-pads)."""
+        if not rm.family.left_to_right:
+            return tape
+        ev = tape.events()
+        ev = ev[ev[:, 2] != REST]
+        return MidiTape(AUTOREGRESS, ev[np.argsort(ev[:, 0], kind="stable")])
+
+
+def _amt_sampling(cfg, seed_offset):
+    from amtrain.rollout.amt import AmtSampling
+
+    s = cfg.sampling(seed_offset)
+    return AmtSampling(s["temperature"], s["top_k"], s["top_p"], s["seed"], s["use_cache"], cfg.stride)
+
+
+def _range_bins(cfg, tri) -> tuple[int, int]:
+    from amtrain.rollout.amt import triple_times
+
+    if cfg.infill_range is None:
+        return 0, int(triple_times(tri).max()) + 1 if len(tri) else 0
+    a, b = (round(s * TIME_RESOLUTION) for s in cfg.infill_range)
+    if not 0 <= a < b:
+        raise UserError(f"--infill-range {cfg.infill_range[0]}:{cfg.infill_range[1]}: need 0 <= START < END")
+    return a, b
+
+
+
+MIDI = register_modality(MidiModality())
