@@ -126,6 +126,11 @@ def register_modality(modality: Modality) -> Modality:
     return modality
 
 
+def load_plugins() -> None:
+    """Import the built-in families and modalities, then the plugins (once per process)."""
+    _load()
+
+
 def _load() -> None:
     global _loaded
     if _loaded:

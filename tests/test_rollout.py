@@ -292,8 +292,8 @@ def test_alternate_text_t5_and_midi_decoder(ckpts, tmp_path):
 def test_rollout_hook_gpt2_text_is_the_prompt_and_its_continuation():
     """The document separator the hook puts before a decoder's text prompt is not in the text."""
     from amtrain.models.decoder import Decoder
-    from amtrain.rollout.hook import rollout_hook
     from amtrain.tokens import get_tokenizer
+    from amtrain.train.rollouts import rollout_hook
 
     tok = get_tokenizer("gpt2")
     torch.manual_seed(0)
@@ -306,8 +306,8 @@ def test_rollout_hook_gpt2_text_is_the_prompt_and_its_continuation():
 
 def test_rollout_hook_text_strings_and_midi_files(ckpts, tmp_path):
     from amtrain.models.io import load_pretrained
-    from amtrain.rollout.hook import rollout_hook
     from amtrain.tokens import get_tokenizer
+    from amtrain.train.rollouts import rollout_hook
 
     model, _ = load_pretrained(ckpts["text"])
     model.train()

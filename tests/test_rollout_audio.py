@@ -148,8 +148,8 @@ def test_cli_prompt_from_priority(env, tmp_path):
 
 def test_rollout_hook_writes_wav(env, tmp_path):
     from amtrain.models.io import load_pretrained
-    from amtrain.rollout.hook import rollout_hook
     from amtrain.tokens import get_tokenizer
+    from amtrain.train.rollouts import rollout_hook
 
     codec = env["codec"]
     model, meta = load_pretrained(env["dec"])

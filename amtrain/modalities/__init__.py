@@ -23,6 +23,6 @@ Register a new modality with `amtrain.registry.register_modality(MyModality())` 
 docs/architecture.md, "How to add a modality").
 """
 
-from amtrain.modalities.base import Modality, RolloutModel, SpanLayout
+from amtrain.modalities.base import MODES, Modality, RolloutConfig, RolloutModel, SpanLayout
 
-__all__ = ["Modality", "RolloutModel", "SpanLayout"]
+__all__ = ["MODES", "Modality", "RolloutConfig", "RolloutModel", "SpanLayout"]

@@ -16,66 +16,13 @@ frames = seconds x the codec's frame rate, K tokens a frame; text has no seconds
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from amtrain.errors import UserError
-from amtrain.modalities import RolloutModel
-
-MODES = ("continue", "infill", "alternate")
-
-
-@dataclass
-class RolloutConfig:
-    mode: str = "continue"
-    length: float = 256
-    """New material per continuation: tokens, or seconds when `seconds`."""
-    seconds: bool = False
-    num_samples: int = 1
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = 0
-    use_cache: bool = True
-    stride: int | None = None
-    """Sliding window: new tokens per window after the first (default context // 2)."""
-    infill_range: tuple[float, float] | None = None
-    """Seconds [start, end) to regenerate (MIDI, audio)."""
-    control_instruments: tuple[int, ...] = ()
-    """MIDI decoder in-filling: instruments (0-127, drums 128) kept as controls from the range start."""
-    gap_marker: str = "<gap>"
-    postfix_repeat: int = 1
-    """T5 in-filling of `prefix<gap>postfix`: the postfix recurs N times, a gap before each."""
-    denoiser: str = "X"
-    """T5 in-filling mode token: R or X (S is continuation)."""
-    max_span: int = 128
-    """T5 in-filling: longest span (tokens) where the gap length is free (text, MIDI)."""
-    schedule: str = "ci"
-    """Alternate: c = continue, i = in-fill, cycled over the iterations."""
-    iterations: int = 4
-    t5_context: int = 512
-    """T5 continuation: encoder input tokens per round (the prefix window)."""
-    priorities: list[tuple[int, int, float]] = field(default_factory=list)
-    """Alternate, audio: (start_frame, end_frame, priority) chunks of the prompt."""
-    frame_rate: float | None = None
-    """Audio codec frames per second (from the codec)."""
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.length <= 0 or self.num_samples < 1 or self.iterations < 1 or self.postfix_repeat < 1:
-            raise UserError("--length, --num-samples, --iterations and --postfix-repeat must be positive")
-        if set(self.schedule) - {"c", "i"} or not self.schedule:
-            raise UserError(f"--schedule {self.schedule!r}: letters c (continue) and i (in-fill), e.g. 'cci'")
-        if self.denoiser not in ("R", "X"):
-            raise UserError(f"--denoiser {self.denoiser!r}: R or X")
-
-    def sampling(self, seed_offset: int = 0) -> dict:
-        seed = None if self.seed is None else self.seed + seed_offset
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": seed,
-                "use_cache": self.use_cache}
+from amtrain.modalities import RolloutConfig, RolloutModel
 
 
 # --------------------------------------------------------------------------- prompts

@@ -229,7 +229,7 @@ class Rollouts:
         self.prompts = [modality.training_prompt(p) for p in cfg.train.rollout_prompts]
 
     def run(self, engine, step: int, log: MetricsLog | None, bar: Progress) -> None:
-        from amtrain.rollout.hook import rollout_hook
+        from amtrain.train.rollouts import rollout_hook
 
         with gathered(engine):
             if self.d.is_main:

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from amtrain.modalities import RolloutModel
+from amtrain.modalities import RolloutConfig, RolloutModel
 from amtrain.registry import family_of, modality_of
-from amtrain.rollout.run import RolloutConfig, continue_tape, write_tapes
 
 
 def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_dir: str | Path | None = None,
@@ -35,11 +34,12 @@ def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_d
     results, added = [], []
     for i, prompt in enumerate(prompts):
         tape, n = modality.hook_tape(rm, prompt, cfg)
-        results.append(continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
+        results.append(modality.continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
         added.append(n)
     if modality.text_output:  # without the ids hook_tape put before the prompt
         out["texts"] = [tokenizer.decode(np.asarray(r)[n:].tolist()) for r, n in zip(results, added, strict=True)]
         return out
     folder = Path(run_dir) / "rollouts" / f"step_{step}"
-    out["files"] = [str(p) for p in write_tapes(rm, results, folder, codec, name="prompt")]
+    out["files"] = [str(p) for i, tape in enumerate(results)
+                    for p in modality.write_tape(rm, tape, folder / f"prompt_{i}", codec)]
     return out
