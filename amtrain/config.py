@@ -300,7 +300,7 @@ class RunConfig:
 
 
 def _diff(d: dict, base: dict) -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("overrides", "curriculum"):
             sub = _diff(v, base[k])
@@ -511,7 +511,7 @@ def help_text() -> str:
     lines = ["run config keys (--section.key VALUE; docs per field in amtrain/config.py):"]
     for section in fields(RunConfig):
         typ = get_type_hints(RunConfig)[section.name]
-        if not dataclasses.is_dataclass(typ):
+        if not (isinstance(typ, type) and dataclasses.is_dataclass(typ)):
             lines.append(f"  --{section.name:<32} default: {getattr(RunConfig(), section.name)!r}")
             continue
         hints = get_type_hints(typ)

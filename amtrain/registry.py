@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any
 from amtrain.errors import UserError
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from amtrain.modalities import Modality
+    from amtrain.models.base import SequenceModel
 
 BUILTIN_FAMILIES = ("amtrain.models.decoder", "amtrain.models.lstm", "amtrain.models.t5")
 BUILTIN_MODALITIES = ("amtrain.modalities.text", "amtrain.modalities.midi", "amtrain.modalities.audio",
@@ -46,8 +45,9 @@ class ModelFamily:
     """The value of `model.arch` and of "arch" in an export's config.json."""
     config_cls: type
     """Config dataclass; `model_cls(config_cls(**fields))` builds the model, kept as `model.cfg`."""
-    model_cls: type
-    """The torch module (single-device code; DeepSpeed wraps it from `amtrain/train/`)."""
+    model_cls: type[SequenceModel]
+    """The torch module (`amtrain.models.base.SequenceModel`: single-device code; DeepSpeed wraps
+    it from `amtrain/train/`)."""
     sizes: Mapping[str, Mapping[str, Any]]
     """Size table: name -> config fields (a `debug` row beside every real size)."""
     objective: str
@@ -77,7 +77,7 @@ class ModelFamily:
         except (TypeError, ValueError) as e:
             raise UserError(f"model.size {size} / model.overrides: {e}") from None
 
-    def build(self, config) -> nn.Module:
+    def build(self, config) -> SequenceModel:
         return self.model_cls(config)
 
     def config_from_dict(self, d: dict, where: str):
@@ -161,7 +161,7 @@ def family_names() -> list[str]:
     return list(_FAMILIES)
 
 
-def family_of(model: nn.Module) -> ModelFamily:
+def family_of(model) -> ModelFamily:
     """The family whose model class built `model`."""
     _load()
     model = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper

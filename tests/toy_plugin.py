@@ -24,6 +24,7 @@ from torch import nn
 from amtrain.fileio import write_text_atomic
 from amtrain.modalities import Modality
 from amtrain.modalities.base import save_npy
+from amtrain.models.base import SequenceModel
 from amtrain.registry import ModelFamily, register_family, register_modality
 from amtrain.tokens import IGNORE_INDEX, register_tokenizer
 
@@ -44,7 +45,7 @@ class Position:
     max_len: int
 
 
-class BigramLM(nn.Module):
+class BigramLM(SequenceModel):
     def __init__(self, cfg: BigramConfig):
         super().__init__()
         self.cfg = cfg

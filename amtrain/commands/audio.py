@@ -94,7 +94,7 @@ def load_codes(codes: Path, dataset: Path | None, layout: str | None, num_codebo
     import numpy as np
 
     from amtrain.errors import UserError
-    from amtrain.tokens import get_tokenizer
+    from amtrain.tokens.audio import AudioTokenizer
 
     if not codes.is_file():
         raise UserError(f"{codes}: no such file")
@@ -118,7 +118,7 @@ def load_codes(codes: Path, dataset: Path | None, layout: str | None, num_codebo
         params = {"layout": layout, "num_codebooks": num_codebooks}
     else:
         raise UserError(f"{codes}: token ids need their layout: pass --dataset DIR, or --layout and --num-codebooks")
-    tok = get_tokenizer("audio", **params)
+    tok = AudioTokenizer(**params)
     try:
         grids = tok.split_documents(np.asarray(ids, dtype=np.int64).reshape(-1))
     except ValueError as e:

@@ -58,11 +58,12 @@ def prep_midi(
     if from_tokens:
         if inputs:
             raise UserError("give MIDI inputs or --from-tokens files, not both")
-        s = import_token_files([str(p) for p in from_tokens], out, token_split)
-        lens = ", ".join(f"{n:,} x {length}" for length, n in sorted(s.lengths.items()))
-        con.print(f"[bold]{out}[/]: imported {s.num_sequences:,} sequences, {s.num_tokens:,} ids into "
-                  f"'{token_split}' ({lens or 'resumed'}); {s.num_bad_lines} bad lines skipped", highlight=False, soft_wrap=True)
-        if s.num_bad_lines:
+        imported = import_token_files([str(p) for p in from_tokens], out, token_split)
+        lens = ", ".join(f"{n:,} x {length}" for length, n in sorted(imported.lengths.items()))
+        con.print(f"[bold]{out}[/]: imported {imported.num_sequences:,} sequences, {imported.num_tokens:,} ids into "
+                  f"'{token_split}' ({lens or 'resumed'}); {imported.num_bad_lines} bad lines skipped",
+                  highlight=False, soft_wrap=True)
+        if imported.num_bad_lines:
             raise typer.Exit(1)
         return
     if not inputs:

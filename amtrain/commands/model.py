@@ -40,13 +40,16 @@ def sample(
     from amtrain.errors import UserError
     from amtrain.registry import family_of
     from amtrain.rollout.sampling import generate
-    from amtrain.tokens import get_tokenizer
+    from amtrain.tokens import TextTokenizer, get_tokenizer
     from amtrain.train.export import load_any
 
     model, meta = load_any(model_path)
     if "tokenizer" not in meta:
         raise UserError(f"{model_path}: no tokenizer recorded; it was not made by amtrain training or export")
     tok = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
+    if not isinstance(tok, TextTokenizer):
+        raise UserError(f"{model_path}: a {meta['tokenizer']} model; `amtrain sample` continues text prompts, "
+                        f"`amtrain rollout {model_path} --prompt FILE --out DIR` continues MIDI and audio")
     if not family_of(model).left_to_right:  # a denoiser: prefix-LM continuation through amtrain.rollout
         _sample_t5(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, num_samples)
         return
@@ -70,10 +73,12 @@ def _sample_t5(model_path, prompt, max_new_tokens, temperature, top_k, top_p, se
 
     from amtrain.rollout.load import load_rollout_model
     from amtrain.rollout.run import RolloutConfig, continue_tape
+    from amtrain.tokens import TextTokenizer
 
     rm = load_rollout_model(model_path)
     cfg = RolloutConfig(length=max_new_tokens, temperature=max(temperature, 1e-6), top_k=top_k, top_p=top_p,
                         seed=seed)
+    assert isinstance(rm.tokenizer, TextTokenizer)
     tape = np.array(rm.tokenizer.encode(prompt), np.int64)
     for i, row in enumerate(continue_tape(rm, tape, cfg, num_samples)):
         if num_samples > 1:

@@ -75,7 +75,7 @@ def ids_to_notes(ids) -> tuple[Notes, DecodeReport]:
     """Any ids -> notes in absolute 10 ms bins (sorted by onset) and what was skipped."""
     ids = [int(x) for x in np.asarray(ids).ravel()]
     rep = DecodeReport(num_ids=len(ids))
-    rows: list[tuple[int, int, int, int]] = []
+    rows: list[tuple[int, int, int, int, int]] = []  # time, duration, pitch, instrument, is control
     offset = track_max = 0
     i = 0
     while i < len(ids):
@@ -109,7 +109,7 @@ def ids_to_notes(ids) -> tuple[Notes, DecodeReport]:
         rep.num_controls += base > 0
         track_max = max(track_max, t + d)
         instr, pitch = divmod(n - NOTE_OFFSET, MAX_PITCH)
-        rows.append((t + offset, d, pitch, instr, base > 0))
+        rows.append((t + offset, d, pitch, instr, int(base > 0)))
     rep.num_notes = len(rows)
     a = np.array(rows, np.int64).reshape(-1, 5)
     order = np.argsort(a[:, 0], kind="stable")

@@ -30,8 +30,14 @@ from amtrain.modalities.base import (
     seq2seq_continue,
 )
 from amtrain.registry import register_modality
+from amtrain.tokens.audio import AudioTokenizer
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def audio_tokenizer(rm: RolloutModel) -> AudioTokenizer:
+    assert isinstance(rm.tokenizer, AudioTokenizer), rm.tokenizer  # modality_of("audio") is this modality
+    return rm.tokenizer
 
 
 class AudioModality(Modality):
@@ -50,7 +56,7 @@ class AudioModality(Modality):
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> np.ndarray:
         """Audio (encoded by the codec), .npz codes (prep-audio) or an id file in the checkpoint's
         layout -> codes (K, T)."""
-        tok = rm.tokenizer
+        tok = audio_tokenizer(rm)
         suffix = path.suffix.lower()
         if suffix in AUDIO_SUFFIXES:
             if codec is None:
@@ -74,7 +80,7 @@ class AudioModality(Modality):
         return docs[-1]
 
     def write_tape(self, rm: RolloutModel, codes: np.ndarray, stem: Path, codec=None) -> list[Path]:
-        stream = save_npy(rm.tokenizer.encode(codes).astype(np.int64), stem)
+        stream = save_npy(audio_tokenizer(rm).encode(codes).astype(np.int64), stem)
         if codec is None:
             return [stream]
         import io
@@ -96,7 +102,7 @@ class AudioModality(Modality):
     def continue_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
         from amtrain.rollout.constraints import CodebookConstraint
 
-        tok = rm.tokenizer
+        tok = audio_tokenizer(rm)
         K = tok.num_codebooks
         frames = audio_frames(cfg, cfg.length) if cfg.seconds else max(1, int(cfg.length) // K)
         n = (frames + (K - 1 if tok.layout == "delay" else 0)) * K
@@ -114,7 +120,7 @@ class AudioModality(Modality):
         from amtrain.rollout.constraints import CodebookConstraint, ForcedConstraint
         from amtrain.rollout.t5gen import t5_infill
 
-        tok = rm.tokenizer
+        tok = audio_tokenizer(rm)
         K = tok.num_codebooks
         if cfg.infill_range is None:
             raise UserError("audio in-filling needs --infill-range START:END (seconds)")
@@ -138,7 +144,7 @@ class AudioModality(Modality):
     def random_region(self, rm: RolloutModel, codes: np.ndarray, cfg, rng: np.random.Generator):
         """Seconds: as many frames as one continuation, placed uniformly."""
         frames = codes.shape[1]
-        width = min(audio_frames(cfg, cfg.length) if cfg.seconds else max(1, int(cfg.length) // rm.tokenizer.num_codebooks),
+        width = min(audio_frames(cfg, cfg.length) if cfg.seconds else max(1, int(cfg.length) // audio_tokenizer(rm).num_codebooks),
                     frames - 1)
         s = int(rng.integers(0, frames - width)) if frames > width else 0
         return s / cfg.frame_rate, (s + width) / cfg.frame_rate

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.fileio import write_bytes_atomic
+from amtrain.models.base import SequenceModel
 
 if TYPE_CHECKING:
     from amtrain.registry import ModelFamily
@@ -95,7 +95,7 @@ class SpanLayout:
 class RolloutModel:
     """A model ready to roll out: its family spec and modality decide every strategy."""
 
-    model: nn.Module
+    model: SequenceModel
     meta: dict
     tokenizer: Tokenizer
     family: ModelFamily

@@ -22,6 +22,7 @@ from amtrain.modalities.base import (
     split_gaps,
 )
 from amtrain.registry import register_modality
+from amtrain.tokens import TextTokenizer
 
 
 class TextModality(Modality):
@@ -41,6 +42,7 @@ class TextModality(Modality):
 
     def hook_tape(self, rm: RolloutModel, prompt, cfg):
         if isinstance(prompt, str):
+            assert isinstance(rm.tokenizer, TextTokenizer), rm.tokenizer
             prefix = self.document_prefix(rm.tokenizer) if rm.family.left_to_right else []
             return np.array(prefix + rm.tokenizer.encode(prompt), np.int64), len(prefix)
         return prompt, 0
@@ -48,6 +50,7 @@ class TextModality(Modality):
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> list[np.ndarray]:
         """Text (or an id file) -> token segments split at gap markers (one segment: no gap)."""
         tok = rm.tokenizer
+        assert isinstance(tok, TextTokenizer), tok
         if path.suffix == ".npy" or is_id_text(path):
             return split_gaps(check_ids(read_ids(path), tok.vocab_size, path))
         return [np.array(tok.encode(part), np.int64) for part in path.read_text().split(cfg.gap_marker)]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.models.base import SequenceModel
 from amtrain.models.layers import (
     FLASH_AVAILABLE,
     CausalSelfAttention,
@@ -105,7 +106,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"model.{name}: unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
-class Decoder(nn.Module):
+class Decoder(SequenceModel):
     """Decoder-only transformer language model. See the module docstring for the decisions."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -117,6 +118,7 @@ class Decoder(nn.Module):
         V, D = cfg.padded_vocab_size, cfg.d_model
         self.embed = nn.Embedding(V, D)
         block_cls = ParallelBlock if cfg.block == "parallel" else SerialBlock
+        assert cfg.d_ff is not None  # DecoderConfig.__post_init__ resolves it
         self.blocks = nn.ModuleList(
             block_cls(cfg.norm, D, cfg.d_ff, self._attention(i), cfg.dropout) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm, D)
@@ -136,6 +138,7 @@ class Decoder(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         for block in self.blocks:  # projections that write into the residual stream
+            assert isinstance(block, ParallelBlock | SerialBlock)
             for proj in (block.attn.proj, block.mlp.down):
                 nn.init.normal_(proj.weight, mean=0.0, std=residual_init_std(self.cfg.num_layers))
 

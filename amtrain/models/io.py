@@ -21,13 +21,14 @@ from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.fileio import atomic_target, write_json_atomic
+from amtrain.models.base import SequenceModel
 from amtrain.registry import family, family_names, family_of
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def save_pretrained(model: nn.Module, out_dir: str | Path, meta: dict | None = None) -> Path:
+def save_pretrained(model: SequenceModel, out_dir: str | Path, meta: dict | None = None) -> Path:
     """Write `model.safetensors` (fp32) and `config.json` into out_dir; return out_dir.
     `meta` (tokenizer, step, dataset...) is merged into config.json beside "arch" and "model"."""
     out = Path(out_dir)
@@ -47,7 +48,7 @@ def _persistent_buffers(model: nn.Module):
     return [(n, b) for n, b in model.named_buffers() if n not in non_persistent]
 
 
-def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SequenceModel, dict]:
     """Load a folder made by `save_pretrained` (or the path of a file inside it): return the
     model in eval mode on `map_location`, and config.json's other keys as meta."""
     folder = Path(path)

@@ -90,6 +90,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (Dh/2,)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (Tmax, Dh/2)
         angles = torch.cat([angles, angles], dim=-1)  # (Tmax, Dh)
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 

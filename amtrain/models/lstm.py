@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.models.base import SequenceModel
 from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
@@ -73,7 +74,7 @@ class LSTMState:
     max_len: int = 0
 
 
-class LSTMLM(nn.Module):
+class LSTMLM(SequenceModel):
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
         self.cfg = cfg

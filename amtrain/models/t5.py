@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.models.base import SequenceModel
 from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
@@ -330,7 +331,7 @@ class T5Decoder(nn.Module):
 # Model
 
 
-class T5(nn.Module):
+class T5(SequenceModel):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg

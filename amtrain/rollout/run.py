@@ -78,9 +78,11 @@ def alternate(rm: RolloutModel, tape, cfg: RolloutConfig) -> object:
     by priority), stitching the result onto the tape."""
     rng = np.random.default_rng(cfg.seed)
     weak = sorted((p, s, e) for s, e, p in cfg.priorities)
-    threshold = float(np.median([p for p, _, _ in weak])) if weak else None
+    threshold = float(np.median([p for p, _, _ in weak])) if weak else 0.0
     for i in range(cfg.iterations):
+        region: tuple[float, float] | None
         if weak and weak[0][0] < threshold:  # audio: the weakest prompt chunk left is re-generated
+            assert cfg.frame_rate is not None  # priorities come with the codec (commands/rollout.py)
             _, s, e = weak.pop(0)
             region = (s / cfg.frame_rate, e / cfg.frame_rate)
             kind = "i"

@@ -70,12 +70,8 @@ def _lse_fit(features: list[np.ndarray], log_loss: np.ndarray, starts) -> np.nda
         grad = np.array([np.sum(g * soft[k] * dk) for k, dk in grads])
         return float(np.sum(_huber(r))), grad
 
-    best = None
-    for start in starts:
-        res = minimize(objective, np.array(start, float), jac=True, method="L-BFGS-B")
-        if best is None or res.fun < best.fun:
-            best = res
-    return best.x
+    results = [minimize(objective, np.array(start, float), jac=True, method="L-BFGS-B") for start in starts]
+    return min(results, key=lambda res: res.fun).x
 
 
 def _terms(theta: np.ndarray, features: list[np.ndarray]):
@@ -133,7 +129,7 @@ def fit_with_bootstrap(n, loss, num_boot: int = 200, level: float = 0.9, seed: i
         return FitResult(law, (float("nan"), float("nan")), int(n.size), 0)
     starts = [(np.log(law.a), law.alpha, np.log(law.c)), (np.log(law.a), 0.5 * law.alpha, np.log(law.c))]
     rng = np.random.default_rng(seed)
-    alphas = []
+    alphas: list[float] = []
     while len(alphas) < num_boot:
         idx = rng.integers(0, n.size, n.size)
         if np.unique(n[idx]).size < 3:

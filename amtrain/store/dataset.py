@@ -227,7 +227,8 @@ def _invocation() -> str:
 
 
 def _group_docs(docs: list[np.ndarray], max_tokens: int):
-    group, n = [], 0
+    group: list[np.ndarray] = []
+    n = 0
     for d in docs:
         if group and n + d.size > max_tokens:
             yield group

@@ -33,7 +33,7 @@ MAGIC = b"AMTSHRD\0"
 VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQQI")  # magic, version, dtype code, num_tokens, vocab_size, crc32
-_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_DTYPES: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from amtrain.errors import UserError
+from amtrain.models.base import SequenceModel
 from amtrain.registry import family, family_names
 from amtrain.train.checkpoint import consolidated_state_dict, read_meta, resolve_checkpoint
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
+def load_checkpoint_model(path: str | Path) -> tuple[SequenceModel, dict]:
     """A run or checkpoint folder -> (model in eval mode with the consolidated fp32 weights, meta).
     The model class comes from the run's model.arch through the family registry."""
     folder = resolve_checkpoint(path)
@@ -49,7 +48,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_pretrained(model, out, meta)
 
 
-def load_any(path: str | Path) -> tuple[nn.Module, dict]:
+def load_any(path: str | Path) -> tuple[SequenceModel, dict]:
     """An export folder (config.json + model.safetensors) or a run / checkpoint folder."""
     from amtrain.models.io import CONFIG, load_pretrained
 

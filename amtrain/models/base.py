@@ -1,0 +1,25 @@
+"""`SequenceModel`: the contract every model family's module keeps.
+
+The trainer, exports, scaling studies and the decode loop rely on it: the config dataclass the
+model was built from as `model.cfg` (saved in exports and checkpoints, so `config_cls(**cfg)`
+rebuilds the same shapes), and `num_params`. Left-to-right families also take
+`forward(idx, targets=None, cache=None, last_only=False) -> (logits, loss)` and
+`new_cache(batch, max_len)`; `flops_per_token` takes the lengths its objective knows (one
+window length for LMs; inputs and targets lengths for T5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class SequenceModel(nn.Module):
+    cfg: Any
+    """The family's config dataclass this model was built from."""
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied one counted once); `non_embedding` leaves out the (V, D)
+        token embedding (Kaplan et al. 2020)."""
+        raise NotImplementedError
