@@ -27,7 +27,10 @@ Standard library only; PyYAML is imported lazily where a YAML file or value is r
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import inspect
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -325,7 +328,8 @@ def _build(cls, d: dict, prefix: str, where: str):
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise UserError(f"{where}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(prefix + n for n in names))})")
+        key = prefix + unknown[0]
+        raise UserError(f"{where}: unknown key {key}{_suggest(key)} (known: {', '.join(sorted(prefix + n for n in names))})")
     kwargs = {}
     for name, value in d.items():
         typ = hints[name]
@@ -337,6 +341,29 @@ def _build(cls, d: dict, prefix: str, where: str):
         else:
             kwargs[name] = _coerce(value, typ, key, where)
     return cls(**kwargs)
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of a RunConfig (`model.size`, ..., `ds_config`)."""
+    out = []
+    for section in fields(RunConfig):
+        typ = get_type_hints(RunConfig)[section.name]
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):
+            out += [f"{section.name}.{f.name}" for f in fields(typ)]
+        else:
+            out.append(section.name)
+    return out
+
+
+def _suggest(key: str) -> str:
+    """'; did you mean --train.max_steps?' for a key that is a known leaf without its section,
+    or close to a known key; else ''."""
+    import difflib
+
+    keys = all_keys()
+    leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    close = leaf or difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return f"; did you mean --{close[0]}?" if close else ""
 
 
 def _coerce(value, typ, key: str, where: str):
@@ -371,7 +398,8 @@ def _coerce(value, typ, key: str, where: str):
     if origin is list and isinstance(value, str):  # one item given alone
         return [_coerce(value, args[0], key, where)]
     name = getattr(typ, "__name__", str(typ))
-    raise UserError(f"{where}: {key} = {value!r} is not a {name}")
+    article = "an" if name[:1] in "aeiou" else "a"
+    raise UserError(f"{where}: {key} = {value!r} is not {article} {name}")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -433,9 +461,11 @@ def parse_args(argv: list[str]) -> RunConfig:
         else:
             pairs.append((key, parse_value(value)))
     d = load_yaml(yaml_path) if yaml_path else {}
+    if yaml_path:
+        from_dict(copy.deepcopy(d), where=yaml_path)  # the YAML alone: its own mistakes name it
     for key, value in pairs:
         set_dotted(d, key, value)
-    return from_dict(d, where=yaml_path or "command line")
+    return from_dict(d, where="command line" if pairs or not yaml_path else yaml_path)
 
 
 def to_yaml(cfg: RunConfig, full: bool = True) -> str:
@@ -506,17 +536,40 @@ def apply_batch_plan(ds_config: dict, plan: BatchPlan, ds_name: str = "ds_config
     return out
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source), by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def help_text() -> str:
-    """Every dotted key with its type and default (field docs: amtrain/config.py)."""
-    lines = ["run config keys (--section.key VALUE; docs per field in amtrain/config.py):"]
+    """Every dotted key with its type, default and the first sentence of its field doc."""
+    lines = ["run config keys (--section.key VALUE; full docs per field in amtrain/config.py):"]
+    top = field_docs(RunConfig)
     for section in fields(RunConfig):
         typ = get_type_hints(RunConfig)[section.name]
         if not (isinstance(typ, type) and dataclasses.is_dataclass(typ)):
             lines.append(f"  --{section.name:<32} default: {getattr(RunConfig(), section.name)!r}")
+            lines.append(f"      {_first_sentence(top.get(section.name, ''))}")
             continue
         hints = get_type_hints(typ)
+        docs = field_docs(typ)
         for f in fields(typ):
             default = getattr(typ(), f.name)
             name = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
             lines.append(f"  --{section.name}.{f.name:<{31 - len(section.name)}} {name:<22} default: {default!r}")
+            lines.append(f"      {_first_sentence(docs.get(f.name, ''))}")
     return "\n".join(lines)
+
+
+def _first_sentence(doc: str) -> str:
+    import re
+
+    m = re.search(r"(?<!e\.g)(?<!i\.e)\.\s", doc)
+    return doc if m is None else doc[:m.start() + 1]

@@ -184,6 +184,11 @@ def modality(name: str) -> Modality:
     return _MODALITIES[name]
 
 
+def modality_names() -> list[str]:
+    _load()
+    return list(_MODALITIES)
+
+
 def modality_of(tokenizer: str) -> Modality:
     """The modality of a dataset's tokenizer; ids of an unknown tokenizer are plain tokens."""
     _load()

@@ -74,3 +74,18 @@ def test_bad_inputs_exit_nonzero_but_keep_good_work(tmp_path):
     assert (tmp_path / "ds" / "manifest.json").exists()
     r = _run("prep-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "missing.txt: no such file" in r.stderr
+
+
+def test_models_lists_every_family_size_with_its_pinned_count_unwrapped():
+    """`amtrain models` reads the registry: every family and size, counts as pinned in the
+    model tests (decoder debug 3,317,952 for gpt2), rows unwrapped when piped."""
+    from amtrain.registry import family, family_names
+
+    r = _run("models")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for name in family_names():
+        for size in family(name).sizes:
+            assert any(f" {name} " in line and f" {size} " in line for line in lines), (name, size)
+    assert any(" decoder " in line and " debug " in line and "3,317,952" in line for line in lines)
+    assert "modalities: text (tokenizers gpt2, ascii); midi" in r.stdout

@@ -144,3 +144,31 @@ def test_launcher_help_and_one_line_errors(repo_root):
     assert p.returncode == 0 and "--batch.global_tokens" in p.stdout
     p = subprocess.run([sys.executable, launcher, "--train.max_steps", "0"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and p.stderr.strip() == "error: config train.max_steps: must be >= 1"
+
+
+def test_unknown_keys_suggest_the_dotted_key():
+    with pytest.raises(UserError, match=r"unknown key max_steps; did you mean --train.max_steps\?"):
+        parse_args(["--max_steps", "3"])
+    with pytest.raises(UserError, match=r"unknown key train.max_step; did you mean --train.max_steps\?"):
+        parse_args(["--train.max_step", "3"])
+
+
+def test_a_bad_value_is_blamed_where_it_was_written(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("train: {max_steps: 5}\n")
+    with pytest.raises(UserError, match=r"^command line: train.max_steps = 'x' is not an int$"):
+        parse_args(["--config", str(good), "--train.max_steps", "x"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {max_steps: x}\n")
+    with pytest.raises(UserError, match=rf"^{bad}: train.max_steps = 'x' is not an int$"):
+        parse_args(["--config", str(bad), "--train.seed", "3"])
+
+
+def test_help_lists_every_key_with_its_doc():
+    from amtrain.config import all_keys, help_text
+
+    text = help_text()
+    for key in all_keys():
+        assert f"--{key} " in text, key
+    assert "Optimizer steps to train for (the cosine schedule ends here)." in text
+    assert "e.g. {block: serial, dropout: 0.1}." in text  # "e.g." does not end the first sentence

@@ -60,3 +60,29 @@ def test_three_sizes_give_no_interval_rather_than_a_false_one():
     res = fit_with_bootstrap(n, PowerLaw(50.0, 0.3, 2.0)(n), num_boot=10)
     assert res.law.alpha == pytest.approx(0.3, rel=1e-2)
     assert np.isnan(res.alpha_ci[0]) and np.isnan(res.alpha_ci[1]) and res.num_boot == 0
+
+
+def test_non_monotone_data_is_flagged_with_residuals_and_a_signed_exponent():
+    """Loss that rises with size: the fit cannot pass through the points (residuals reported,
+    not 'fitted exactly'), the rise and a negative exponent are flagged, and the law prints
+    its exponent's sign once."""
+    from amtrain.scaling.fit import format_law
+
+    n = np.array([1e5, 1e6, 1e7])
+    loss = np.array([3.0, 3.3, 2.9])
+    res = fit_with_bootstrap(n, loss, num_boot=10)
+    assert len(res.residuals) == 3
+    assert res.residuals == pytest.approx(tuple(loss - res.law(n)))
+    assert res.max_abs_residual > 0.05
+    assert any("loss does not fall with size" in w and "N=100,000 -> 1,000,000" in w for w in res.warnings)
+    rising = fit_with_bootstrap(n, np.array([2.5, 2.8, 3.2]), num_boot=10)
+    assert rising.law.alpha < 0 and any("exponent" in w and "< 0" in w for w in rising.warnings)
+    text = format_law(rising.law)
+    assert "N^(+" in text and "−-" not in text and "--" not in text
+    assert "N^(−0.300)" in format_law(PowerLaw(50.0, 0.3, 2.0))
+
+
+def test_a_clean_law_has_no_warnings():
+    n = np.array([1e5, 1e6, 1e7, 1e8])
+    res = fit_with_bootstrap(n, PowerLaw(50.0, 0.3, 2.0)(n), num_boot=10)
+    assert res.warnings == () and res.max_abs_residual < 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -52,7 +53,7 @@ def run(
 
 def _ci(f) -> str:
     lo, hi = f.alpha_ci
-    return "n/a (3 sizes fit 3 parameters exactly)" if lo != lo else f"[{lo:.4f}, {hi:.4f}]"
+    return "n/a (3 sizes: no spread to resample)" if lo != lo else f"[{lo:.4f}, {hi:.4f}]"
 
 
 @scaling.command("fit")
@@ -72,17 +73,24 @@ def fit(
     fits = _fits(rows, num_boot, seed)
     if not fits:
         raise UserError(f"{results}: no architecture has runs at 3 or more sizes; a fit needs 3")
-    table = Table("arch", "runs", "a", "α", "α 90% CI", "c (irreducible)")
+    table = Table("arch", "runs", "a", "α", "α 90% CI", "c (irreducible)", "max |residual| (nats)")
     for arch, f in fits.items():
         table.add_row(arch, str(f.num_runs), f"{f.law.a:.4g}", f"{f.law.alpha:.4f}",
-                      _ci(f), f"{f.law.c:.4f}")
-    Console().print(table)
+                      _ci(f), f"{f.law.c:.4f}", f"{f.max_abs_residual:.4f}")
+    con = Console(width=None if sys.stdout.isatty() else 140)
+    con.print(table)
+    for arch, f in fits.items():
+        sub = [r for r in rows if r["arch"] == arch]
+        con.print(f"{arch} residuals (loss − fit): " + ", ".join(
+            f"{r['size']} {res:+.4f}" for r, res in zip(sub, f.residuals, strict=True)), highlight=False)
+        for w in f.warnings:
+            con.print(f"[yellow]warning[/]: {arch}: {w}", highlight=False)
     for arch in fits:
         sub = [r for r in rows if r["arch"] == arch]
         if len({r["tokens"] for r in sub}) >= 2 and len(sub) >= 5:
             law = fit_data_power_law([r["non_embedding_params"] for r in sub], [r["tokens"] for r in sub],
                                      [r["val_loss"] for r in sub])
-            Console().print(f"{arch}: L(N, D) = {law.E:.4f} + {law.A:.4g}/N^{law.alpha:.4f} + {law.B:.4g}/D^{law.beta:.4f}")
+            con.print(f"{arch}: L(N, D) = {law.E:.4f} + {law.A:.4g}/N^{law.alpha:.4f} + {law.B:.4g}/D^{law.beta:.4f}")
 
 
 @scaling.command("plot")

@@ -113,6 +113,35 @@ class FitResult:
     alpha_ci: tuple[float, float]
     num_runs: int
     num_boot: int
+    residuals: tuple[float, ...] = ()
+    """loss - law(N) per run (nats), in the order given."""
+    warnings: tuple[str, ...] = ()
+    """What makes the fit untrustworthy: loss not falling with size, a negative exponent."""
+
+    @property
+    def max_abs_residual(self) -> float:
+        return max((abs(r) for r in self.residuals), default=float("nan"))
+
+
+def fit_warnings(n, loss, law: PowerLaw) -> tuple[str, ...]:
+    """Plain-words flags on data that a power law cannot describe."""
+    order = np.argsort(n, kind="stable")
+    n, loss = np.asarray(n, float)[order], np.asarray(loss, float)[order]
+    out = []
+    rises = [(int(a), int(b)) for a, b, la, lb in zip(n[:-1], n[1:], loss[:-1], loss[1:], strict=True) if lb > la]
+    if rises:
+        a, b = rises[0]
+        out.append(f"loss does not fall with size ({len(rises)} rise(s), e.g. N={a:,} -> {b:,})")
+    if law.alpha < 0:
+        out.append(f"exponent α = {law.alpha:.3f} < 0: the fitted loss grows with size; not a scaling law "
+                   "(larger runs undertrained or diverged?)")
+    return tuple(out)
+
+
+def format_law(law: PowerLaw) -> str:
+    """a·N^(−α) + c with the exponent's sign shown once (α < 0 prints as N^(+|α|))."""
+    sign = "−" if law.alpha >= 0 else "+"
+    return f"{law.a:.3g}·N^({sign}{abs(law.alpha):.3f}) + {law.c:.3f}"
 
 
 def fit_with_bootstrap(n, loss, num_boot: int = 200, level: float = 0.9, seed: int = 0) -> FitResult:
@@ -120,13 +149,16 @@ def fit_with_bootstrap(n, loss, num_boot: int = 200, level: float = 0.9, seed: i
     resamples with fewer than 3 distinct sizes are drawn again). Each refit starts from the
     point fit (and from half its α), not the full grid, to stay cheap.
 
-    With runs at only 3 sizes the law's 3 parameters fit them exactly and every admissible
-    resample is the same set of points: there is no spread to measure, so the interval is
-    (nan, nan) — run a 4th size or repeat sizes with other seeds."""
+    With runs at only 3 sizes every admissible resample is the same set of points: there is no
+    spread to measure, so the interval is (nan, nan) — run a 4th size or repeat sizes with other
+    seeds. (Three points need not be fitted exactly: the law is monotone, so data that is not
+    leaves residuals; they are reported, with `fit_warnings`.)"""
     n, loss = np.asarray(n, float), np.asarray(loss, float)
     law = fit_power_law(n, loss)
+    residuals = tuple(float(r) for r in loss - law(n))
+    warnings = fit_warnings(n, loss, law)
     if np.unique(n).size <= 3:
-        return FitResult(law, (float("nan"), float("nan")), int(n.size), 0)
+        return FitResult(law, (float("nan"), float("nan")), int(n.size), 0, residuals, warnings)
     starts = [(np.log(law.a), law.alpha, np.log(law.c)), (np.log(law.a), 0.5 * law.alpha, np.log(law.c))]
     rng = np.random.default_rng(seed)
     alphas: list[float] = []
@@ -136,4 +168,4 @@ def fit_with_bootstrap(n, loss, num_boot: int = 200, level: float = 0.9, seed: i
             continue
         alphas.append(fit_power_law(n[idx], loss[idx], starts).alpha)
     lo, hi = np.quantile(alphas, [(1 - level) / 2, (1 + level) / 2])
-    return FitResult(law, (float(lo), float(hi)), int(n.size), num_boot)
+    return FitResult(law, (float(lo), float(hi)), int(n.size), num_boot, residuals, warnings)

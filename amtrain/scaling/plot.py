@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amtrain.scaling.fit import FitResult
+from amtrain.scaling.fit import FitResult, format_law
 
 
 def arch_colors(rows: list[dict]) -> dict[str, str]:
@@ -38,8 +38,7 @@ def plot_loss_vs_params(rows: list[dict], fits: dict[str, FitResult], out: Path)
             grid = np.logspace(np.log10(n.min()) - 0.3, np.log10(n.max()) + 0.3, 100)
             lo, hi = f.alpha_ci
             ci = "no CI: 3 sizes" if lo != lo else f"α 90% CI [{lo:.3f}, {hi:.3f}]"
-            ax.plot(grid, f.law(grid), color=color,
-                    label=f"{arch}: {f.law.a:.3g}·N^(−{f.law.alpha:.3f}) + {f.law.c:.3f}  ({ci})")
+            ax.plot(grid, f.law(grid), color=color, label=f"{arch}: {format_law(f.law)}  ({ci})")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("validation loss (nats/token)")
