@@ -15,12 +15,14 @@ from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
 from amtrain.rollout.sampling import generate
 from amtrain.rollout.window import generate_long, window_start
 from amtrain.tokens.midi import (
+    AUTOREGRESS,
     CONTROL_OFFSET,
     DUR_OFFSET,
     MAX_DUR,
     MAX_TIME,
     NOTE_OFFSET,
     REST,
+    TIME_OFFSET,
     TIME_RESOLUTION,
 )
 from tests.rollout_helpers import MIDI, decoder_ckpt, t5_ckpt
@@ -207,13 +209,13 @@ def test_t5_text_infill_keeps_prefix_and_suffix_and_cache_matches(ckpts, tmp_pat
     rm = load_rollout_model(ckpts["t5_text"])
     tok = rm.tokenizer
     p = _text(tmp_path, "And God said, Let there be<gap>and there was light.")
-    cfg = RolloutConfig(mode="infill", num_samples=3, seed=2, max_span=12)
+    cfg = RolloutConfig(mode="infill", num_samples=3, seed=2, length=12)
     segs = read_prompt(rm, p, cfg)
     out = rollout(rm, segs, cfg)
     for ids in out:
         assert np.array_equal(ids[:len(segs[0])], segs[0]) and np.array_equal(ids[len(ids) - len(segs[1]):], segs[1])
         assert 1 <= len(ids) - len(segs[0]) - len(segs[1]) <= 12 and ids.max() < tok.vocab_size
-    nocache = rollout(rm, segs, RolloutConfig(mode="infill", num_samples=3, seed=2, max_span=12, use_cache=False))
+    nocache = rollout(rm, segs, RolloutConfig(mode="infill", num_samples=3, seed=2, length=12, use_cache=False))
     assert all(np.array_equal(x, y) for x, y in zip(out, nocache, strict=True))
     files = write_tapes(rm, out, tmp_path / "o")
     text = files[0].read_text()
@@ -223,7 +225,7 @@ def test_t5_text_infill_keeps_prefix_and_suffix_and_cache_matches(ckpts, tmp_pat
 def test_t5_two_gaps_and_continuation(ckpts, tmp_path):
     rm = load_rollout_model(ckpts["t5_text"])
     segs = read_prompt(rm, _text(tmp_path, "a<gap>b<gap>c"), RolloutConfig())
-    out = rollout(rm, segs, RolloutConfig(mode="infill", seed=0, max_span=5))[0]
+    out = rollout(rm, segs, RolloutConfig(mode="infill", seed=0, length=5))[0]
     s = rm.tokenizer.decode(out.tolist())
     assert s[0] == "a" and s[-1] == "c" and "b" in s[1:-1] and len(s) >= 5
     cont = rollout(rm, read_prompt(rm, _text(tmp_path, "Genesis"), RolloutConfig()),
@@ -332,6 +334,7 @@ def test_cli_rollout_text_and_errors(ckpts, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "sample_1.txt").read_text().startswith("Let there be")
     assert np.load(tmp_path / "o" / "sample_0.npy").size == 1 + len("Let there be") + 40
+    assert "sample_0: +40 tokens (added)" in r.output and "sample_1: +40 tokens (added)" in r.output
     r = CliRunner().invoke(app, ["rollout", str(ckpts["text"]), "--prompt", str(p), "--out", str(tmp_path / "o"),
                                  "--mode", "infill"])
     assert r.exit_code != 0 and isinstance(r.exception, UserError)
@@ -446,3 +449,38 @@ def test_lstm_checkpoints_continue_text_and_infill_midi(tmp_path):
     for sel in (lambda e: e[:, 0] < 200, lambda e: e[:, 0] >= 400):  # prefix and suffix kept exactly
         assert np.array_equal(order(got[sel(got)]), order(ev[sel(ev)]))
     assert _valid_event_triples(got[(got[:, 0] >= 200) & (got[:, 0] < 400)])
+
+
+# --------------------------------------------------------------------------- what a rollout says
+def test_summaries_count_what_was_added_and_warn_on_nothing(ckpts, tmp_path):
+    """Each sample's line counts what generation added to the tape it started from; nothing
+    generated, prompt notes lost and ill-formed triples are warnings."""
+    from amtrain.modalities.midi import MidiTape
+    from amtrain.rollout.run import summaries
+
+    rm = load_rollout_model(ckpts["text"])
+    segs = [np.array([65, 66]), np.array([67])]
+    (line, warn), = summaries(rm, segs, [np.array([65, 66, 70, 71, 72, 67])], RolloutConfig(mode="infill"))
+    assert line.startswith("+3 tokens (in the gap)") and warn == []
+    (line, warn), = summaries(rm, segs, [np.array([65, 66, 67])], RolloutConfig(mode="infill"))
+    assert "nothing was generated (0 tokens in the gap)" in warn[0]
+    prompt = [np.array([65, 66, 67])]  # a decoder's continuation opens with the document prefix
+    (line, warn), = summaries(rm, prompt, [np.array([rm.tokenizer.eot_id, 65, 66, 67, 68])], RolloutConfig())
+    assert line.startswith("+1 tokens (added)") and warn == []
+
+    rm = load_rollout_model(ckpts["midi"])
+    note = lambda t, p: [TIME_OFFSET + t, DUR_OFFSET + 50, NOTE_OFFSET + p]  # noqa: E731
+    before = MidiTape(AUTOREGRESS, np.array([note(0, 60), note(50, 62), note(100, 64)]))
+    more = MidiTape(AUTOREGRESS, np.array([note(0, 60), note(50, 62), note(100, 64), note(150, 65), note(200, 67)]))
+    (line, warn), = summaries(rm, before, [more], RolloutConfig(length=2, seconds=True))
+    assert line == "2 notes added, +1.00 s; 5 notes in all" and warn == []
+    lost = MidiTape(AUTOREGRESS, np.array([note(0, 60), note(150, 65)]))
+    (line, warn), = summaries(rm, before, [lost], RolloutConfig())
+    assert "2 of 3 prompt notes are gone from the result" in warn
+    bad = MidiTape(AUTOREGRESS, np.array([note(0, 60), note(50, 62), note(100, 64), [TIME_OFFSET + 120, 5, 7]]))
+    (line, warn), = summaries(rm, before, [bad], RolloutConfig())
+    assert "no notes were generated" in warn and "1 ill-formed triples dropped when writing" in warn
+    mid = rm.modality.write_tape(rm, bad, tmp_path / "bad")[0]
+    from amtrain.midi.events import read_notes
+
+    assert len(read_notes(mid).time) == 3

@@ -118,6 +118,7 @@ def test_cli_audio_continuation(env, tmp_path):
     assert r.exit_code == 0, r.output
     info = sf.info(str(tmp_path / "sample_0.wav"))
     assert info.samplerate == 24000 and info.frames == (75 + 38) * env["codec"].hop_length
+    assert "sample_0: 38 frames added, +0.51 s; 113 frames in all" in r.output
 
 
 def test_t5_audio_continuation_keeps_prompt(env):

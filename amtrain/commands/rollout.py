@@ -57,7 +57,7 @@ def rollout(
     MIDI anticipation) or alternate; writes .txt / .mid / .wav and the token sequence."""
     from amtrain.errors import UserError
     from amtrain.rollout.load import load_rollout_model
-    from amtrain.rollout.run import RolloutConfig, read_prompt, write_tapes
+    from amtrain.rollout.run import RolloutConfig, read_prompt, summaries, write_tapes
     from amtrain.rollout.run import rollout as run_rollout
 
     rm = load_rollout_model(ckpt, device=device)
@@ -89,6 +89,11 @@ def rollout(
             cfg.priorities = chunks
     else:
         tape = read_prompt(rm, prompt, cfg, codec)
-    files = write_tapes(rm, run_rollout(rm, tape, cfg), out, codec)
+    results = run_rollout(rm, tape, cfg)
+    files = write_tapes(rm, results, out, codec)
     for f in files:
         typer.echo(str(f))
+    for i, (line, warnings) in enumerate(summaries(rm, tape, results, cfg)):
+        typer.echo(f"sample_{i}: {line}")
+        for w in warnings:
+            typer.echo(f"warning: sample_{i}: {w}", err=True)

@@ -98,6 +98,19 @@ class AudioModality(Modality):
     def continuation_tape(self, rm: RolloutModel, prompt):
         return prompt
 
+    def describe(self, rm: RolloutModel, before: np.ndarray, after: np.ndarray, cfg) -> tuple[str, list[str]]:
+        """Frames (and seconds, with the codec's frame rate) added, or changed by an in-fill."""
+        if cfg.mode == "infill":
+            n = min(before.shape[1], after.shape[1])
+            frames = int((before[:, :n] != after[:, :n]).any(axis=0).sum())
+            what = "frames changed in the range"
+        else:
+            frames = after.shape[1] - before.shape[1]
+            what = "frames added"
+        secs = f", {frames / cfg.frame_rate:+.2f} s" if cfg.frame_rate else ""
+        warnings = [] if frames > 0 else [f"nothing was generated (0 {what})"]
+        return f"{frames} {what}{secs}; {after.shape[1]} frames in all", warnings
+
     # -- generation ----------------------------------------------------------------------
     def continue_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
         from amtrain.rollout.constraints import CodebookConstraint

@@ -52,7 +52,8 @@ class RolloutConfig:
     denoiser: str = "X"
     """T5 in-filling mode token: R or X (S is continuation)."""
     max_span: int = 128
-    """T5 in-filling: longest span (tokens) where the gap length is free (text, MIDI)."""
+    """T5 MIDI in-filling: longest span (tokens) of a time range (text and ids in-fill up to
+    `length` tokens a gap)."""
     schedule: str = "ci"
     """Alternate: c = continue, i = in-fill, cycled over the iterations."""
     iterations: int = 4
@@ -181,6 +182,16 @@ class Modality:
         prefix = self.document_prefix(rm.tokenizer) if rm.family.left_to_right else []
         return np.concatenate([np.asarray(prefix, np.int64), ids]) if prefix else ids
 
+    def describe(self, rm: RolloutModel, before, after, cfg: RolloutConfig) -> tuple[str, list[str]]:
+        """(a summary of what a rollout added to `before` to make `after`, warnings) for the
+        line each written sample gets. `before` is the tape generation started from (in-fill:
+        the prompt's segments)."""
+        n_before = sum(len(s) for s in before) if isinstance(before, list) else len(before)
+        added = len(after) - n_before
+        where = "in the gap" if cfg.mode == "infill" else "added"
+        warnings = [] if added > 0 else [f"nothing was generated ({added} tokens {where}): the model ended at once"]
+        return f"{added:+d} tokens ({where}), {len(after)} in all", warnings
+
     # -- generation ----------------------------------------------------------------------
     def can_infill(self, family: ModelFamily) -> bool:
         """In-filling needs a denoiser (sentinel spans) unless the modality has its own way."""
@@ -205,8 +216,8 @@ class Modality:
             if len(segments) != 2:
                 raise UserError("--postfix-repeat needs a prompt with one gap: prefix<gap>postfix")
             segments = [segments[0]] + [segments[1]] * cfg.postfix_repeat
-        return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser, max_span=cfg.max_span,
-                         **cfg.sampling(seed_offset))
+        return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser,
+                         max_span=int(cfg.length), **cfg.sampling(seed_offset))
 
     # -- alternate: which region an in-fill iteration takes --------------------------------
     def random_region(self, rm: RolloutModel, tape, cfg: RolloutConfig, rng: np.random.Generator):

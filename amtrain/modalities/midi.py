@@ -39,10 +39,15 @@ from amtrain.tokens.midi import (
     ANTICIPATE,
     AUTOREGRESS,
     CONTROL_OFFSET,
+    DUR_OFFSET,
     EVENT_SIZE,
+    MAX_DUR,
+    MAX_NOTE,
     MAX_TIME,
+    NOTE_OFFSET,
     REST,
     SEPARATOR,
+    TIME_OFFSET,
     TIME_RESOLUTION,
     VOCAB_SIZE,
 )
@@ -127,11 +132,31 @@ class MidiModality(Modality):
     def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None) -> list[Path]:
         from amtrain.midi.decode import events_to_notes, write_midi
 
-        write_midi(events_to_notes(tape.events()), stem.with_suffix(".mid"))
+        events = tape.events()
+        write_midi(events_to_notes(events[_well_formed(tape.triples)]), stem.with_suffix(".mid"))
         return [stem.with_suffix(".mid"), save_npy(tape.ids(), stem)]
 
     def continuation_tape(self, rm: RolloutModel, prompt):
         return prompt
+
+    def describe(self, rm: RolloutModel, before: MidiTape, after: MidiTape, cfg) -> tuple[str, list[str]]:
+        """Notes added and removed (as (onset, duration, note) multisets: a note moved counts
+        once each way), seconds of music added, ill-formed triples dropped at writing."""
+        from collections import Counter
+
+        old, new = Counter(_notes(before)), Counter(_notes(after))
+        added, removed = sum((new - old).values()), sum((old - new).values())
+        seconds = (_end(after) - _end(before)) / TIME_RESOLUTION
+        bad = int((~_well_formed(after.triples)).sum())
+        line = f"{added} notes added, {seconds:+.2f} s; {sum(new.values())} notes in all"
+        warnings = []
+        if added == 0:
+            warnings.append("no notes were generated" + (" in the range" if cfg.mode == "infill" else ""))
+        if removed:
+            warnings.append(f"{removed} of {sum(old.values())} prompt notes are gone from the result")
+        if bad:
+            warnings.append(f"{bad} ill-formed triples dropped when writing")
+        return line, warnings
 
     # -- generation ----------------------------------------------------------------------
     def can_infill(self, family) -> bool:
@@ -236,6 +261,33 @@ class MidiModality(Modality):
         ev = tape.events()
         ev = ev[ev[:, 2] != REST]
         return MidiTape(AUTOREGRESS, ev[np.argsort(ev[:, 0], kind="stable")])
+
+
+def _well_formed(tri: np.ndarray) -> np.ndarray:
+    """(N,) True for triples whose ids sit in the TIME (events or controls), DUR and NOTE/REST
+    blocks; a constrained sampler makes no others, an id file may."""
+    ev = tri.copy()
+    ctrl = ev[:, 2] >= CONTROL_OFFSET
+    ev[ctrl] -= CONTROL_OFFSET
+    t_ok = ev[:, 0] >= TIME_OFFSET  # absolute times run past the TIME block on long pieces
+    d_ok = (ev[:, 1] >= DUR_OFFSET) & (ev[:, 1] < DUR_OFFSET + MAX_DUR)
+    n_ok = (ev[:, 2] >= NOTE_OFFSET) & (ev[:, 2] <= NOTE_OFFSET + MAX_NOTE)
+    return t_ok & d_ok & n_ok
+
+
+def _sounding(tape: MidiTape) -> np.ndarray:
+    """The well-formed non-REST events of a tape (controls as events): the notes one hears."""
+    ev = tape.events()
+    return ev[_well_formed(tape.triples) & (ev[:, 2] != REST)]
+
+
+def _notes(tape: MidiTape) -> list[tuple[int, int, int]]:
+    return [(t, d, n) for t, d, n in _sounding(tape).tolist()]
+
+
+def _end(tape: MidiTape) -> int:
+    ev = _sounding(tape)
+    return int((ev[:, 0] - TIME_OFFSET + ev[:, 1] - DUR_OFFSET).max()) if len(ev) else 0
 
 
 def _amt_sampling(cfg, seed_offset):

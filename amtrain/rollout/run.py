@@ -72,6 +72,12 @@ def infill_tape(rm: RolloutModel, prompt, cfg: RolloutConfig, num_samples: int, 
     return rm.modality.infill_tape(rm, prompt, cfg, num_samples, seed_offset)
 
 
+def summaries(rm: RolloutModel, prompt, results: list, cfg: RolloutConfig) -> list[tuple[str, list[str]]]:
+    """(what each sample added, warnings) against the tape generation started from."""
+    before = prompt if cfg.mode == "infill" else rm.modality.continuation_tape(rm, prompt)
+    return [rm.modality.describe(rm, before, r, cfg) for r in results]
+
+
 # --------------------------------------------------------------------------- alternate
 def alternate(rm: RolloutModel, tape, cfg: RolloutConfig) -> object:
     """One tape; iteration i continues or in-fills (by the schedule, or the weakest audio chunk
