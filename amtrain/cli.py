@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "amtrain.commands.text",
     "amtrain.commands.midi",
     "amtrain.commands.audio",
+    "amtrain.commands.codec",
     "amtrain.commands.model",
     "amtrain.commands.rollout",
     "amtrain.commands.scaling",

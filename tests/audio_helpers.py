@@ -16,20 +16,16 @@ MELODY = AUDIO / "music21_test_audio.wav"
 def random_model(model: str = "24khz", size: str = "debug", seed: int = 0, init_seconds: float = 10.0):
     """EnCodec with random weights (seeded) and codebooks fitted to `init_seconds` of Joplin."""
     import soundfile as sf
-    import torch
 
-    from amtrain.codec import build_model, debug_config, encodec_config, init_codebooks_from_audio
+    from amtrain.codec import stand_in_model
 
-    torch.manual_seed(seed)
-    net = build_model(debug_config(model) if size == "debug" else encodec_config(model))
     y, sr = sf.read(JOPLIN, dtype="float32", frames=int(init_seconds * 24000))
     if model == "48khz":
         import librosa
 
         y = librosa.resample(y, orig_sr=sr, target_sr=48000)
-    x = y[None] if net.config.audio_channels == 1 else np.stack([y, y])
-    init_codebooks_from_audio(net, [x], seed=seed)
-    return net
+    x = y[None] if model == "24khz" else np.stack([y, y])
+    return stand_in_model(model, "debug" if size == "debug" else "full", [x], seed=seed)
 
 
 def save_codec(net, folder: Path, form: str = "hf", weights: str = "model.safetensors") -> Path:

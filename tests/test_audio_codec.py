@@ -172,3 +172,30 @@ def test_encode_decode_48k_stereo_chunks(joplin):
     assert codes.shape == (4, -(-x.shape[1] // 320)) and scales.shape == (4,)  # 4 normalised 1 s chunks
     wave = codec.decode(codes, scales)
     assert wave.shape == (2, codes.shape[1] * 320) and np.all(np.isfinite(wave))
+
+
+def test_codec_init_makes_a_loadable_stand_in_from_real_audio(tmp_path):
+    """`amtrain codec init` (the documented offline stand-in): loads through --codec-path like
+    real weights, and its codes spread over the codebooks on real audio not used for the fit."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from amtrain.codec import load_codec
+    from tests.audio_helpers import JOPLIN, MELODY, REPO
+
+    out = tmp_path / "codec"
+    r = subprocess.run([sys.executable, "-m", "amtrain", "codec", "init", str(out), "--from-audio", str(JOPLIN),
+                        "--size", "debug", "--seconds", "5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"use it with --codec-path {out}" in r.stdout and (out / "config.json").is_file()
+    codec = load_codec(out, "24khz")
+    y, sr = sf.read(MELODY, dtype="float32", frames=5 * 24000)
+    import librosa
+
+    codes, _ = codec.encode(librosa.resample(y, orig_sr=sr, target_sr=24000)[None], codec.bandwidths[0])
+    assert codes.shape[0] >= 2 and all(np.unique(row).size > 20 for row in codes), [np.unique(r).size for r in codes]
+    bad = subprocess.run([sys.executable, "-m", "amtrain", "codec", "init", str(tmp_path / "x"), "--from-audio",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no audio files" in bad.stderr and "Traceback" not in bad.stderr

@@ -17,8 +17,9 @@ from amtrain.codec.encodec import (
     original_to_hf_key,
     save_hf_folder,
     save_original_checkpoint,
+    stand_in_model,
 )
 
 __all__ = ["CODEBOOK_SIZE", "Codec", "build_model", "debug_config", "encodec_config", "find_weights",
            "init_codebooks_from_audio", "load_codec", "original_state_dict", "original_to_hf_key",
-           "save_hf_folder", "save_original_checkpoint"]
+           "save_hf_folder", "save_original_checkpoint", "stand_in_model"]

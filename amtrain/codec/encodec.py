@@ -318,6 +318,16 @@ class Codec:
 
 
 # ---------------------------------------------------------------- codebooks for random models
+def stand_in_model(model: str, size: str, waves: list[np.ndarray], seed: int = 0):
+    """A stand-in EnCodec: the `model` ("24khz" / "48khz") architecture (`size` "full", or the
+    small "debug" one) with random weights seeded by `seed`, and codebooks fitted to `waves`
+    ((C, N) at the model's rate). `amtrain codec init` writes one; tests use the debug size."""
+    torch.manual_seed(seed)
+    net = build_model(debug_config(model) if size == "debug" else encodec_config(model))
+    init_codebooks_from_audio(net, waves, seed=seed)
+    return net
+
+
 @torch.inference_mode()
 def init_codebooks_from_audio(model, waves: list[np.ndarray], num_iters: int = 4, seed: int = 0) -> None:
     """Give a randomly initialised model usable codebooks from encoder outputs of real audio:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from amtrain.commands import console
+
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
@@ -17,10 +19,8 @@ def models(
     vocab_size: int = typer.Option(50257, help="Vocabulary the parameter counts are for (gpt2: 50257, midi: 55028)."),
 ) -> None:
     """List the model families (model.arch), their sizes (model.size) with parameter counts, and the modalities."""
-    import sys
 
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from amtrain.registry import family, family_names, modality, modality_names
@@ -33,7 +33,7 @@ def models(
                 model = fam.build(fam.config(size, vocab_size=vocab_size))
             table.add_row(name, size, f"{model.num_params():,}", f"{model.num_params(non_embedding=True):,}",
                           "left-to-right" if fam.left_to_right else "denoiser", fam.study_name or "")
-    con = Console(width=None if sys.stdout.isatty() else 120)  # no wrapping into a pipe or a log
+    con = console()
     con.print(table)
     con.print("modalities: " + "; ".join(f"{m} (tokenizers {', '.join(modality(m).tokenizers) or 'any other'})"
                                          for m in modality_names()))

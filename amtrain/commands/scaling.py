@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
+from amtrain.commands import console
 from amtrain.errors import UserError
 
 scaling = typer.Typer(help="Scaling studies: run a ladder of sizes, fit L(N), plot.", no_args_is_help=True)
@@ -63,7 +63,6 @@ def fit(
     seed: int = typer.Option(0, help="Bootstrap seed."),
 ) -> None:
     """Fit L(N) = a·N^(−α) + c per architecture (Huber in log space) with a bootstrap CI for α."""
-    from rich.console import Console
     from rich.table import Table
 
     from amtrain.scaling.fit import fit_data_power_law
@@ -77,7 +76,7 @@ def fit(
     for arch, f in fits.items():
         table.add_row(arch, str(f.num_runs), f"{f.law.a:.4g}", f"{f.law.alpha:.4f}",
                       _ci(f), f"{f.law.c:.4f}", f"{f.max_abs_residual:.4f}")
-    con = Console(width=None if sys.stdout.isatty() else 140)
+    con = console()
     con.print(table)
     for arch, f in fits.items():
         sub = [r for r in rows if r["arch"] == arch]
