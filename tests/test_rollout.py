@@ -484,3 +484,21 @@ def test_summaries_count_what_was_added_and_warn_on_nothing(ckpts, tmp_path):
     from amtrain.midi.events import read_notes
 
     assert len(read_notes(mid).time) == 3
+
+
+def test_midi_rollout_piano_roll_marks_the_generated_notes(ckpts, tmp_path):
+    from amtrain.midi.gm import instrument_name
+    from amtrain.modalities.midi import MidiTape, _generated_mask
+    from amtrain.tokens.midi import DRUMS
+
+    assert instrument_name(0) == "Acoustic Grand Piano" and instrument_name(40) == "Violin"
+    assert instrument_name(DRUMS) == "drums"
+    rm = load_rollout_model(ckpts["midi"])
+    note = lambda t, p: [TIME_OFFSET + t, DUR_OFFSET + 50, NOTE_OFFSET + p]  # noqa: E731
+    before = MidiTape(AUTOREGRESS, np.array([note(100, 60), note(0, 62)]))
+    after = MidiTape(AUTOREGRESS, np.array([note(100, 60), note(0, 62), note(150, 65), note(50, 62)]))
+    mask = _generated_mask(after.events(), before)
+    assert mask.tolist() == [False, True, False, True]  # onset order: 0, 50, 100, 150
+    files = rm.modality.write_tape(rm, after, tmp_path / "s", prompt=before)
+    assert [f.suffix for f in files] == [".mid", ".npy", ".png"]
+    assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

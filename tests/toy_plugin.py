@@ -115,7 +115,7 @@ class DnaModality(Modality):
     def read_prompt(self, rm, path: Path, cfg, codec=None) -> list[np.ndarray]:
         return [np.array(rm.tokenizer.encode(path.read_text()), np.int64)]
 
-    def write_tape(self, rm, tape, stem: Path, codec=None) -> list[Path]:
+    def write_tape(self, rm, tape, stem: Path, codec=None, prompt=None) -> list[Path]:
         ids = np.asarray(tape, np.int64)
         write_text_atomic(stem.with_suffix(".txt"), rm.tokenizer.decode(ids[ids != 4].tolist()) + "\n")
         return [stem.with_suffix(".txt"), save_npy(ids, stem)]

@@ -90,7 +90,7 @@ def rollout(
     else:
         tape = read_prompt(rm, prompt, cfg, codec)
     results = run_rollout(rm, tape, cfg)
-    files = write_tapes(rm, results, out, codec)
+    files = write_tapes(rm, results, out, codec, prompt=tape)
     for f in files:
         typer.echo(str(f))
     for i, (line, warnings) in enumerate(summaries(rm, tape, results, cfg)):

@@ -1,8 +1,11 @@
 """Piano-roll PNGs of a token sequence or a MIDI file (matplotlib, Agg backend).
 
-x = seconds, y = MIDI pitch; one colour per instrument (legend by General MIDI program number,
-"drums" for channel 10). For token ids, anticipated controls are drawn with a black outline
-and piece boundaries (SEPARATOR) as dashed vertical lines.
+x = seconds, y = MIDI pitch; one colour per instrument, named in the legend by its General
+MIDI program ("Acoustic Grand Piano"); drums (channel 10) are drawn as x marks at their key
+number, not bars. For token ids, anticipated controls are drawn with a black outline and piece
+boundaries (SEPARATOR) as dashed vertical lines. For a rollout, `generated` marks the notes
+the model wrote: they are hatched, and a red line stands where the prompt ends and generated
+music begins (the first generated onset).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import numpy as np
 from amtrain.fileio import atomic_target
 from amtrain.midi.decode import ids_to_notes
 from amtrain.midi.events import Notes, read_notes
+from amtrain.midi.gm import instrument_name
 from amtrain.tokens.midi import DRUMS, TIME_RESOLUTION
 
 
 def plot_notes(notes: Notes, out: str | Path, title: str = "", controls: np.ndarray | None = None,
-               boundaries: list[float] | None = None) -> Path:
+               boundaries: list[float] | None = None, generated: np.ndarray | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,12 +37,21 @@ def plot_notes(notes: Notes, out: str | Path, title: str = "", controls: np.ndar
         x0 = notes.time[sel] / TIME_RESOLUTION
         w = np.maximum(notes.dur[sel], 1) / TIME_RESOLUTION
         y = notes.pitch[sel]
-        ax.barh(y, w, left=x0, height=0.8, color=cmap(c % 20), label="drums" if instr == DRUMS else f"program {instr}")
+        if instr == DRUMS:
+            ax.scatter(x0, y, marker="x", s=14, color="black", linewidths=0.8, label=instrument_name(instr), zorder=3)
+            continue
+        ax.barh(y, w, left=x0, height=0.8, color=cmap(c % 20), label=instrument_name(instr))
         if controls is not None and controls[sel].any():
             m = controls[sel]
             ax.barh(y[m], w[m], left=x0[m], height=0.8, fill=False, edgecolor="black", linewidth=0.6)
+        if generated is not None and generated[sel].any():
+            m = generated[sel]
+            ax.barh(y[m], w[m], left=x0[m], height=0.8, fill=False, hatch="////", edgecolor="white", linewidth=0)
     for b in boundaries or []:
         ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
+    if generated is not None and generated.any():
+        start = notes.time[generated].min() / TIME_RESOLUTION
+        ax.axvline(start, color="red", linewidth=1.2, label=f"generated from {start:.2f} s (hatched)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("MIDI pitch")
     ax.set_title(title or out.stem)

@@ -79,7 +79,7 @@ class AudioModality(Modality):
             raise UserError(f"{path}: no audio tokens")
         return docs[-1]
 
-    def write_tape(self, rm: RolloutModel, codes: np.ndarray, stem: Path, codec=None) -> list[Path]:
+    def write_tape(self, rm: RolloutModel, codes: np.ndarray, stem: Path, codec=None, prompt=None) -> list[Path]:
         stream = save_npy(audio_tokenizer(rm).encode(codes).astype(np.int64), stem)
         if codec is None:
             return [stream]

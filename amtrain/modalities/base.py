@@ -166,7 +166,9 @@ class Modality:
         """A prompt file -> a list of id segments split at gaps (one segment: no gap)."""
         return split_gaps(check_ids(read_ids(path), rm.tokenizer.vocab_size, path))
 
-    def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None) -> list[Path]:
+    def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None, prompt=None) -> list[Path]:
+        """The files a person opens, plus the ids; `prompt` (the tape generation started from)
+        lets a modality show what was generated."""
         ids = np.asarray(tape, np.int64)
         write_bytes_atomic(stem.with_suffix(".txt"), (" ".join(map(str, ids.tolist())) + "\n").encode())
         return [stem.with_suffix(".txt"), save_npy(ids, stem)]

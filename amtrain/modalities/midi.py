@@ -129,12 +129,20 @@ class MidiModality(Modality):
         tri = ids.reshape(-1, 3)
         return MidiTape(flag, tri[tri[:, 2] != SEPARATOR])
 
-    def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None) -> list[Path]:
+    def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None, prompt=None) -> list[Path]:
+        """.mid, the ids (.npy), and with the prompt a piano roll (.png) marking what was generated."""
         from amtrain.midi.decode import events_to_notes, write_midi
 
-        events = tape.events()
-        write_midi(events_to_notes(events[_well_formed(tape.triples)]), stem.with_suffix(".mid"))
-        return [stem.with_suffix(".mid"), save_npy(tape.ids(), stem)]
+        events = tape.events()[_well_formed(tape.triples)]
+        notes = events_to_notes(events)
+        write_midi(notes, stem.with_suffix(".mid"))
+        files = [stem.with_suffix(".mid"), save_npy(tape.ids(), stem)]
+        if prompt is not None:
+            from amtrain.midi.pianoroll import plot_notes
+
+            files.append(plot_notes(notes, stem.with_suffix(".png"), title=stem.name,
+                                    generated=_generated_mask(events, prompt)))
+        return files
 
     def continuation_tape(self, rm: RolloutModel, prompt):
         return prompt
@@ -279,6 +287,22 @@ def _sounding(tape: MidiTape) -> np.ndarray:
     """The well-formed non-REST events of a tape (controls as events): the notes one hears."""
     ev = tape.events()
     return ev[_well_formed(tape.triples) & (ev[:, 2] != REST)]
+
+
+def _generated_mask(events: np.ndarray, prompt: MidiTape) -> np.ndarray:
+    """(notes,) True for the notes of `events` (in `events_to_notes` order) not in the prompt
+    (multiset: a prompt note is matched once)."""
+    from collections import Counter
+
+    left = Counter(_notes(prompt))
+    ev = events[events[:, 2] != REST]
+    mask = np.zeros(len(ev), bool)
+    for i, row in enumerate(map(tuple, ev.tolist())):
+        if left[row] > 0:
+            left[row] -= 1
+        else:
+            mask[i] = True
+    return mask[np.argsort(ev[:, 0], kind="stable")]
 
 
 def _notes(tape: MidiTape) -> list[tuple[int, int, int]]:

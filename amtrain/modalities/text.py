@@ -55,7 +55,7 @@ class TextModality(Modality):
             return split_gaps(check_ids(read_ids(path), tok.vocab_size, path))
         return [np.array(tok.encode(part), np.int64) for part in path.read_text().split(cfg.gap_marker)]
 
-    def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None) -> list[Path]:
+    def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None, prompt=None) -> list[Path]:
         tok = rm.tokenizer
         ids = np.asarray(tape, np.int64)
         body = ids[1:] if ids.size and ids[0] == tok.eot_id else ids  # the document-start header

@@ -33,11 +33,14 @@ def read_prompt(rm: RolloutModel, path: Path, cfg: RolloutConfig, codec=None):
     return rm.modality.read_prompt(rm, path, cfg, codec)
 
 
-def write_tapes(rm: RolloutModel, results: list, out: Path, codec=None, name: str = "sample") -> list[Path]:
+def write_tapes(rm: RolloutModel, results: list, out: Path, codec=None, name: str = "sample",
+                prompt=None) -> list[Path]:
+    """Each result as `{name}_{i}.*`; with `prompt` (the tape the rollout started from) a
+    modality may also show what was generated (MIDI: a piano roll with the generated notes)."""
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i, tape in enumerate(results):
-        files += rm.modality.write_tape(rm, tape, out / f"{name}_{i}", codec)
+        files += rm.modality.write_tape(rm, tape, out / f"{name}_{i}", codec, prompt)
     return files
 
 

@@ -31,15 +31,16 @@ def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_d
                       Path(run_dir or "."))
     cfg = RolloutConfig(length=length, temperature=temperature, top_k=top_k, top_p=top_p)
     out: dict = {"step": step}
-    results, added = [], []
+    tapes, results, added = [], [], []
     for i, prompt in enumerate(prompts):
         tape, n = modality.hook_tape(rm, prompt, cfg)
         results.append(modality.continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
+        tapes.append(tape)
         added.append(n)
     if modality.text_output:  # without the ids hook_tape put before the prompt
         out["texts"] = [tokenizer.decode(np.asarray(r)[n:].tolist()) for r, n in zip(results, added, strict=True)]
         return out
     folder = Path(run_dir) / "rollouts" / f"step_{step}"
-    out["files"] = [str(p) for i, tape in enumerate(results)
-                    for p in modality.write_tape(rm, tape, folder / f"prompt_{i}", codec)]
+    out["files"] = [str(p) for i, (tape, prompt) in enumerate(zip(results, tapes, strict=True))
+                    for p in modality.write_tape(rm, tape, folder / f"prompt_{i}", codec, prompt)]
     return out
