@@ -224,3 +224,23 @@ def test_time_based_checkpoints_and_seq_len_warmup(kjv_gpt2, tmp_path):
     # last one (decided at its start, agreed in its all-reduce): the 60 us deadline has not passed
     # when step 1 starts, nor right after a save, and has when steps 2 and 4 start (4 is also final)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (2, 4)]
+
+
+
+# The quickstart's first logged losses, recorded on this machine (one thread, fp32) at the commit
+# before the trainer was split into Trainer / objectives: a change to a batch, the initial
+# weights, the optimizer or the schedule moves them by far more than the tolerance.
+QUICKSTART_LOSSES = {10: 10.249161720275879, 20: 8.420877456665039}
+
+
+def test_default_config_pins_the_first_losses(kjv_gpt2, tmp_path):
+    """The default run config (debug decoder, 8 windows of 128 tokens per step) on the bundled
+    corpus prepped with gpt2, as the quickstart runs it, for 20 steps: the logged losses."""
+    from amtrain.config import parse_args
+
+    res = train(parse_args(["--data", str(kjv_gpt2), "--train.out_dir", str(tmp_path), "--train.max_steps", "20",
+                            "--train.progress", "false"]))
+    logged = {r["step"]: r["loss"] for r in metrics(tmp_path)}
+    assert sorted(logged) == [10, 20]
+    for step, loss in QUICKSTART_LOSSES.items():
+        assert logged[step] == res.losses[step] == pytest.approx(loss, rel=1e-5, abs=0), step
