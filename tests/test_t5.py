@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from amtrain.errors import UserError
 from amtrain.models.t5 import (
     T5,
     T5_SIZES,
@@ -15,7 +16,6 @@ from amtrain.models.t5 import (
     per_example_loss,
     relative_position_bucket,
 )
-from amtrain.errors import UserError
 from amtrain.registry import family
 
 torch.set_num_threads(1)
