@@ -141,26 +141,26 @@ class _NaNAt:
 
 
 def test_nan_steps_are_skipped_and_counted_then_stop(kjv_gpt2, tmp_path, monkeypatch):
-    from amtrain.train import loop
+    from amtrain.train import trainer
 
-    real_build = loop.build_model
+    real_build = trainer.build_model
     nan = _NaNAt({4, 5})  # step 3 (micro-steps 4, 5 with accumulation 2)
-    monkeypatch.setattr(loop, "build_model", lambda cfg, ds: nan(real_build(cfg, ds)))
+    monkeypatch.setattr(trainer, "build_model", lambda cfg, ds: nan(real_build(cfg, ds)))
     snapshots = {}
-    real_step = loop.train_step
+    real_step = trainer.Trainer.train_step
 
-    def spy(engine, *a):
-        out = real_step(engine, *a)
-        snapshots[len(snapshots) + 1] = engine.module.embed.weight.detach().clone()
+    def spy(self):
+        out = real_step(self)
+        snapshots[len(snapshots) + 1] = self.engine.module.embed.weight.detach().clone()
         return out
 
-    monkeypatch.setattr(loop, "train_step", spy)
+    monkeypatch.setattr(trainer.Trainer, "train_step", spy)
     res = train(from_args(tiny(kjv_gpt2, tmp_path / "a", **{"train.max_steps": 5})))
     assert math.isnan(res.losses[3]) and all(math.isfinite(res.losses[s]) for s in (1, 2, 4, 5))
     assert torch.equal(snapshots[2], snapshots[3]) and not torch.equal(snapshots[3], snapshots[4])
     assert res.state.num_bad_steps == 1 and metrics(tmp_path / "a")[-1]["bad_steps"] == 1
 
-    monkeypatch.setattr(loop, "build_model", lambda cfg, ds: _NaNAt(range(4, 100))(real_build(cfg, ds)))
+    monkeypatch.setattr(trainer, "build_model", lambda cfg, ds: _NaNAt(range(4, 100))(real_build(cfg, ds)))
     with pytest.raises(UserError, match="3 steps in a row had a NaN/inf loss"):
         train(from_args(tiny(kjv_gpt2, tmp_path / "b", **{"train.max_steps": 8, "train.max_bad_steps": 3})))
 
