@@ -55,6 +55,7 @@ from amtrain.data.span_corruption import (
     span_exact_match,
 )
 from amtrain.errors import UserError
+from amtrain.models.t5 import per_example_loss
 from amtrain.registry import modality_of
 from amtrain.store import Dataset
 from amtrain.tokens import IGNORE_INDEX, get_tokenizer
@@ -349,8 +350,6 @@ class DenoiseObjective:
                 "labels": torch.from_numpy(batch.labels).to(device)}
 
     def loss(self, engine, micro: DenoisingBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        from amtrain.models.t5 import per_example_loss
-
         t = self.tensors(micro, device)
         _, token_nll = engine(**t, return_logits=False, reduction="none")  # (B, T), 0 where ignored
         labelled = (t["labels"] != IGNORE_INDEX).sum()
