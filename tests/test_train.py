@@ -244,3 +244,19 @@ def test_default_config_pins_the_first_losses(kjv_gpt2, tmp_path):
     assert sorted(logged) == [10, 20]
     for step, loss in QUICKSTART_LOSSES.items():
         assert logged[step] == res.losses[step] == pytest.approx(loss, rel=1e-5, abs=0), step
+
+
+def test_every_family_objective_implements_the_protocol(kjv_gpt2, tmp_path):
+    """Each registered family's objective, built as the trainer builds it, is an `Objective`;
+    its batch plan is at its example length and its first micro-batches are the plan's."""
+    from amtrain.registry import family, family_names
+    from amtrain.store import Dataset
+    from amtrain.train.objective import Objective
+
+    dataset = Dataset(kjv_gpt2)
+    for name in family_names():
+        cfg = from_args(tiny(kjv_gpt2, tmp_path, **{"model.arch": name, "denoise.inputs_length": 32}))
+        objective = family(name).objective_cls().build(cfg, dataset, 0, 1)
+        assert isinstance(objective, Objective), name
+        assert objective.plan.seq_len == objective.seq_len_at(0) and objective.plan.tokens_per_step == 512, name
+        assert len(objective.micro_batches(0)) == objective.plan.grad_accum, name

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+@runtime_checkable
 class Objective(Protocol):
     """What the trainer asks of a family's objective. A new family either names an existing
     objective (`LMObjective` for a left-to-right LM whose `forward(idx, targets)` returns
@@ -176,9 +177,13 @@ class LMObjective:
         return cls(plan, loader, val, modality_of(dataset.manifest.tokenizer), data.seq_len_at)
 
     def __init__(self, plan: BatchPlan, loader: TrainLoader, val: list[tuple[torch.Tensor, torch.Tensor]],
-                 modality: Modality, seq_len_at: Callable[[int], int]):
+                 modality: Modality, seq_len_schedule: Callable[[int], int]):
+        """`seq_len_schedule(step)`: window length at a step (`DataConfig.seq_len_at`)."""
         self.plan, self.loader, self.val, self.modality = plan, loader, val, modality
-        self.seq_len_at = seq_len_at
+        self.seq_len_schedule = seq_len_schedule
+
+    def seq_len_at(self, step: int) -> int:
+        return self.seq_len_schedule(step)
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         seq_len = self.seq_len_at(step)
