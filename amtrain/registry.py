@@ -158,7 +158,7 @@ def family(name: str) -> ModelFamily:
 
 def family_names() -> list[str]:
     _load()
-    return list(_FAMILIES)
+    return sorted(_FAMILIES)
 
 
 def family_of(model) -> ModelFamily:
@@ -186,7 +186,7 @@ def modality(name: str) -> Modality:
 
 def modality_names() -> list[str]:
     _load()
-    return list(_MODALITIES)
+    return sorted(_MODALITIES)
 
 
 def modality_of(tokenizer: str) -> Modality:

@@ -18,7 +18,6 @@ from audio_helpers import AUDIO, JOPLIN, MELODY, REPO, random_model, save_codec
 from amtrain.codec import load_codec
 from amtrain.data.priority import (
     SCHEMA_VERSION,
-    PriorityDocuments,
     PrioritySampler,
     chunk_priorities,
     read_scores,
@@ -110,12 +109,7 @@ def test_shards_decode_back_to_the_codes(prepped):
     pri = chunk_priorities(out, "train")
     tables = [read_scores(p).column("priority").to_numpy() for p in sorted((out / "scores").glob("*.parquet"))]
     assert np.array_equal(pri, np.concatenate(tables))
-    # priority-sampled documents are the dataset's documents at the sampler's indices
-    sampled = PriorityDocuments(out, "train", seed=4)
-    idx = PrioritySampler(pri, seed=4).take(25)
-    for i in idx:
-        assert np.array_equal(next(sampled), docs[i])
-    assert sampled.state_dict()["position"] == 25
+    assert PrioritySampler(pri).num_documents == len(docs)  # the sampler training uses: one per document
 
 
 def test_decode_audio_cli_gives_right_length_and_rate(prepped, codec_dir, tmp_path):

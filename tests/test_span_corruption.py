@@ -14,6 +14,7 @@ from amtrain.data.span_corruption import (
     TASKS,
     Denoiser,
     DenoisingBatcher,
+    DenoisingLoader,
     T5Vocab,
     compute_input_and_target_lengths,
     corrupt_spans,
@@ -172,27 +173,28 @@ def test_batches_shapes_tasks_and_resume():
     b = batcher.batch(32, denoisers, [0.5, 0.25, 0.25])
     assert b.input_ids.shape == (32, 64) and b.labels.shape == (32, batcher.targets_length)
     assert set(b.task_ids.tolist()) == {0, 1, 2}
-    num_tokens = 0
     for x, m, y, t in zip(b.input_ids, b.attention_mask, b.labels, b.task_ids, strict=True):
         n = int(m.sum())
         assert x[0] == VOCAB.mode_id(TASKS[t]) and x[n - 1] == VOCAB.eos_id
         assert (x[n:] == VOCAB.pad_id).all() and 64 - n < 3  # gap below one unit
         real = y[y != IGNORE_INDEX]
         assert real[-1] == VOCAB.eos_id and (y[len(real):] == IGNORE_INDEX).all()
-        num_tokens += n + len(real)
         if TASKS[t] != "S":
             merged = merge_inputs_targets(x[1:n - 1], real[:-1], VOCAB)
             assert len(merged) == batcher.raw_length(denoisers[t])
-    assert b.num_tokens() == num_tokens
-    state = batcher.state_dict()
-    after = [batcher.batch(8, denoisers) for _ in range(3)]
-    resumed, _ = make_batcher(seed=99, unit=3)
-    resumed.load_state_dict(state)
-    again = [resumed.batch(8, denoisers) for _ in range(3)]
-    for a, c in zip(after, again, strict=True):
+    # a loader's batches are a function of (seed, step, rank): step 3 alone (a resumed run)
+    # equals step 3 after steps 0-2, whatever the batcher drew before
+    loader = DenoisingLoader(batcher, micro_batch=8, grad_accum=2, seed=7, rank=0)
+    after = [loader.next_step(s, denoisers, [0.5, 0.25, 0.25]) for s in range(4)]
+    resumed = DenoisingLoader(make_batcher(seed=99, unit=3)[0], micro_batch=8, grad_accum=2, seed=7, rank=0)
+    resumed.load_state_dict(loader.state_dict())
+    again = resumed.next_step(3, denoisers, [0.5, 0.25, 0.25])
+    for a, c in zip(after[3], again, strict=True):
         assert np.array_equal(a.input_ids, c.input_ids) and np.array_equal(a.labels, c.labels)
-    other, _ = make_batcher(seed=1, unit=3)
-    assert not np.array_equal(other.batch(8, denoisers).input_ids, after[0].input_ids)
+    assert not np.array_equal(after[3][0].input_ids, after[3][1].input_ids)  # micro-batches differ
+    for other in (DenoisingLoader(batcher, 8, 2, seed=8, rank=0), DenoisingLoader(batcher, 8, 2, seed=7, rank=1)):
+        assert not np.array_equal(other.next_step(3, denoisers, [0.5, 0.25, 0.25])[0].input_ids,
+                                  after[3][0].input_ids)
 
 
 def test_batch_chunks_are_unit_aligned_windows():

@@ -198,7 +198,6 @@ def test_bad_t5_settings_are_one_clear_error(kjv_gpt2, tmp_path):
 
 
 def test_loss_falls_on_real_midi(midi_data, tmp_path):
-    from amtrain.data.span_corruption import T5Vocab
     from amtrain.store import Dataset
     from amtrain.train.objective import DenoiseObjective
 
@@ -220,9 +219,9 @@ def test_loss_falls_on_real_midi(midi_data, tmp_path):
         assert symusic.Score(mid).end() >= 0
     cfg = from_args(args)
     dataset = Dataset(midi_data)
-    objective = DenoiseObjective(cfg, dataset, T5Vocab(dataset.vocab_size), 0, 1)
+    objective = DenoiseObjective.build(cfg, dataset, 0, 1)
     assert (objective.unit, objective.unit_offset) == (3, 1)
-    batch = objective.next_step(0)[0]
+    batch = objective.micro_batches(0)[0]
     vocab = objective.vocab
     for inputs in batch.input_ids:  # sentinels sit between whole events: kept runs are triples
         body = inputs[1:np.flatnonzero(inputs == vocab.eos_id)[0]]
@@ -243,7 +242,6 @@ def audio_data(tmp_path_factory):
 
 def test_audio_priority_sampling_and_frames(audio_data, tmp_path):
     from amtrain.data.priority import chunk_priorities, chunk_probabilities
-    from amtrain.data.span_corruption import T5Vocab
     from amtrain.store import Dataset
     from amtrain.train.objective import DenoiseObjective
 
@@ -254,18 +252,18 @@ def test_audio_priority_sampling_and_frames(audio_data, tmp_path):
     result = train(from_args(args))  # trains end to end on priority-drawn audio chunks
     assert sorted(result.losses) == [1, 2, 3] and all(np.isfinite(list(result.losses.values())))
     dataset = Dataset(audio_data)
-    objective = DenoiseObjective(from_args(args), dataset, T5Vocab(dataset.vocab_size), 0, 1)
+    objective = DenoiseObjective.build(from_args(args), dataset, 0, 1)
     assert (objective.unit, objective.unit_offset) == (8, 1)  # K=8 codebooks per frame, after <eot>
-    batcher = objective.batcher
-    length = batcher.raw_length(objective.curriculum.decide(0).denoisers[0])
+    batcher = objective.loader.batcher  # the batcher training draws from, its priority sampler
+    num_windows = batcher.num_windows(batcher.raw_length(objective.curriculum.decide(0).denoisers[0]))
     num_draws = 6000
-    draws = np.bincount([batcher.choose_document(length)[0] for _ in range(num_draws)],
-                        minlength=len(batcher.probs))
+    draws = np.bincount([batcher.document_sampler.choose(batcher.rng, num_windows) for _ in range(num_draws)],
+                        minlength=batcher.document_sampler.num_documents)
     want = chunk_probabilities(chunk_priorities(audio_data, "train"), 0.1)  # every 2 s chunk is long enough
     assert want.max() > 5 * want.min()  # far from uniform at this temperature: the check can fail
     sigma = np.sqrt(want * (1 - want) / num_draws)
     assert np.all(np.abs(draws / num_draws - want) < 5 * sigma), (draws / num_draws, want)
-    for inputs in objective.next_step(0)[0].input_ids:  # spans cover whole frames
+    for inputs in objective.micro_batches(0)[0].input_ids:  # spans cover whole frames
         body = inputs[1:np.flatnonzero(inputs == objective.vocab.eos_id)[0]]
         runs = np.split(body, np.flatnonzero(objective.vocab.is_sentinel(body)))
         assert all((len(r) - (1 if len(r) and objective.vocab.is_sentinel(r[:1])[0] else 0)) % 8 == 0 for r in runs)

@@ -141,26 +141,26 @@ class _NaNAt:
 
 
 def test_nan_steps_are_skipped_and_counted_then_stop(kjv_gpt2, tmp_path, monkeypatch):
-    from amtrain.train import loop
+    from amtrain.train import trainer
 
-    real_build = loop.build_model
+    real_build = trainer.build_model
     nan = _NaNAt({4, 5})  # step 3 (micro-steps 4, 5 with accumulation 2)
-    monkeypatch.setattr(loop, "build_model", lambda cfg, ds: nan(real_build(cfg, ds)))
+    monkeypatch.setattr(trainer, "build_model", lambda cfg, ds: nan(real_build(cfg, ds)))
     snapshots = {}
-    real_step = loop.train_step
+    real_step = trainer.Trainer.train_step
 
-    def spy(engine, *a):
-        out = real_step(engine, *a)
-        snapshots[len(snapshots) + 1] = engine.module.embed.weight.detach().clone()
+    def spy(self):
+        out = real_step(self)
+        snapshots[len(snapshots) + 1] = self.engine.module.embed.weight.detach().clone()
         return out
 
-    monkeypatch.setattr(loop, "train_step", spy)
+    monkeypatch.setattr(trainer.Trainer, "train_step", spy)
     res = train(from_args(tiny(kjv_gpt2, tmp_path / "a", **{"train.max_steps": 5})))
     assert math.isnan(res.losses[3]) and all(math.isfinite(res.losses[s]) for s in (1, 2, 4, 5))
     assert torch.equal(snapshots[2], snapshots[3]) and not torch.equal(snapshots[3], snapshots[4])
     assert res.state.num_bad_steps == 1 and metrics(tmp_path / "a")[-1]["bad_steps"] == 1
 
-    monkeypatch.setattr(loop, "build_model", lambda cfg, ds: _NaNAt(range(4, 100))(real_build(cfg, ds)))
+    monkeypatch.setattr(trainer, "build_model", lambda cfg, ds: _NaNAt(range(4, 100))(real_build(cfg, ds)))
     with pytest.raises(UserError, match="3 steps in a row had a NaN/inf loss"):
         train(from_args(tiny(kjv_gpt2, tmp_path / "b", **{"train.max_steps": 8, "train.max_bad_steps": 3})))
 
@@ -224,3 +224,39 @@ def test_time_based_checkpoints_and_seq_len_warmup(kjv_gpt2, tmp_path):
     # last one (decided at its start, agreed in its all-reduce): the 60 us deadline has not passed
     # when step 1 starts, nor right after a save, and has when steps 2 and 4 start (4 is also final)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (2, 4)]
+
+
+
+# The quickstart's first logged losses, recorded on this machine (one thread, fp32) at the commit
+# before the trainer was split into Trainer / objectives: a change to a batch, the initial
+# weights, the optimizer or the schedule moves them by far more than the tolerance.
+QUICKSTART_LOSSES = {10: 10.249161720275879, 20: 8.420877456665039}
+
+
+def test_default_config_pins_the_first_losses(kjv_gpt2, tmp_path):
+    """The default run config (debug decoder, 8 windows of 128 tokens per step) on the bundled
+    corpus prepped with gpt2, as the quickstart runs it, for 20 steps: the logged losses."""
+    from amtrain.config import parse_args
+
+    res = train(parse_args(["--data", str(kjv_gpt2), "--train.out_dir", str(tmp_path), "--train.max_steps", "20",
+                            "--train.progress", "false"]))
+    logged = {r["step"]: r["loss"] for r in metrics(tmp_path)}
+    assert sorted(logged) == [10, 20]
+    for step, loss in QUICKSTART_LOSSES.items():
+        assert logged[step] == res.losses[step] == pytest.approx(loss, rel=1e-5, abs=0), step
+
+
+def test_every_family_objective_implements_the_protocol(kjv_gpt2, tmp_path):
+    """Each registered family's objective, built as the trainer builds it, is an `Objective`;
+    its batch plan is at its example length and its first micro-batches are the plan's."""
+    from amtrain.registry import family, family_names
+    from amtrain.store import Dataset
+    from amtrain.train.objective import Objective
+
+    dataset = Dataset(kjv_gpt2)
+    for name in family_names():
+        cfg = from_args(tiny(kjv_gpt2, tmp_path, **{"model.arch": name, "denoise.inputs_length": 32}))
+        objective = family(name).objective_cls().build(cfg, dataset, 0, 1)
+        assert isinstance(objective, Objective), name
+        assert objective.plan.seq_len == objective.seq_len_at(0) and objective.plan.tokens_per_step == 512, name
+        assert len(objective.micro_batches(0)) == objective.plan.grad_accum, name

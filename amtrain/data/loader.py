@@ -105,10 +105,6 @@ class TrainLoader:
             out.append((w[:, :-1], w[:, 1:]))
         return out
 
-    @property
-    def windows_per_epoch(self) -> int:
-        return len(self.index)
-
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "consumed": self.state.consumed, "seed": self.seed,
                 "global_batch": self.global_batch, "seq_len": self.index.seq_len}

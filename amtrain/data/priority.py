@@ -1,13 +1,17 @@
-"""Priority sampling of training chunks: P(chunk i) ∝ priority_i ** (1 / temperature).
+"""Priority sampling of training chunks: P(document) ∝ priority ** (1 / temperature).
 
-One global stream of draws, a pure function of (seed, draw index): draw g is made from block
-g // BLOCK, whose generator is seeded with (seed, block), so any position can be resumed
-without replaying. Rank r of W takes the draws g ≡ r (mod W): ranks never share a draw, their
-union is exactly the single-process stream, and a `state_dict` (the global position) resumes at
-any world size. temperature -> 0 approaches argmax, 1 is proportional, large is uniform.
+prep-audio cuts every file into chunks and scores each (`amtrain.prep.audio_features`); each
+chunk is one document of the token dataset. `chunk_priorities(dataset_folder, split)` reads the
+scores (prep-audio's parquet tables, checked by `read_scores`) in the split's document order,
+and `PrioritySampler` is the document choice the T5 objective hands to
+`amtrain.data.span_corruption.DenoisingBatcher` (its `document_sampler` hook) when
+`denoise.priority` is set: each example draws a document with P ∝ priority ** (1 / T) among
+the documents long enough for the example's chunk, then the batcher takes a uniform window
+inside it. temperature -> 0 approaches argmax, 1 is proportional, large is uniform.
 
-`chunk_priorities(dataset_folder, split)` reads prep-audio's parquet tables in the dataset's
-document order, so draw i names document i of that split (one document per chunk).
+The sampler keeps no state of its own: it draws from the generator the batcher passes, which
+the objective reseeds from (seed, step, rank) every step, so a resumed run draws exactly as the
+uninterrupted one (`amtrain.train.objective`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
-BLOCK = 4096  # draws generated per seeded block
 
 
 def chunk_probabilities(priorities, temperature: float) -> np.ndarray:
@@ -33,50 +35,25 @@ def chunk_probabilities(priorities, temperature: float) -> np.ndarray:
 
 
 class PrioritySampler:
-    """Iterate chunk indices for one rank; `state_dict` / `load_state_dict` resume exactly."""
+    """Document choice by priority, for `DenoisingBatcher(document_sampler=...)`: one probability
+    per document of the split (`chunk_probabilities`), renormalized over the documents that
+    hold at least one window of the length asked for."""
 
-    def __init__(self, priorities, temperature: float = 1.0, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+    def __init__(self, priorities, temperature: float = 1.0):
         self.probs = chunk_probabilities(priorities, temperature)
-        self.cdf = np.cumsum(self.probs)
-        self.cdf[-1] = 1.0
-        self.temperature, self.seed, self.rank, self.world_size = temperature, seed, rank, world_size
-        self.position = 0  # global draws consumed by all ranks together (a multiple of world_size)
-        self._block_id, self._block = -1, np.zeros(0, np.int64)
 
     @property
-    def num_chunks(self) -> int:
+    def num_documents(self) -> int:
         return self.probs.size
 
-    def _draw(self, g: int) -> int:
-        b = g // BLOCK
-        if b != self._block_id:
-            u = np.random.default_rng([self.seed, b]).random(BLOCK)
-            self._block_id, self._block = b, np.searchsorted(self.cdf, u, side="right")
-        return int(self._block[g % BLOCK])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> int:
-        idx = self._draw(self.position + self.rank)
-        self.position += self.world_size
-        return idx
-
-    def take(self, n: int) -> np.ndarray:
-        return np.fromiter((next(self) for _ in range(n)), dtype=np.int64, count=n)
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "temperature": self.temperature,
-                "num_chunks": self.num_chunks}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["num_chunks"] != self.num_chunks or state["seed"] != self.seed:
-            raise ValueError(f"sampler state is for {state['num_chunks']} chunks / seed {state['seed']}, "
-                             f"this sampler has {self.num_chunks} / {self.seed}")
-        pos = int(state["position"])
-        self.position = -(-pos // self.world_size) * self.world_size  # next whole round of draws
+    def choose(self, rng: np.random.Generator, num_windows: np.ndarray) -> int:
+        """A document index drawn from `rng`; `num_windows` (num_documents,) counts each
+        document's valid windows (0: too short, never drawn)."""
+        p = self.probs * (num_windows > 0)
+        if p.sum() == 0:
+            raise ValueError("no document long enough for the chunk has a priority above 0; "
+                             "raise denoise.priority_temperature or lower denoise.inputs_length")
+        return int(rng.choice(len(p), p=p / p.sum()))
 
 
 SCORES_FORMAT = "amtrain-audio-chunks"
@@ -119,39 +96,3 @@ def chunk_priorities(dataset_folder: str | Path, split: str = "train") -> np.nda
         out.append(pri[used:used + rec.num_docs])
         tables[uid][1] += rec.num_docs
     return np.concatenate(out)
-
-
-class PriorityDocuments:
-    """Priority-sampled documents (= chunks) of a prep-audio dataset split, as token arrays
-    (read-only memmap views): the sampler's draws mapped through the shards' document index."""
-
-    def __init__(self, dataset_folder: str | Path, split: str = "train", temperature: float = 1.0,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
-        from amtrain.store import Dataset
-        from amtrain.store.format import open_shard
-
-        ds = Dataset(dataset_folder)
-        self.sampler = PrioritySampler(chunk_priorities(dataset_folder, split), temperature, seed, rank, world_size)
-        self._shards, spans = [], []
-        for i, rec in enumerate(ds.require_split(split)):
-            toks = open_shard(ds.folder / rec.file)
-            bounds = np.append(ds.doc_starts(rec).astype(np.int64), toks.size)
-            self._shards.append(toks)
-            spans.append(np.stack([np.full(rec.num_docs, i), bounds[:-1], bounds[1:]], axis=1))
-        self._spans = np.concatenate(spans)  # (num_docs, 3): shard, start, end
-
-    def document(self, index: int) -> np.ndarray:
-        shard, a, b = self._spans[index]
-        return self._shards[shard][a:b]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> np.ndarray:
-        return self.document(next(self.sampler))
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)

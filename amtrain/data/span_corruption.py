@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -269,8 +270,15 @@ class DenoisingBatch:
     labels: np.ndarray  # (B, T) int64, -100 after EOS
     task_ids: np.ndarray  # (B,) int64 index into TASKS
 
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum() + (self.labels != IGNORE_INDEX).sum())
+
+class DocumentSampler(Protocol):
+    """The `document_sampler` hook of `DenoisingBatcher`: which document an example's chunk comes
+    from (e.g. `amtrain.data.priority.PrioritySampler`)."""
+
+    def choose(self, rng: np.random.Generator, num_windows: np.ndarray) -> int:
+        """A document index drawn from `rng`; `num_windows` (documents,) counts each document's
+        valid windows of the chunk's length (0: too short)."""
+        ...
 
 
 class DenoisingBatcher:
@@ -285,11 +293,14 @@ class DenoisingBatcher:
         `Dataset.doc_starts(record)`), windows stay inside one document and start at
         doc start + `unit_offset` + a multiple of `unit` (MIDI: unit=3, unit_offset=1 skips the
         AMT sequence flag so spans cover whole (time, duration, note) triples).
-    The random state is one np.random.Generator: `state_dict` / `load_state_dict` resume it."""
+    With a `document_sampler` the document is its choice (e.g. by priority) and the window is
+    uniform inside it. Every draw comes from `rng`, one np.random.Generator (seeded by `seed`):
+    a caller that needs batches as a function of its step reseeds it (`amtrain.train.objective`)."""
 
     def __init__(self, arrays: list[np.ndarray], vocab: T5Vocab, inputs_length: int,
                  targets_length: int, unit: int = 1, seed: int = 0,
-                 doc_starts: list[np.ndarray] | None = None, unit_offset: int = 0):
+                 doc_starts: list[np.ndarray] | None = None, unit_offset: int = 0,
+                 document_sampler: DocumentSampler | None = None):
         if doc_starts is None:
             doc_starts = [np.zeros(1, dtype=np.int64) for _ in arrays]
         if len(doc_starts) != len(arrays):
@@ -302,9 +313,10 @@ class DenoisingBatcher:
         self._doc_length = np.concatenate(ends) - self._doc_begin  # usable tokens per document
         self.vocab, self.unit = vocab, unit
         self.inputs_length, self.targets_length = inputs_length, targets_length
+        self.document_sampler = document_sampler
         self.rng = np.random.default_rng(seed)
         self._raw_lengths: dict[Denoiser, int] = {}
-        self._windows: dict[int, np.ndarray] = {}  # raw length -> cumulative window counts
+        self._windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # raw length -> counts, cumsum
 
     def raw_length(self, denoiser: Denoiser) -> int:
         """Raw chunk length for `denoiser`; checks that its targets fit `targets_length`."""
@@ -318,21 +330,29 @@ class DenoisingBatcher:
             self._raw_lengths[denoiser] = raw
         return self._raw_lengths[denoiser]
 
-    def _window_counts(self, length: int) -> np.ndarray:
-        """Cumulative number of valid windows of `length` tokens over all documents."""
+    def num_windows(self, length: int) -> np.ndarray:
+        """(documents,) number of valid windows of `length` tokens in each document."""
+        return self._window_counts(length)[0]
+
+    def _window_counts(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Valid windows of `length` tokens per document, and their cumulative sum."""
         if length not in self._windows:
             counts = np.maximum((self._doc_length - length) // self.unit + 1, 0)
             if counts.sum() == 0:
                 raise ValueError(f"no document holds a chunk of {length} tokens (longest: "
                                  f"{self._doc_length.max()}); lower inputs_length or the noise density")
-            self._windows[length] = np.cumsum(counts)
+            self._windows[length] = counts, np.cumsum(counts)
         return self._windows[length]
 
     def _chunk(self, length: int) -> np.ndarray:
-        cumulative = self._window_counts(length)
-        r = int(self.rng.integers(cumulative[-1]))
-        doc = int(np.searchsorted(cumulative, r, side="right"))
-        k = r - (int(cumulative[doc - 1]) if doc else 0)
+        counts, cumulative = self._window_counts(length)
+        if self.document_sampler is None:  # one draw over all windows
+            r = int(self.rng.integers(cumulative[-1]))
+            doc = int(np.searchsorted(cumulative, r, side="right"))
+            k = r - (int(cumulative[doc - 1]) if doc else 0)
+        else:  # the sampler's document, a uniform window inside it
+            doc = self.document_sampler.choose(self.rng, counts)
+            k = int(self.rng.integers(counts[doc]))
         start = int(self._doc_begin[doc]) + k * self.unit
         return np.asarray(self.arrays[self._doc_array[doc]][start:start + length])
 
@@ -352,11 +372,28 @@ class DenoisingBatcher:
         return DenoisingBatch(inputs, (inputs != self.vocab.pad_id).astype(np.int64), labels,
                               task_ids)
 
+
+class DenoisingLoader:
+    """This rank's micro-batches of each optimizer step, drawn by a `DenoisingBatcher` whose
+    generator is reseeded from (seed, step, rank) at the start of the step: the batches are a
+    function of the step and the rank, so the loader's position needs no state of its own (its
+    `state_dict` is empty) and a resumed run draws exactly as the uninterrupted one."""
+
+    def __init__(self, batcher: DenoisingBatcher, micro_batch: int, grad_accum: int, seed: int, rank: int):
+        self.batcher = batcher
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.seed, self.rank = seed, rank
+
+    def next_step(self, step: int, denoisers: list[Denoiser], weights: list[float]) -> list[DenoisingBatch]:
+        """The grad_accum micro-batches of optimizer step `step` (0-based) with this mixture."""
+        self.batcher.rng = np.random.default_rng([self.seed, step, self.rank])
+        return [self.batcher.batch(self.micro_batch, denoisers, weights) for _ in range(self.grad_accum)]
+
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        pass
 
 
 def required_targets_length(inputs_length: int, denoisers: list[Denoiser], unit: int = 1) -> int:

@@ -9,6 +9,7 @@
 * `build_engine`: AdamW (torch, or bitsandbytes 8-bit) over decay / no-decay groups and a
   warm-up + cosine LambdaLR, handed to `deepspeed.initialize`. A torch optimizer avoids
   DeepSpeed's JIT-built fused/CPU Adam (about a minute of compiling on first use on CPU).
+* `gathered`: ZeRO-3's full parameters around a generate or rollout that only some ranks run.
 """
 
 from __future__ import annotations
@@ -161,3 +162,27 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config)
     return engine, optimizer
+
+
+class gathered:
+    """ZeRO-3: every rank gathers the full parameters for the block and the ZeRO-3 module hooks
+    are taken off meanwhile (DeepSpeed's `unwrap_model_for_generation`), so that a generate or a
+    rollout run by some ranks only (rank 0's rollouts; early-stopping greedy decodes) issues no
+    collective of its own. A no-op at other stages. Every rank must enter it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.ctx = None
+
+    def __enter__(self):
+        if self.engine.zero_optimization_stage() == 3:
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+            self.ctx = unwrap_model_for_generation(self.engine)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False

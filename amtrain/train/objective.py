@@ -1,24 +1,33 @@
-"""Training objectives: what one micro-batch is and what its loss is, for the loop in
-`amtrain.train.loop` (which owns the engine, the all-reduce, logging and checkpoints).
+"""Training objectives: everything in training that differs between model families.
 
-    LMObjective       decoder / LSTM: windows from `TrainLoader`, causal LM loss, val loss
-    DenoiseObjective  T5: `DenoisingBatcher` batches whose mixture and difficulty a `Curriculum`
+The trainer (`amtrain.train.trainer.Trainer`) owns the engine, the step's all-reduce, the
+cadences, logging and checkpoints, and knows no family. A family's spec names its objective
+(`amtrain.registry.ModelFamily.objective`); the objective says what an example is and how long,
+what a micro-batch and its loss are, what the run records about it, how validation goes and
+what it must checkpoint. `Objective` below is the protocol; two implement it:
+
+    LMObjective       decoder, LSTM (and any left-to-right LM): windows from `TrainLoader`,
+                      causal LM loss, sequence-length warm-up, val loss (+ the modality's
+                      val metrics)
+    DenoiseObjective  T5: `DenoisingLoader` batches whose mixture and difficulty a `Curriculum`
                       decides every step; per-task losses feed the curriculum; val loss per
                       task (R/X/S) and exact match of reconstructed spans
 
-The loop calls, per optimizer step `s` (0-based):
+The trainer calls, for optimizer step `s` (0-based):
 
-    micro = objective.next_step(s)                 # this rank's grad_accum micro-batches
-    loss, extra = objective.micro_loss(engine, m, seq_len, device)   # per micro-batch
+    objective.seq_len_at(s)                        # tokens per example (tokens seen, MFU)
+    micro = objective.micro_batches(s)             # this rank's grad_accum micro-batches
+    loss, extra = objective.loss(engine, m, device)    # per micro-batch; extra: extra_size sums
     ... one all-reduce of [loss, bad, checkpoint-due, *sum(extra)] ...
-    record = objective.after_step(s, reduced_extra, bad)   # e.g. the curriculum's decision
+    records = objective.after_step(s, reduced_extra, bad)  # {kind: values} for metrics.jsonl
 
-and `state_dict()` after every step (kept in the checkpoint's RunState), `evaluate(...)` on
-the validation cadence. `extra_size` is the length of the per-step extra vector (0 for LM).
+then keeps `objective.loader.state_dict()` (the data position, RunState.loader) and
+`objective.state_dict()` (RunState.objective) after every step, and calls `evaluate` on the
+validation cadence.
 
-Determinism of the T5 objective: the batcher's generator is reseeded from (seed, step, rank)
-at the start of every step, so its RNG state is a function of the step (checkpointed through
-the step itself); the curriculum's state (levels, loss windows, pending events) is saved in
+Determinism of the denoising objective: its loader reseeds the batcher from (seed, step, rank)
+at the start of every step, so its draws are a function of the step (checkpointed through the
+step itself); the curriculum's state (levels, loss windows, pending events) is saved in
 RunState.objective. All ranks observe the same all-reduced per-task losses, so they make the
 same decision; a resumed run decides and draws exactly as the uninterrupted one.
 """
@@ -26,76 +35,195 @@ same decision; a resumed run decides and draws exactly as the uninterrupted one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from amtrain.data.loader import TrainLoader
+from amtrain.config import BatchPlan, RunConfig, batch_plan
+from amtrain.data.curriculum import Curriculum, CurriculumConfig, Decision
+from amtrain.data.loader import TrainLoader, check_vocab, val_batches
+from amtrain.data.span_corruption import (
+    TASKS,
+    DenoisingBatch,
+    DenoisingBatcher,
+    DenoisingLoader,
+    T5Vocab,
+    required_targets_length,
+    span_exact_match,
+)
 from amtrain.errors import UserError
-from amtrain.tokens import IGNORE_INDEX
+from amtrain.models.t5 import per_example_loss
+from amtrain.registry import modality_of
+from amtrain.store import Dataset
+from amtrain.tokens import IGNORE_INDEX, get_tokenizer
+from amtrain.train.engine import gathered
+
+if TYPE_CHECKING:
+    from amtrain.modalities import Modality
 
 VAL_SEED = 1_000_003  # the held-out denoising batches' stream, apart from every training step
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the trainer asks of a family's objective. A new family either names an existing
+    objective (`LMObjective` for a left-to-right LM whose `forward(idx, targets)` returns
+    `(logits, loss)`) or implements this protocol and names its class in its `ModelFamily`."""
+
+    plan: BatchPlan
+    """The batch arithmetic (`amtrain.config.batch_plan`) at this objective's example length."""
+    loader: Stateful
+    """The data stream; its `state_dict()` is the checkpoint's data position (RunState.loader)."""
+    extra_size: int
+    """Length of the vector `loss` returns beside the loss, summed over micro-batches and ranks
+    in the step's all-reduce and handed to `after_step` (0: none)."""
+
+    @classmethod
+    def model_fields(cls, cfg: RunConfig, dataset: Dataset) -> dict[str, Any]:
+        """Model config fields the data fixes (vocabulary, context); model.overrides win."""
+        ...
+
+    @classmethod
+    def check_model(cls, cfg: RunConfig, model_cfg) -> None:
+        """Refuse a model config the run cannot train (a `UserError` naming the key)."""
+        ...
+
+    @classmethod
+    def build(cls, cfg: RunConfig, dataset: Dataset, rank: int, world_size: int) -> Objective:
+        """The objective of a run: the only place it reads the config."""
+        ...
+
+    def seq_len_at(self, step: int) -> int:
+        """Tokens per example at optimizer step `step` (0-based)."""
+        ...
+
+    def micro_batches(self, step: int) -> list:
+        """This rank's grad_accum micro-batches of optimizer step `step` (0-based)."""
+        ...
+
+    def loss(self, engine, micro, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean loss of a micro-batch to backpropagate, its extra sums (extra_size,) or None)."""
+        ...
+
+    def after_step(self, step: int, extra: torch.Tensor | None, bad: bool) -> dict[str, dict]:
+        """After the update of step `step`, with the extras summed over the step and all ranks
+        (`bad`: the step was skipped for a NaN/inf loss). -> metrics records by kind."""
+        ...
+
+    def flops_per_token(self, model, seq_len: int) -> float:
+        """Model FLOPs per trained token (forward + backward), for MFU."""
+        ...
+
+    def run_meta(self) -> dict:
+        """What checkpoints record about the objective, beside the model (read by export and
+        rollouts)."""
+        ...
+
+    def has_val(self) -> bool: ...
+
+    def evaluate(self, engine, device: torch.device) -> dict[str, float]:
+        """Validation on every rank (collective): {"val_loss", "val_bpt", ...}, the same on all."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the step and the data position (RunState.objective)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# ---------------------------------------------------------------- causal LM
+
+
 class LMObjective:
-    """Causal LM on fixed windows: the decoder's and the LSTM's objective."""
+    """Causal LM on fixed windows: the decoder's and the LSTM's objective. Windows are cut to
+    the step's length during the sequence-length warm-up (`data.seq_len_warmup_steps`)."""
 
     extra_size = 0
 
-    @staticmethod
-    def model_fields(cfg, dataset) -> dict:
-        """Model config fields the data fixes: the vocabulary (the dataset's, or a larger
-        model.vocab_size) and the context (data.seq_len; model.overrides may raise it)."""
-        from amtrain.data.loader import check_vocab
-
+    @classmethod
+    def model_fields(cls, cfg: RunConfig, dataset: Dataset) -> dict:
+        """The vocabulary (the dataset's, or a larger model.vocab_size) and the context
+        (data.seq_len; model.overrides may raise it)."""
         vocab = cfg.model.vocab_size or dataset.vocab_size
         check_vocab(dataset, vocab)
         return {"vocab_size": vocab, "max_seq_len": cfg.data.seq_len}
 
-    @staticmethod
-    def check_model(cfg, model_cfg) -> None:
+    @classmethod
+    def check_model(cls, cfg: RunConfig, model_cfg) -> None:
         if model_cfg.max_seq_len < cfg.data.seq_len:
             raise UserError(f"config data.seq_len = {cfg.data.seq_len} exceeds model.overrides.max_seq_len = "
                             f"{model_cfg.max_seq_len}")
 
-    def __init__(self, loader: TrainLoader, val: list, tokenizer: str):
-        self.loader, self.val, self.tokenizer = loader, val, tokenizer
+    @classmethod
+    def build(cls, cfg: RunConfig, dataset: Dataset, rank: int, world_size: int) -> LMObjective:
+        data = cfg.data
+        plan = batch_plan(cfg.batch, data.seq_len, world_size)
+        loader = TrainLoader(dataset, data.split, data.seq_len, plan.micro_batch, plan.grad_accum, rank, world_size,
+                             cfg.train.seed)
+        val = []
+        if data.val_split and dataset.shards(data.val_split) and cfg.train.eval_batches:
+            val = val_batches(dataset, data.val_split, data.seq_len, plan.micro_batch, cfg.train.eval_batches,
+                              rank, world_size)
+        return cls(plan, loader, val, modality_of(dataset.manifest.tokenizer), data.seq_len_at)
 
-    def next_step(self, step: int) -> list:
-        return self.loader.next_step()
+    def __init__(self, plan: BatchPlan, loader: TrainLoader, val: list[tuple[torch.Tensor, torch.Tensor]],
+                 modality: Modality, seq_len_schedule: Callable[[int], int]):
+        """`seq_len_schedule(step)`: window length at a step (`DataConfig.seq_len_at`)."""
+        self.plan, self.loader, self.val, self.modality = plan, loader, val, modality
+        self.seq_len_schedule = seq_len_schedule
 
-    def micro_loss(self, engine, micro, seq_len: int, device) -> tuple[torch.Tensor, None]:
+    def seq_len_at(self, step: int) -> int:
+        return self.seq_len_schedule(step)
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        seq_len = self.seq_len_at(step)
+        return [(x[:, :seq_len], y[:, :seq_len]) for x, y in self.loader.next_step()]  # (B, T) each
+
+    def loss(self, engine, micro, device: torch.device) -> tuple[torch.Tensor, None]:
         x, y = micro
-        x, y = x[:, :seq_len].to(device), y[:, :seq_len].to(device)  # (B, T)
-        _, loss = engine(x, y)
+        _, loss = engine(x.to(device), y.to(device))
         return loss, None
 
-    def after_step(self, step: int, extra: torch.Tensor | None, bad: bool) -> dict | None:
-        return None
+    def after_step(self, step: int, extra: torch.Tensor | None, bad: bool) -> dict[str, dict]:
+        return {}
 
     def flops_per_token(self, model, seq_len: int) -> float:
         return model.flops_per_token(seq_len)
+
+    def run_meta(self) -> dict:
+        return {}
+
+    def has_val(self) -> bool:
+        return bool(self.val)
+
+    @torch.no_grad()
+    def evaluate(self, engine, device: torch.device) -> dict[str, float]:
+        """Mean loss over the fixed validation micro-batches of all ranks."""
+        engine.eval()
+        total = torch.zeros(2, device=device)
+        for x, y in self.val:
+            _, loss = engine(x.to(device), y.to(device))
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        dist.all_reduce(total)
+        engine.train()
+        val_loss = float(total[0] / total[1])
+        return {"val_loss": val_loss, "val_bpt": val_loss / math.log(2), **self.modality.val_metrics(val_loss)}
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-    def loader_state(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_loader_state(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-    def has_val(self) -> bool:
-        return bool(self.val)
-
-    def evaluate(self, engine, d, log, step: int, bar) -> float:
-        from amtrain.train.loop import evaluate
-
-        return evaluate(engine, self.val, d, log, step, bar, self.tokenizer)
 
 
 # ---------------------------------------------------------------- T5 denoising
@@ -105,150 +233,128 @@ def denoise_unit(tokenizer: str, params: dict, unit: int | None, unit_offset: in
     """(unit, unit_offset, windows inside documents): the modality's span layout
     (`Modality.span_layout`: text 1 in a packed stream, MIDI 3 after the AMT flag, audio K after
     each chunk's <eot>), with denoise.unit / denoise.unit_offset where set."""
-    from amtrain.registry import modality_of
-    from amtrain.tokens import get_tokenizer
-
     layout = modality_of(tokenizer).span_layout(get_tokenizer(tokenizer, **params))
     return (unit if unit is not None else layout.unit, unit_offset if unit_offset is not None else layout.offset,
             layout.inside_documents or unit is not None and unit > 1)
 
 
-def _make_batcher(arrays, doc_starts, vocab, inputs_length, targets_length, unit, unit_offset, priorities=None,
-                  temperature: float = 1.0):
-    from amtrain.data.span_corruption import DenoisingBatcher
+def denoising_batcher(dataset: Dataset, split: str, vocab: T5Vocab, inputs_length: int, targets_length: int,
+                      unit: int, unit_offset: int, inside: bool, priority_temperature: float | None = None
+                      ) -> DenoisingBatcher:
+    """Batches of a split: windows inside documents or across the packed stream (`inside`);
+    with a `priority_temperature`, documents drawn by prep-audio's priority scores
+    (`amtrain.data.priority.PrioritySampler`), else uniform over all windows."""
+    from amtrain.data.priority import PrioritySampler, chunk_priorities
 
-    if priorities is None:
-        return DenoisingBatcher(arrays, vocab, inputs_length, targets_length, unit=unit,
-                                doc_starts=doc_starts, unit_offset=unit_offset)
+    if not dataset.shards(split):
+        raise UserError(f"{dataset.folder}: no '{split}' split; set data.split to one the dataset has")
+    if priority_temperature is not None and not modality_of(dataset.manifest.tokenizer).priority_scores:
+        raise UserError(f"config denoise.priority: {dataset.folder} is a {dataset.manifest.tokenizer} "
+                        f"dataset; priority sampling needs an audio dataset made by `amtrain prep-audio`")
+    starts = [dataset.doc_starts(r) for r in dataset.shards(split)] if inside else None
+    try:
+        sampler = None
+        if priority_temperature is not None:
+            sampler = PrioritySampler(chunk_priorities(dataset.folder, split), priority_temperature)
+        return DenoisingBatcher(dataset.tokens(split), vocab, inputs_length, targets_length, unit=unit,
+                                doc_starts=starts, unit_offset=unit_offset, document_sampler=sampler)
+    except ValueError as e:
+        raise UserError(f"{dataset.folder} ({split}): {e}") from None
 
-    class _Priority(DenoisingBatcher):
-        """Chunks from documents drawn with P ∝ priority (amtrain.data.priority), a uniform
-        valid window inside the drawn document (documents too short for the chunk redraw)."""
 
-        def __init__(self, *a, probs, **kw):
-            super().__init__(*a, **kw)
-            self.probs = probs
-
-        def choose_document(self, length: int) -> tuple[int, int]:
-            """(document, its number of valid windows of `length`), P(document) ∝ priority
-            among the documents long enough."""
-            counts = np.maximum((self._doc_length - length) // self.unit + 1, 0)
-            p = self.probs * (counts > 0)
-            if p.sum() == 0:
-                raise ValueError(f"no document holds a chunk of {length} tokens; lower denoise.inputs_length")
-            doc = int(self.rng.choice(len(p), p=p / p.sum()))
-            return doc, int(counts[doc])
-
-        def _chunk(self, length: int) -> np.ndarray:
-            doc, num_windows = self.choose_document(length)
-            k = int(self.rng.integers(num_windows))
-            start = int(self._doc_begin[doc]) + k * self.unit
-            return np.asarray(self.arrays[self._doc_array[doc]][start:start + length])
-
-    from amtrain.data.priority import chunk_probabilities
-
-    return _Priority(arrays, vocab, inputs_length, targets_length, unit=unit, doc_starts=doc_starts,
-                     unit_offset=unit_offset, probs=chunk_probabilities(priorities, temperature))
+def greedy_targets(model, t: dict[str, torch.Tensor], max_new_tokens: int, eos_id: int) -> np.ndarray:
+    """(B, n) greedy decode of a batch's targets, the decoder start token dropped: the one call
+    into the model's generation."""
+    out = model.generate(t["input_ids"], t["attention_mask"], max_new_tokens=max_new_tokens, eos_id=eos_id)
+    return out[:, 1:].cpu().numpy()
 
 
 class DenoiseObjective:
     """T5 span corruption / UL2 denoisers with a curriculum (module doc)."""
 
-    @staticmethod
-    def vocab(cfg, dataset):
-        """The T5 id layout of a run: specials and sentinels above the dataset's vocabulary."""
-        from amtrain.data.span_corruption import T5Vocab
+    extra_size = 2 * len(TASKS)  # per task (R, X, S): sum of per-example mean losses, number of examples
 
+    @staticmethod
+    def vocab(cfg: RunConfig, dataset: Dataset) -> T5Vocab:
+        """The T5 id layout of a run: specials and sentinels above the dataset's vocabulary."""
         if cfg.model.vocab_size is not None:
             raise UserError("config model.vocab_size: a t5 model's vocabulary is the dataset's plus the T5 specials "
                             "and sentinels (denoise.num_sentinels); leave model.vocab_size unset")
         return T5Vocab(dataset.vocab_size, cfg.denoise.num_sentinels)
 
     @classmethod
-    def model_fields(cls, cfg, dataset) -> dict:
+    def model_fields(cls, cfg: RunConfig, dataset: Dataset) -> dict:
         v = cls.vocab(cfg, dataset)
         return {"vocab_size": v.size, "pad_token_id": v.pad_id, "decoder_start_token_id": v.pad_id}
 
-    @staticmethod
-    def check_model(cfg, model_cfg) -> None:
+    @classmethod
+    def check_model(cls, cfg: RunConfig, model_cfg) -> None:
         pass
 
-    def __init__(self, cfg, dataset, vocab, rank: int, world_size: int):
-        from amtrain.data.curriculum import Curriculum
-        from amtrain.data.span_corruption import TASKS, required_targets_length
-
-        den = cfg.denoise
-        self.tasks = TASKS
-        self.vocab = vocab
-        self.curriculum_cfg = den.curriculum_config()
-        self.curriculum = Curriculum(self.curriculum_cfg)
-        manifest = dataset.manifest
-        self.unit, self.unit_offset, inside = denoise_unit(manifest.tokenizer, manifest.tokenizer_params,
-                                                           den.unit, den.unit_offset)
-        self.inputs_length = den.inputs_length
+    @classmethod
+    def build(cls, cfg: RunConfig, dataset: Dataset, rank: int, world_size: int) -> DenoiseObjective:
+        den, manifest = cfg.denoise, dataset.manifest
+        vocab = cls.vocab(cfg, dataset)
+        curriculum = den.curriculum_config()
+        unit, unit_offset, inside = denoise_unit(manifest.tokenizer, manifest.tokenizer_params, den.unit, den.unit_offset)
         try:
-            self.targets_length = required_targets_length(den.inputs_length, self.curriculum_cfg.all_denoisers(), self.unit)
+            targets_length = required_targets_length(den.inputs_length, curriculum.all_denoisers(), unit)
         except ValueError as e:
             raise UserError(f"config denoise.inputs_length = {den.inputs_length}: {e}") from None
-        self.micro_batch = cfg.batch.micro_batch
-        self.grad_accum = 1  # set by the loop from the batch plan (which needs seq_len first)
-        self.rank, self.seed = rank, cfg.train.seed
-        self.priority_temperature = den.priority_temperature
-        self.batcher = self._batcher(dataset, cfg.data.split, inside, den.priority)
-        self.val_batches = self._val_batches(cfg, dataset, inside, world_size)
-        self.exact_match_batches = den.exact_match_batches
-        self.decision = None
+        plan = batch_plan(cfg.batch, den.inputs_length + targets_length, world_size)
 
-    @property
-    def seq_len(self) -> int:
-        """Tokens per example (inputs + targets): the batch plan's unit of length."""
-        return self.inputs_length + self.targets_length
+        def batcher(split: str, priority_temperature: float | None = None) -> DenoisingBatcher:
+            return denoising_batcher(dataset, split, vocab, den.inputs_length, targets_length, unit, unit_offset,
+                                     inside, priority_temperature)
 
-    extra_size = 6  # per task (R, X, S): sum of per-example mean losses, number of examples
+        train = batcher(cfg.data.split, den.priority_temperature if den.priority else None)
+        loader = DenoisingLoader(train, plan.micro_batch, plan.grad_accum, cfg.train.seed, rank)
+        val = {}
+        split = cfg.data.val_split
+        if split and dataset.shards(split) and cfg.train.eval_batches:
+            held_out = batcher(split)
+            try:
+                val = fixed_val_batches(held_out, curriculum, plan.micro_batch, cfg.train.eval_batches,
+                                        cfg.train.seed, rank)
+            except ValueError as e:
+                raise UserError(f"{dataset.folder} ({split}): {e}; lower denoise.inputs_length or set "
+                                f"data.val_split ''") from None
+        meta = {"inputs_length": den.inputs_length, "targets_length": targets_length, "unit": unit,
+                "unit_offset": unit_offset, "num_sentinels": den.num_sentinels}
+        return cls(plan, vocab, loader, Curriculum(curriculum), val, den.exact_match_batches, meta)
 
-    def _batcher(self, dataset, split: str, inside: bool, priority: bool):
-        records = dataset.shards(split)
-        if not records:
-            raise UserError(f"{dataset.folder}: no '{split}' split; set data.split to one the dataset has")
-        arrays = dataset.tokens(split)
-        starts = [dataset.doc_starts(r) for r in records] if inside else None
-        priorities = None
-        if priority:
-            from amtrain.registry import modality_of
-
-            if not modality_of(dataset.manifest.tokenizer).priority_scores:
-                raise UserError(f"config denoise.priority: {dataset.folder} is a {dataset.manifest.tokenizer} "
-                                f"dataset; priority sampling needs an audio dataset made by `amtrain prep-audio`")
-            from amtrain.data.priority import chunk_priorities
-
-            priorities = chunk_priorities(dataset.folder, split)
-        try:
-            return _make_batcher(arrays, starts, self.vocab, self.inputs_length, self.targets_length,
-                                 self.unit, self.unit_offset, priorities, self.priority_temperature)
-        except ValueError as e:
-            raise UserError(f"{dataset.folder} ({split}): {e}") from None
+    def __init__(self, plan: BatchPlan, vocab: T5Vocab, loader: DenoisingLoader, curriculum: Curriculum,
+                 val_batches: dict[str, list[DenoisingBatch]], exact_match_batches: int, meta: dict):
+        """`meta`: inputs_length, targets_length, unit, unit_offset, num_sentinels, recorded as
+        the run's meta["denoise"] (export, rollouts)."""
+        self.plan, self.vocab, self.loader, self.curriculum = plan, vocab, loader, curriculum
+        self.val_batches, self.exact_match_batches = val_batches, exact_match_batches
+        self.meta = meta
+        self.inputs_length, self.targets_length = meta["inputs_length"], meta["targets_length"]
+        self.unit, self.unit_offset = meta["unit"], meta["unit_offset"]
+        self.decision: Decision | None = None
 
     # -- training --------------------------------------------------------------------------
 
-    def next_step(self, step: int) -> list:
+    def seq_len_at(self, step: int) -> int:
+        """Tokens per example (inputs + targets), the batch plan's unit of length."""
+        return self.plan.seq_len
+
+    def micro_batches(self, step: int) -> list[DenoisingBatch]:
         self.decision = self.curriculum.decide(step)
-        self.batcher.rng = np.random.default_rng([self.seed, step, self.rank])
         try:
-            return [self.batcher.batch(self.micro_batch, self.decision.denoisers, self.decision.weights)
-                    for _ in range(self.grad_accum)]
+            return self.loader.next_step(step, self.decision.denoisers, self.decision.weights)
         except ValueError as e:
             raise UserError(f"denoising batch at step {step + 1}: {e}; lower denoise.inputs_length "
                             f"or the curriculum's hard densities") from None
 
     @staticmethod
-    def tensors(batch, device) -> dict[str, torch.Tensor]:
+    def tensors(batch: DenoisingBatch, device: torch.device) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.from_numpy(batch.input_ids).to(device),
                 "attention_mask": torch.from_numpy(batch.attention_mask).to(device),
                 "labels": torch.from_numpy(batch.labels).to(device)}
 
-    def micro_loss(self, engine, micro, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        from amtrain.models.t5 import per_example_loss
-
+    def loss(self, engine, micro: DenoisingBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tensors(micro, device)
         _, token_nll = engine(**t, return_logits=False, reduction="none")  # (B, T), 0 where ignored
         labelled = (t["labels"] != IGNORE_INDEX).sum()
@@ -256,24 +362,27 @@ class DenoiseObjective:
         per_example = per_example_loss(token_nll.detach(), t["labels"]).float()  # (B,)
         task_ids = torch.from_numpy(micro.task_ids).to(device)
         extra = torch.zeros(self.extra_size, device=device)
-        for k in range(len(self.tasks)):
+        for k in range(len(TASKS)):
             sel = task_ids == k
             extra[k] = per_example[sel].sum()
-            extra[len(self.tasks) + k] = sel.sum()
+            extra[len(TASKS) + k] = sel.sum()
         return loss, extra
 
-    def after_step(self, step: int, extra: torch.Tensor, bad: bool) -> dict:
-        """Feed the all-reduced per-task losses to the curriculum; the step's record."""
-        n = len(self.tasks)
-        losses = {task: float(extra[k] / extra[n + k]) for k, task in enumerate(self.tasks) if extra[n + k] > 0}
+    def after_step(self, step: int, extra: torch.Tensor, bad: bool) -> dict[str, dict]:
+        """Feed the all-reduced per-task losses to the curriculum; the step's decision record."""
+        n = len(TASKS)
+        losses = {task: float(extra[k] / extra[n + k]) for k, task in enumerate(TASKS) if extra[n + k] > 0}
         if not bad:
             self.curriculum.observe(step, losses)
         record = {k: v for k, v in self.decision.as_dict().items() if k != "step"}
         record.update({f"{task}/loss": v for task, v in losses.items()})
-        return record
+        return {"curriculum": record}
 
     def flops_per_token(self, model, seq_len: int) -> float:
         return model.flops_per_token(self.inputs_length, self.targets_length)
+
+    def run_meta(self) -> dict:
+        return {"denoise": dict(self.meta)}
 
     def state_dict(self) -> dict:
         return {"curriculum": self.curriculum.state_dict()}
@@ -284,58 +393,29 @@ class DenoiseObjective:
                             "from a T5 checkpoint")
         self.curriculum.load_state_dict(state["curriculum"])
 
-    def loader_state(self) -> dict:
-        return {}
-
-    def load_loader_state(self, state: dict) -> None:
-        pass
-
     # -- validation ------------------------------------------------------------------------
-
-    def _val_batches(self, cfg, dataset, inside: bool, world_size: int) -> dict[str, list]:
-        """Fixed held-out batches per task: the task's denoiser at the curriculum's initial
-        level, `train.eval_batches` micro-batches per rank, drawn from a seed apart."""
-        split = cfg.data.val_split
-        if not split or not dataset.shards(split) or cfg.train.eval_batches == 0:
-            return {}
-        val = self._batcher(dataset, split, inside, priority=False)
-        level = self.curriculum_cfg.initial_level
-        out = {}
-        for k, task in enumerate(self.tasks):
-            denoiser = self.curriculum_cfg.ranges[task].at(task, level)
-            val.rng = np.random.default_rng([self.seed, VAL_SEED, k, self.rank])
-            try:
-                out[task] = [val.batch(self.micro_batch, [denoiser]) for _ in range(cfg.train.eval_batches)]
-            except ValueError as e:
-                raise UserError(f"{dataset.folder} ({split}): {e}; lower denoise.inputs_length or set "
-                                f"data.val_split ''") from None
-        return out
 
     def has_val(self) -> bool:
         return bool(self.val_batches)
 
     @torch.no_grad()
-    def evaluate(self, engine, d, log, step: int, bar) -> float:
+    def evaluate(self, engine, device: torch.device) -> dict[str, float]:
         """Loss per task over the fixed batches (token-weighted, all ranks) and exact match of
         reconstructed spans (greedy decode) on the first `exact_match_batches` of R and X."""
-        from amtrain.data.span_corruption import span_exact_match
-
-        n = len(self.tasks)
-        totals = torch.zeros(2 * n + 2, device=d.device)  # nll sum, tokens per task; hits, spans
+        n = len(TASKS)
+        totals = torch.zeros(2 * n + 2, device=device)  # nll sum, tokens per task; hits, spans
         engine.eval()
-        for k, task in enumerate(self.tasks):
+        for k, task in enumerate(TASKS):
             for batch in self.val_batches[task]:
-                t = self.tensors(batch, d.device)
+                t = self.tensors(batch, device)
                 _, token_nll = engine(**t, return_logits=False, reduction="none")  # (B, T)
                 totals[k] += token_nll.float().sum()
                 totals[n + k] += (t["labels"] != IGNORE_INDEX).sum()
         with gathered(engine):
-            model = engine.module
             for task in ("R", "X"):
                 for batch in self.val_batches[task][: self.exact_match_batches]:
-                    t = self.tensors(batch, d.device)
-                    pred = model.generate(t["input_ids"], t["attention_mask"], max_new_tokens=self.targets_length,
-                                          eos_id=self.vocab.eos_id)[:, 1:].cpu().numpy()  # (B, n)
+                    pred = greedy_targets(engine.module, self.tensors(batch, device), self.targets_length,
+                                          self.vocab.eos_id)  # (B, n)
                     for row, labels in zip(pred, batch.labels, strict=True):
                         hits, spans = span_exact_match(row, labels, self.vocab)
                         totals[2 * n] += hits
@@ -343,36 +423,21 @@ class DenoiseObjective:
         engine.train()
         dist.all_reduce(totals)
         val_loss = float(totals[:n].sum() / totals[n:2 * n].sum())
-        if d.is_main:
-            values = {"val_loss": val_loss, "val_bpt": val_loss / math.log(2)}
-            values |= {f"val_loss/{task}": float(totals[k] / totals[n + k]) for k, task in enumerate(self.tasks)}
-            if self.exact_match_batches:
-                values["exact_match"] = float(totals[2 * n] / totals[2 * n + 1].clamp(min=1))
-                values["num_spans"] = int(totals[2 * n + 1])
-            log.write("val", step, values)
-            bar.print(f"step {step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        return val_loss
+        values = {"val_loss": val_loss, "val_bpt": val_loss / math.log(2)}
+        values |= {f"val_loss/{task}": float(totals[k] / totals[n + k]) for k, task in enumerate(TASKS)}
+        if self.exact_match_batches:
+            values["exact_match"] = float(totals[2 * n] / totals[2 * n + 1].clamp(min=1))
+            values["num_spans"] = int(totals[2 * n + 1])
+        return values
 
 
-class gathered:
-    """ZeRO-3: every rank gathers the full parameters for the block and the ZeRO-3 module hooks
-    are taken off meanwhile (DeepSpeed's `unwrap_model_for_generation`), so that a generate or a
-    rollout run by some ranks only (rank 0's rollouts; early-stopping greedy decodes) issues no
-    collective of its own. A no-op at other stages. Every rank must enter it."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.ctx = None
-
-    def __enter__(self):
-        if self.engine.zero_optimization_stage() == 3:
-            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-            self.ctx = unwrap_model_for_generation(self.engine)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+def fixed_val_batches(batcher: DenoisingBatcher, curriculum: CurriculumConfig, micro_batch: int, num_batches: int,
+                      seed: int, rank: int) -> dict[str, list[DenoisingBatch]]:
+    """Fixed held-out batches per task: the task's denoiser at the curriculum's initial level,
+    `num_batches` micro-batches per rank, drawn from a seed apart from every training step."""
+    out = {}
+    for k, task in enumerate(TASKS):
+        denoiser = curriculum.ranges[task].at(task, curriculum.initial_level)
+        batcher.rng = np.random.default_rng([seed, VAL_SEED, k, rank])
+        out[task] = [batcher.batch(micro_batch, [denoiser]) for _ in range(num_batches)]
+    return out

@@ -63,7 +63,7 @@ def baseline(data: Path, steps: int, warmup: int) -> tuple[list[float], float]:
     from amtrain.config import parse_args
     from amtrain.data.loader import TrainLoader
     from amtrain.store import Dataset
-    from amtrain.train.loop import build_model
+    from amtrain.train.builders import build_model
 
     cfg = parse_args(run_args(data, Path("unused"), steps))
     torch.manual_seed(cfg.train.seed)
@@ -119,7 +119,7 @@ def main() -> None:
     med_b, med_o = statistics.median(base), statistics.median(ours)
     best_b, best_o = max(base), max(ours)
     from amtrain.store import Dataset
-    from amtrain.train.loop import build_model
+    from amtrain.train.builders import build_model
 
     report = {"params": build_model(parse_args(run_args(data, tmp, 1)), Dataset(data)).num_params(),
               "flops_per_token": fpt, "peak_gflops": round(peak / 1e9, 1),
