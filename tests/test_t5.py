@@ -10,7 +10,6 @@ import torch
 from amtrain.models.t5 import (
     T5,
     T5_SIZES,
-    DecoderCache,
     T5Config,
     per_example_loss,
     relative_position_bucket,
@@ -163,11 +162,11 @@ def test_cached_decoding_equals_full_forward(parallel):
     with torch.no_grad():
         full, _ = model(x, mask, decoder_input_ids=dec)
         enc = model.encode(x, mask)
-        cache = DecoderCache()
+        cache = model.new_cache(2, 25)
         steps = [model.decode(dec[:, :3], enc, mask, cache=cache)]  # a prompt, then one by one
         steps += [model.decode(dec[:, t:t + 1], enc, mask, cache=cache) for t in range(3, 25)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
-    assert cache.length == 25 and cache.self_k[0].shape == (2, 4, 25, 8)
+    assert cache.pos == 25 and cache.k[0].shape == (2, 4, 25, 8)
 
 
 # --- Hugging Face parity -----------------------------------------------------------------------
