@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from amtrain.errors import UserError
+from amtrain.generate.loop import generate
+from amtrain.generate.window import generate_long, window_start
 from amtrain.rollout.load import load_rollout_model
 from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
-from amtrain.rollout.sampling import generate
-from amtrain.rollout.window import generate_long, window_start
 from amtrain.tokens.midi import (
     CONTROL_OFFSET,
     DUR_OFFSET,
@@ -84,7 +84,7 @@ def _valid_event_triples(tri: np.ndarray, absolute: bool = False) -> bool:
 def test_midi_constraint_never_lets_an_invalid_token_through_adversarial_logits():
     """A model whose logits favour forbidden ids (controls, specials, wrong blocks, earlier
     times) by 1e4: over many steps, seeds and sampler settings every id obeys the grammar."""
-    from amtrain.rollout.constraints import MidiConstraint
+    from amtrain.generate.grammar import MidiConstraint
     from amtrain.tokens.midi import ANTICIPATE, VOCAB_SIZE
 
     class Adversary(torch.nn.Module):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from amtrain.generate.loop import t5_generate
 from amtrain.models.t5 import (
     T5,
     T5_SIZES,
@@ -283,14 +284,19 @@ def test_greedy_generate_matches_hf_generate():
     hf.eval()
     model = T5.from_hf_state_dict(hf.state_dict(), cfg)
     x, mask, _ = hf_inputs()
-    ours = model.generate(x, mask, max_new_tokens=24)
+
+    def greedy(n, **kw):  # the start token, then the generated targets, as HF returns them
+        start = torch.full((x.shape[0], 1), cfg.decoder_start_token_id)
+        return torch.cat([start, t5_generate(model, x, n, temperature=0, attention_mask=mask, **kw)], 1)
+
+    ours = greedy(24)
     ref = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=24, do_sample=False,
                       num_beams=1, eos_token_id=None, min_new_tokens=24)
     assert torch.equal(ours, ref)
-    # EOS: rows stop and repeat eos; a custom chooser (here: second best) is used
+    # EOS: rows stop and repeat eos; a logits processor (here: forbid the best, so second best) is used
     eos = int(ours[0, 3])
-    stopped = model.generate(x, mask, max_new_tokens=24, eos_id=eos)
+    stopped = greedy(24, eos_id=eos)
     assert (stopped[0, 3:] == eos).all() and stopped.shape[1] <= 25
-    second = model.generate(x, mask, max_new_tokens=5,
-                            choose=lambda logits: logits.topk(2, -1).indices[:, 1:])
+    second = greedy(5, logits_processor=lambda logits, _: logits.scatter(-1, logits.argmax(-1, keepdim=True),
+                                                                         float("-inf")))
     assert not torch.equal(second, ours[:, :6])

@@ -38,7 +38,7 @@ def sample(
     import torch
 
     from amtrain.errors import UserError
-    from amtrain.rollout.sampling import generate
+    from amtrain.generate.loop import generate
     from amtrain.tokens import get_tokenizer
     from amtrain.train.export import load_any
 

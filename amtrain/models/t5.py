@@ -29,7 +29,6 @@ Model code is single-device torch only (no ranks, no deepspeed); the trainer wra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -447,33 +446,6 @@ class T5(nn.Module):
         c, w = self.cfg, self.embed.weight
         return DecoderCache.empty(c.num_decoder_layers, batch_size, c.num_heads, max_len, c.d_kv,
                                   device or w.device, dtype or w.dtype)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 64, eos_id: int | None = None,
-                 choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Decode targets for inputs (B, S) with the KV cache: (B, 1 + n), starting with the
-        decoder start token. `choose(logits (B, V)) -> ids (B, 1)` picks each token (default
-        greedy argmax; rollout passes its sampler); padded vocabulary rows are cut off first.
-        With `eos_id`, finished rows repeat eos_id and decoding stops once all rows finished."""
-        was_training = self.training
-        self.eval()
-        encoder_out = self.encode(input_ids, attention_mask)
-        seq = input_ids.new_full((input_ids.shape[0], 1), self.cfg.decoder_start_token_id)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        cache, feed = self.new_cache(input_ids.shape[0], 1 + max_new_tokens), seq
-        for _ in range(max_new_tokens):
-            logits = self.decode(feed, encoder_out, attention_mask, cache=cache)[:, -1]  # (B, V)
-            logits = logits[:, : self.cfg.vocab_size].float()
-            feed = logits.argmax(-1, keepdim=True) if choose is None else choose(logits)  # (B, 1)
-            if eos_id is not None:
-                feed = feed.masked_fill(done[:, None], eos_id)
-                done |= feed[:, 0] == eos_id
-            seq = torch.cat([seq, feed], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        self.train(was_training)
-        return seq
 
     # -- HF conversion ----------------------------------------------------------------------
 

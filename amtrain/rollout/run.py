@@ -176,7 +176,7 @@ def continue_tape(rm: RolloutModel, tape, cfg: RolloutConfig, num_samples: int, 
 
 
 def _decoder_continue(rm, ids, n, num_samples, cfg, seed_offset, header=0, unit=1, processor=None, forced=None):
-    from amtrain.rollout.window import generate_long
+    from amtrain.generate.window import generate_long
 
     _require_autoregressive(rm)
     dev = next(rm.model.parameters()).device
@@ -186,7 +186,7 @@ def _decoder_continue(rm, ids, n, num_samples, cfg, seed_offset, header=0, unit=
 
 
 def _t5_continue(rm, ids, n, num_samples, cfg, seed_offset, header=0, unit=1, inner_for=None, forced=None):
-    from amtrain.rollout.t5gen import t5_continue
+    from amtrain.generate.t5 import t5_continue
 
     stride = cfg.stride if cfg.stride is not None else cfg.t5_context // 2
     stride = max(unit, stride // unit * unit)
@@ -201,7 +201,7 @@ def audio_frames(cfg: RolloutConfig, seconds: float) -> int:
 
 
 def _continue_audio(rm, codes, cfg, num_samples, seed_offset):
-    from amtrain.rollout.constraints import CodebookConstraint
+    from amtrain.generate.grammar import CodebookConstraint
     from amtrain.rollout.tapes import delay_forced, delay_prefix, stream_codes
 
     tok = rm.tokenizer
@@ -258,7 +258,7 @@ def _amt_sampling(cfg, seed_offset):
 
 
 def _t5_continue_midi(rm, tape: MidiTape, cfg, num_samples, seed_offset):
-    from amtrain.rollout.constraints import MidiConstraint, current_time
+    from amtrain.generate.grammar import MidiConstraint, current_time
 
     n = max(3, int(cfg.length) // 3 * 3)
     ids = tape.ids()
@@ -282,7 +282,7 @@ def infill_tape(rm: RolloutModel, prompt, cfg: RolloutConfig, num_samples: int, 
         return _amt_infill(rm, prompt, cfg, num_samples, seed_offset)
     if rm.modality == "audio":
         return _t5_infill_audio(rm, prompt, cfg, num_samples, seed_offset)
-    from amtrain.rollout.t5gen import t5_infill
+    from amtrain.generate.t5 import t5_infill
 
     segments = prompt if isinstance(prompt, list) else [prompt]
     if cfg.postfix_repeat > 1:
@@ -326,10 +326,10 @@ def _amt_infill(rm, tape: MidiTape, cfg, num_samples, seed_offset):
 
 
 def _t5_infill_midi(rm, tape: MidiTape, cfg, num_samples, seed_offset):
+    from amtrain.generate.grammar import MidiConstraint
+    from amtrain.generate.t5 import t5_infill
     from amtrain.midi.tokenize import pad
     from amtrain.rollout.amt import is_control, triple_times
-    from amtrain.rollout.constraints import MidiConstraint
-    from amtrain.rollout.t5gen import t5_infill
     from amtrain.tokens.midi import MAX_TIME
 
     tri = tape.triples
@@ -348,8 +348,8 @@ def _t5_infill_midi(rm, tape: MidiTape, cfg, num_samples, seed_offset):
 
 
 def _t5_infill_audio(rm, codes, cfg, num_samples, seed_offset):
-    from amtrain.rollout.constraints import CodebookConstraint, ForcedConstraint
-    from amtrain.rollout.t5gen import t5_infill
+    from amtrain.generate.grammar import CodebookConstraint
+    from amtrain.generate.t5 import t5_infill
 
     tok = rm.tokenizer
     K = tok.num_codebooks
@@ -366,9 +366,9 @@ def _t5_infill_audio(rm, codes, cfg, num_samples, seed_offset):
     lo, hi = a * K, (b + ext) * K
     frame = np.arange(lo, hi) // K - np.arange(lo, hi) % K * (ext > 0)
     forced = {j: int(stream[lo + j]) for j in np.flatnonzero((frame < a) | (frame >= b)).tolist()}
-    inner = ForcedConstraint(CodebookConstraint(K, tok.codebook_size), forced)
     out = t5_infill(rm.model, rm.t5_vocab(), [stream[:lo], stream[hi:]], num_samples, mode=cfg.denoiser,
-                    unit=K, inner=inner, lengths=[hi - lo], **cfg.sampling(seed_offset))
+                    unit=K, inner=CodebookConstraint(K, tok.codebook_size), lengths=[hi - lo], forced=forced,
+                    **cfg.sampling(seed_offset))
     return [tok.codes(s) for s in out]
 
 

@@ -287,6 +287,7 @@ class DenoiseObjective:
         """Loss per task over the fixed batches (token-weighted, all ranks) and exact match of
         reconstructed spans (greedy decode) on the first `exact_match_batches` of R and X."""
         from amtrain.data.span_corruption import span_exact_match
+        from amtrain.generate.loop import t5_generate
 
         n = len(self.tasks)
         totals = torch.zeros(2 * n + 2, device=d.device)  # nll sum, tokens per task; hits, spans
@@ -302,8 +303,8 @@ class DenoiseObjective:
             for task in ("R", "X"):
                 for batch in self.val_batches[task][: self.exact_match_batches]:
                     t = self.tensors(batch, d.device)
-                    pred = model.generate(t["input_ids"], t["attention_mask"], max_new_tokens=self.targets_length,
-                                          eos_id=self.vocab.eos_id)[:, 1:].cpu().numpy()  # (B, n)
+                    pred = t5_generate(model, t["input_ids"], self.targets_length, temperature=0,
+                                       eos_id=self.vocab.eos_id, attention_mask=t["attention_mask"]).cpu().numpy()  # (B, n)
                     for row, labels in zip(pred, batch.labels, strict=True):
                         hits, spans = span_exact_match(row, labels, self.vocab)
                         totals[2 * n] += hits

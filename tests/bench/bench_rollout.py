@@ -21,10 +21,10 @@ import time
 
 import torch
 
+from amtrain.generate.loop import generate
+from amtrain.generate.window import generate_long
 from amtrain.models.decoder import Decoder
 from amtrain.models.sizes import decoder_config
-from amtrain.rollout.sampling import generate
-from amtrain.rollout.window import generate_long
 
 GPT2_VOCAB = 50257
 
