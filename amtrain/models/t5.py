@@ -441,7 +441,7 @@ class T5(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> DecoderCache:
         """An empty decoder cache for `batch_size` sequences of up to `max_len` decoder positions
-        (start token included); default device/dtype: the model's. Decoding (`decode`) and
+        (start token included); default device/dtype: the model's. The decode loop and the
         sampling policy live outside the model, in `amtrain.generate`."""
         c, w = self.cfg, self.embed.weight
         return DecoderCache.empty(c.num_decoder_layers, batch_size, c.num_heads, max_len, c.d_kv,
