@@ -58,7 +58,7 @@ def test_last_only_logits_are_the_full_forwards_last_row():
 
 
 def test_generate_with_and_without_cache_agree():
-    from amtrain.rollout.sampling import generate
+    from amtrain.generate.loop import generate
 
     torch.manual_seed(0)
     m = LSTMLM(family("lstm").config("debug", vocab_size=300)).eval()

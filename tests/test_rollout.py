@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from amtrain.errors import UserError
+from amtrain.generate.loop import generate
+from amtrain.generate.window import generate_long, window_start
 from amtrain.registry import family
 from amtrain.rollout.load import load_rollout_model
 from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
-from amtrain.rollout.sampling import generate
-from amtrain.rollout.window import generate_long, window_start
 from amtrain.tokens.midi import (
     AUTOREGRESS,
     CONTROL_OFFSET,
@@ -87,7 +87,7 @@ def _valid_event_triples(tri: np.ndarray, absolute: bool = False) -> bool:
 def test_midi_constraint_never_lets_an_invalid_token_through_adversarial_logits():
     """A model whose logits favour forbidden ids (controls, specials, wrong blocks, earlier
     times) by 1e4: over many steps, seeds and sampler settings every id obeys the grammar."""
-    from amtrain.rollout.constraints import MidiConstraint
+    from amtrain.generate.grammar import MidiConstraint
     from amtrain.tokens.midi import ANTICIPATE, VOCAB_SIZE
 
     class Adversary(torch.nn.Module):
@@ -115,7 +115,7 @@ def test_midi_constraint_never_lets_an_invalid_token_through_adversarial_logits(
 
 def test_midi_decoder_constraints_property_over_steps_and_seeds(ckpts):
     """The real (random) decoder through the anticipatory loop, across window rebuilds."""
-    from amtrain.rollout.amt import AmtSampling, amt_generate
+    from amtrain.generate.amt import AmtSampling, amt_generate
 
     rm = load_rollout_model(ckpts["midi"])
     tape = read_prompt(rm, MIDI, RolloutConfig())
@@ -154,7 +154,7 @@ def test_midi_continue_writes_parseable_midi_and_keeps_prompt(ckpts, tmp_path):
 
 
 def test_amt_loop_kv_cache_equals_no_cache_across_window_rebuilds(ckpts):
-    from amtrain.rollout.amt import AmtSampling, amt_generate
+    from amtrain.generate.amt import AmtSampling, amt_generate
 
     rm = load_rollout_model(ckpts["midi"])
     tape = read_prompt(rm, MIDI, RolloutConfig())
@@ -190,7 +190,7 @@ def test_midi_decoder_infill_keeps_prefix_and_suffix_exactly(ckpts, tmp_path):
 
 
 def test_midi_infill_by_instrument_keeps_that_instrument(ckpts):
-    from amtrain.rollout.amt import event_instruments
+    from amtrain.generate.amt import event_instruments
 
     rm = load_rollout_model(ckpts["midi"])
     tape = read_prompt(rm, MIDI, RolloutConfig())

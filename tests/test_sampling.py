@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amtrain.errors import UserError
+from amtrain.generate.loop import generate
+from amtrain.generate.processors import top_k_filter, top_p_filter
 from amtrain.models.decoder import Decoder, DecoderConfig
-from amtrain.rollout.sampling import generate, top_k_filter, top_p_filter
 
 VOCAB = 70  # pads to 128: 58 padded rows
 

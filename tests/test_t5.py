@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from amtrain.errors import UserError
+from amtrain.generate.loop import t5_generate
 from amtrain.models.t5 import (
     T5,
     T5_SIZES,
-    DecoderCache,
     T5Config,
     per_example_loss,
     relative_position_bucket,
@@ -165,11 +165,11 @@ def test_cached_decoding_equals_full_forward(parallel):
     with torch.no_grad():
         full, _ = model(x, mask, decoder_input_ids=dec)
         enc = model.encode(x, mask)
-        cache = DecoderCache()
+        cache = model.new_cache(2, 25)
         steps = [model.decode(dec[:, :3], enc, mask, cache=cache)]  # a prompt, then one by one
         steps += [model.decode(dec[:, t:t + 1], enc, mask, cache=cache) for t in range(3, 25)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
-    assert cache.length == 25 and cache.self_k[0].shape == (2, 4, 25, 8)
+    assert cache.pos == 25 and cache.k[0].shape == (2, 4, 25, 8)
 
 
 # --- Hugging Face parity -----------------------------------------------------------------------
@@ -286,14 +286,19 @@ def test_greedy_generate_matches_hf_generate():
     hf.eval()
     model = T5.from_hf_state_dict(hf.state_dict(), cfg)
     x, mask, _ = hf_inputs()
-    ours = model.generate(x, mask, max_new_tokens=24)
+
+    def greedy(n, **kw):  # the start token, then the generated targets, as HF returns them
+        start = torch.full((x.shape[0], 1), cfg.decoder_start_token_id)
+        return torch.cat([start, t5_generate(model, x, n, temperature=0, attention_mask=mask, **kw)], 1)
+
+    ours = greedy(24)
     ref = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=24, do_sample=False,
                       num_beams=1, eos_token_id=None, min_new_tokens=24)
     assert torch.equal(ours, ref)
-    # EOS: rows stop and repeat eos; a custom chooser (here: second best) is used
+    # EOS: rows stop and repeat eos; a logits processor (here: forbid the best, so second best) is used
     eos = int(ours[0, 3])
-    stopped = model.generate(x, mask, max_new_tokens=24, eos_id=eos)
+    stopped = greedy(24, eos_id=eos)
     assert (stopped[0, 3:] == eos).all() and stopped.shape[1] <= 25
-    second = model.generate(x, mask, max_new_tokens=5,
-                            choose=lambda logits: logits.topk(2, -1).indices[:, 1:])
+    second = greedy(5, logits_processor=lambda logits, _: logits.scatter(-1, logits.argmax(-1, keepdim=True),
+                                                                         float("-inf")))
     assert not torch.equal(second, ours[:, :6])

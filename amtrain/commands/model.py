@@ -65,8 +65,8 @@ def sample(
     import torch
 
     from amtrain.errors import UserError
+    from amtrain.generate.loop import generate
     from amtrain.registry import family_of
-    from amtrain.rollout.sampling import generate
     from amtrain.tokens import TextTokenizer, get_tokenizer
     from amtrain.train.export import load_any
 

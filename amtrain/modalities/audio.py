@@ -113,7 +113,7 @@ class AudioModality(Modality):
 
     # -- generation ----------------------------------------------------------------------
     def continue_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
-        from amtrain.rollout.constraints import CodebookConstraint
+        from amtrain.generate.grammar import CodebookConstraint
 
         tok = audio_tokenizer(rm)
         K = tok.num_codebooks
@@ -130,8 +130,8 @@ class AudioModality(Modality):
         return [stream_codes(t[1:], tok) for t in out.numpy()]
 
     def infill_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
-        from amtrain.rollout.constraints import CodebookConstraint, ForcedConstraint
-        from amtrain.rollout.t5gen import t5_infill
+        from amtrain.generate.grammar import CodebookConstraint
+        from amtrain.generate.t5 import t5_infill
 
         tok = audio_tokenizer(rm)
         K = tok.num_codebooks
@@ -148,9 +148,9 @@ class AudioModality(Modality):
         lo, hi = a * K, (b + ext) * K
         frame = np.arange(lo, hi) // K - np.arange(lo, hi) % K * (ext > 0)
         forced = {j: int(stream[lo + j]) for j in np.flatnonzero((frame < a) | (frame >= b)).tolist()}
-        inner = ForcedConstraint(CodebookConstraint(K, tok.codebook_size), forced)
         out = t5_infill(rm.model, rm.t5_vocab(), [stream[:lo], stream[hi:]], num_samples, mode=cfg.denoiser,
-                        unit=K, inner=inner, lengths=[hi - lo], **cfg.sampling(seed_offset))
+                        unit=K, inner=CodebookConstraint(K, tok.codebook_size), lengths=[hi - lo], forced=forced,
+                        **cfg.sampling(seed_offset))
         return [tok.codes(s) for s in out]
 
     # -- alternate -----------------------------------------------------------------------

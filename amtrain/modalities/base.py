@@ -211,7 +211,7 @@ class Modality:
 
     def infill_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig, num_samples: int,
                     seed_offset: int = 0) -> list:
-        from amtrain.rollout.t5gen import t5_infill
+        from amtrain.generate.t5 import t5_infill
 
         segments = prompt if isinstance(prompt, list) else [prompt]
         if cfg.postfix_repeat > 1:
@@ -242,7 +242,7 @@ class Modality:
 def left_to_right_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: RolloutConfig, seed_offset: int,
                            header: int = 0, unit: int = 1, processor=None, forced=None) -> torch.Tensor:
     """Continue ids by n tokens with a decoder or LSTM through the sliding window."""
-    from amtrain.rollout.window import generate_long
+    from amtrain.generate.window import generate_long
 
     x = torch.tensor(np.tile(ids, (num_samples, 1)), dtype=torch.long, device=rm.device)
     return generate_long(rm.model, x, n, stride=cfg.stride, header=header, unit=unit,
@@ -252,7 +252,7 @@ def left_to_right_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg:
 def seq2seq_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: RolloutConfig, seed_offset: int,
                      header: int = 0, unit: int = 1, inner_for=None, forced=None):
     """Continue ids by n tokens with a denoiser: the S mode by rounds over a prefix window."""
-    from amtrain.rollout.t5gen import t5_continue
+    from amtrain.generate.t5 import t5_continue
 
     stride = cfg.stride if cfg.stride is not None else cfg.t5_context // 2
     stride = max(unit, stride // unit * unit)

@@ -171,8 +171,8 @@ class MidiModality(Modality):
         return True  # a denoiser by sentinel spans, a left-to-right model by anticipation
 
     def continue_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
+        from amtrain.generate.amt import amt_generate, is_control
         from amtrain.midi.tokenize import pad
-        from amtrain.rollout.amt import amt_generate, is_control
 
         tri = tape.triples
         ev = tri[~is_control(tri)]
@@ -192,7 +192,7 @@ class MidiModality(Modality):
     def _seq2seq_continue(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
         import torch
 
-        from amtrain.rollout.constraints import MidiConstraint, current_time
+        from amtrain.generate.grammar import MidiConstraint, current_time
 
         n = max(3, int(cfg.length) // 3 * 3)
 
@@ -213,8 +213,8 @@ class MidiModality(Modality):
     def _anticipate(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
         """Events before the range are the prompt; events at/after its end, and events of the
         control instruments inside it, become controls; the model generates the range."""
+        from amtrain.generate.amt import amt_generate, event_instruments
         from amtrain.midi.tokenize import anticipate, pad
-        from amtrain.rollout.amt import amt_generate, event_instruments
 
         ev = tape.events()
         ev = ev[ev[:, 2] != REST]
@@ -229,10 +229,10 @@ class MidiModality(Modality):
         return [MidiTape(flag, tp) for tp in tapes]
 
     def _seq2seq_infill(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
+        from amtrain.generate.amt import is_control, triple_times
+        from amtrain.generate.grammar import MidiConstraint
+        from amtrain.generate.t5 import t5_infill
         from amtrain.midi.tokenize import pad
-        from amtrain.rollout.amt import is_control, triple_times
-        from amtrain.rollout.constraints import MidiConstraint
-        from amtrain.rollout.t5gen import t5_infill
 
         tri = tape.triples
         if not is_control(tri).any() and len(tri):
@@ -251,7 +251,7 @@ class MidiModality(Modality):
     # -- alternate -----------------------------------------------------------------------
     def random_region(self, rm: RolloutModel, tape: MidiTape, cfg, rng: np.random.Generator):
         """Seconds: as long as one continuation (or a quarter of the piece), placed uniformly."""
-        from amtrain.rollout.amt import triple_times
+        from amtrain.generate.amt import triple_times
 
         end = triple_times(tape.triples).max() / TIME_RESOLUTION if len(tape.triples) else 0.0
         width = cfg.length if cfg.seconds else max(end / 4, 0.5)
@@ -315,14 +315,14 @@ def _end(tape: MidiTape) -> int:
 
 
 def _amt_sampling(cfg, seed_offset):
-    from amtrain.rollout.amt import AmtSampling
+    from amtrain.generate.amt import AmtSampling
 
     s = cfg.sampling(seed_offset)
     return AmtSampling(s["temperature"], s["top_k"], s["top_p"], s["seed"], s["use_cache"], cfg.stride)
 
 
 def _range_bins(cfg, tri) -> tuple[int, int]:
-    from amtrain.rollout.amt import triple_times
+    from amtrain.generate.amt import triple_times
 
     if cfg.infill_range is None:
         return 0, int(triple_times(tri).max()) + 1 if len(tri) else 0

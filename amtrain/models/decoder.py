@@ -13,7 +13,7 @@ Decisions:
 - Input and output embeddings are tied (one (V, D) matrix, counted once).
 - The vocabulary is padded up to a multiple of 64 for matmul efficiency. Padded ids never
   occur in data, get trained only towards "never", and are cut off before sampling
-  (`amtrain.rollout.sampling`); `forward` itself returns all V columns.
+  (`amtrain.generate.steps`); `forward` itself returns all V columns.
 - Init as GPT-2 / nanoGPT: N(0, 0.02) everywhere, residual projections N(0, 0.02/sqrt(2L)).
 """
 

@@ -29,7 +29,6 @@ Model code is single-device torch only (no ranks, no deepspeed); the trainer wra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amtrain.models.base import SequenceModel
+from amtrain.models.layers import KVCache
 from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
@@ -226,15 +226,14 @@ class EncoderLayer(nn.Module):
 
 
 @dataclass
-class DecoderCache:
-    """Per-layer keys/values: self-attention grows with each decoded step; cross-attention keys
-    are computed once from the encoder output. `length` = decoder positions already cached."""
+class DecoderCache(KVCache):
+    """The decoder's keys/values for generation (`T5.new_cache`). Self-attention: `k`, `v`
+    (L, B, H, max_len, Dh) preallocated and written in place, `pos` positions filled (as the
+    decoder-only `KVCache`). Cross-attention: L x (B, H, S, Dh) keys/values of the encoder
+    output, computed by the first decode call and reused by every later one."""
 
-    self_k: list[torch.Tensor] = field(default_factory=list)  # L x (B, H, t, Dh)
-    self_v: list[torch.Tensor] = field(default_factory=list)
-    cross_k: list[torch.Tensor] = field(default_factory=list)  # L x (B, H, S, Dh)
+    cross_k: list[torch.Tensor] = field(default_factory=list)
     cross_v: list[torch.Tensor] = field(default_factory=list)
-    length: int = 0
 
 
 class DecoderLayer(nn.Module):
@@ -254,14 +253,7 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.kv(h)  # (B, H, t, Dh)
         if cache is None:
             return k, v
-        if index < len(cache.self_k):
-            k = torch.cat([cache.self_k[index], k], dim=2)
-            v = torch.cat([cache.self_v[index], v], dim=2)
-            cache.self_k[index], cache.self_v[index] = k, v
-        else:
-            cache.self_k.append(k)
-            cache.self_v.append(v)
-        return k, v
+        return cache.update(index, k, v)  # (B, H, pos + t, Dh), views of the preallocated buffer
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_k: torch.Tensor,
                 cross_v: torch.Tensor, cross_bias, cache: DecoderCache | None = None,
@@ -304,7 +296,7 @@ class T5Decoder(nn.Module):
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor,
                 attention_mask: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
                 cache: DecoderCache | None = None) -> torch.Tensor:
-        T, offset = x.shape[1], (cache.length if cache is not None else 0)
+        T, offset = x.shape[1], (cache.pos if cache is not None else 0)
         key_length = offset + T
         self_bias = (self.rel_bias(T, key_length, offset)
                      + causal_bias(T, key_length, offset, x.dtype, x.device)
@@ -323,7 +315,7 @@ class T5Decoder(nn.Module):
                     cache.cross_v.append(cv)
             x = layer(x, self_bias, ck, cv, cross_bias, cache, i)
         if cache is not None:
-            cache.length = key_length
+            cache.pos = key_length
         return self.dropout(self.final_norm(x))  # (B, T, D)
 
 
@@ -402,9 +394,9 @@ class T5(SequenceModel):
                attention_mask: torch.Tensor | None = None,
                decoder_attention_mask: torch.Tensor | None = None,
                cache: DecoderCache | None = None) -> torch.Tensor:
-        """Logits (B, t, V) for decoder inputs (B, t). With a `cache`, the inputs are the next t
-        positions after the `cache.length` already decoded, and the cache is extended in place;
-        `decoder_attention_mask` then covers all cache.length + t positions."""
+        """Logits (B, t, V) for decoder inputs (B, t). With a `cache` (`new_cache`), the inputs
+        are the next t positions after the `cache.pos` already decoded, and the cache is written
+        in place; `decoder_attention_mask` then covers all cache.pos + t positions."""
         h = self.decoder(self.embed(decoder_input_ids), encoder_out, attention_mask,
                          decoder_attention_mask, cache)
         return self.lm_head(h)  # (B, t, V)
@@ -437,32 +429,14 @@ class T5(SequenceModel):
             return None, nll.mean()
         return None, torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 64, eos_id: int | None = None,
-                 choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Decode targets for inputs (B, S) with the KV cache: (B, 1 + n), starting with the
-        decoder start token. `choose(logits (B, V)) -> ids (B, 1)` picks each token (default
-        greedy argmax; rollout passes its sampler); padded vocabulary rows are cut off first.
-        With `eos_id`, finished rows repeat eos_id and decoding stops once all rows finished."""
-        was_training = self.training
-        self.eval()
-        encoder_out = self.encode(input_ids, attention_mask)
-        seq = input_ids.new_full((input_ids.shape[0], 1), self.cfg.decoder_start_token_id)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        cache, feed = DecoderCache(), seq
-        for _ in range(max_new_tokens):
-            logits = self.decode(feed, encoder_out, attention_mask, cache=cache)[:, -1]  # (B, V)
-            logits = logits[:, : self.cfg.vocab_size].float()
-            feed = logits.argmax(-1, keepdim=True) if choose is None else choose(logits)  # (B, 1)
-            if eos_id is not None:
-                feed = feed.masked_fill(done[:, None], eos_id)
-                done |= feed[:, 0] == eos_id
-            seq = torch.cat([seq, feed], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        self.train(was_training)
-        return seq
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> DecoderCache:
+        """An empty decoder cache for `batch_size` sequences of up to `max_len` decoder positions
+        (start token included); default device/dtype: the model's. The decode loop and the
+        sampling policy live outside the model, in `amtrain.generate`."""
+        c, w = self.cfg, self.embed.weight
+        return DecoderCache.empty(c.num_decoder_layers, batch_size, c.num_heads, max_len, c.d_kv,
+                                  device or w.device, dtype or w.dtype)
 
     # -- HF conversion ----------------------------------------------------------------------
 

@@ -263,10 +263,13 @@ def denoising_batcher(dataset: Dataset, split: str, vocab: T5Vocab, inputs_lengt
 
 
 def greedy_targets(model, t: dict[str, torch.Tensor], max_new_tokens: int, eos_id: int) -> np.ndarray:
-    """(B, n) greedy decode of a batch's targets, the decoder start token dropped: the one call
-    into the model's generation."""
-    out = model.generate(t["input_ids"], t["attention_mask"], max_new_tokens=max_new_tokens, eos_id=eos_id)
-    return out[:, 1:].cpu().numpy()
+    """(B, n) greedy decode of a batch's targets (no decoder start token): the one call into
+    generation."""
+    from amtrain.generate.loop import t5_generate
+
+    out = t5_generate(model, t["input_ids"], max_new_tokens, temperature=0, eos_id=eos_id,
+                      attention_mask=t["attention_mask"])
+    return out.cpu().numpy()
 
 
 class DenoiseObjective:

@@ -4,7 +4,7 @@
 
 A `size` decoder (gpt2 vocab, random init: speed does not depend on the weights) continues a
 prompt of context - new tokens by `new` tokens, so the last token lands at position `context`.
-Both runs use `amtrain.rollout.sampling.generate` with the same seed and must produce the same
+Both runs use `amtrain.generate.loop.generate` with the same seed and must produce the same
 tokens (checked). Tokens/s counts generated tokens over the whole call (prefill included).
 Prints one table row per mode and the ratio; figures go in docs/benchmarks.md.
 """
@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from amtrain.generate.loop import generate
 from amtrain.models.decoder import Decoder
 from amtrain.registry import family
-from amtrain.rollout.sampling import generate
 
 GPT2_VOCAB = 50257
 

@@ -21,10 +21,10 @@ import time
 
 import torch
 
+from amtrain.generate.loop import generate
+from amtrain.generate.window import generate_long
 from amtrain.models.decoder import Decoder
 from amtrain.registry import family
-from amtrain.rollout.sampling import generate
-from amtrain.rollout.window import generate_long
 
 GPT2_VOCAB = 50257
 

@@ -1,4 +1,4 @@
-"""Token-grammar masks for sampling, usable as `generate(..., logits_processor=...)`.
+"""Token-grammar masks: logits processors that keep only the ids a grammar allows next.
 
 Each constraint answers `allowed(generated (B, t), V) -> (B, V) bool` for the next position and,
 called as a logits processor, sets every other logit to -inf, so no sampler setting (greedy,
@@ -18,10 +18,18 @@ anticipated: their times run ahead of the events).
 
 `CodebookConstraint`: audio tokens K per frame, position k of a frame (after `header`) only
 takes codebook k's ids [k*1024, (k+1)*1024); never <eot> / <pad>.
+
+`IdsBelow`: ids of the base vocabulary only (T5 continuation: no sentinel, EOS or mode id).
+
+`SpanGrammar`: T5 in-filling targets `<s_0> span_0 <s_1> span_1 ... EOS` (see
+`amtrain.generate.t5`).
+
+Forced ids are not a grammar: `amtrain.generate.processors.ForcedTokens` overrides any mask.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from amtrain.tokens.midi import DUR_OFFSET, MAX_DUR, MAX_NOTE, MAX_TIME, NOTE_OFFSET, TIME_OFFSET
@@ -85,14 +93,60 @@ class CodebookConstraint(Constraint):
         return block_mask(B, vocab, k * self.codebook_size, (k + 1) * self.codebook_size, generated.device)
 
 
-class ForcedConstraint(Constraint):
-    """`inner`, except that position j (the generated length) is forced to forced[j]."""
+class IdsBelow(Constraint):
+    """Ids in [0, n) only."""
 
-    def __init__(self, inner: Constraint, forced: dict[int, int]):
-        self.inner, self.forced = inner, forced
+    def __init__(self, n: int):
+        self.n = n
 
     def allowed(self, generated: torch.Tensor, vocab: int) -> torch.Tensor:
-        j = generated.shape[1]
-        if j in self.forced:
-            return block_mask(generated.shape[0], vocab, self.forced[j], self.forced[j] + 1, generated.device)
-        return self.inner.allowed(generated, vocab)
+        return block_mask(generated.shape[0], vocab, 0, self.n, generated.device)
+
+
+class SpanGrammar(Constraint):
+    """T5 in-filling targets `<s_0> span_0 <s_1> span_1 ... EOS` for num_gaps gaps: the target
+    opens with <s_0>, each span holds whole units (`unit` ids) of base-vocabulary ids allowed by
+    `inner(span (B, j), V)` (None: any base id), span i closes with <s_{i+1}> (EOS after the
+    last); with `lengths` span i closes exactly at lengths[i] ids, else at most `max_span`."""
+
+    def __init__(self, vocab, num_gaps: int, unit: int = 1, inner: Constraint | None = None,
+                 lengths: list[int] | None = None, max_span: int | None = None):
+        self.vocab, self.num_gaps, self.unit, self.inner = vocab, num_gaps, unit, inner
+        self.lengths, self.max_span = lengths, max_span
+
+    def spans(self, targets: np.ndarray) -> list[np.ndarray]:
+        """The ids of each gap in a decoded target (N,), read up to its first EOS; a gap whose
+        sentinel never came is empty."""
+        end = np.flatnonzero(targets == self.vocab.eos_id)
+        targets = targets[:end[0]] if end.size else targets
+        marks = np.append(np.flatnonzero(self.vocab.is_sentinel(targets)), len(targets))
+        found = {int(targets[a]): targets[a + 1:b] for a, b in zip(marks[:-1], marks[1:], strict=True)}
+        return [found.get(self.vocab.sentinel(i), targets[:0]) for i in range(self.num_gaps)]
+
+    def _close(self, i: int) -> int:
+        return self.vocab.sentinel(i + 1) if i + 1 < self.num_gaps else self.vocab.eos_id
+
+    def allowed(self, generated: torch.Tensor, vocab: int) -> torch.Tensor:
+        B, t = generated.shape
+        dev = generated.device
+        if t == 0:
+            return block_mask(B, vocab, self.vocab.sentinel(0), self.vocab.sentinel(0) + 1, dev)
+        out = torch.zeros(B, vocab, dtype=torch.bool, device=dev)
+        is_mark = self.vocab.is_sentinel(generated.cpu().numpy()) | (generated.cpu().numpy() == self.vocab.eos_id)
+        for b in range(B):
+            marks = np.flatnonzero(is_mark[b])
+            i, j = len(marks) - 1, t - 1 - marks[-1]  # current span and its length so far
+            if int(generated[b, marks[-1]]) == self.vocab.eos_id:
+                out[b, self.vocab.eos_id] = True  # finished: EOS padding
+                continue
+            target = self.lengths[i] if self.lengths is not None else None
+            can_close = j >= self.unit and j % self.unit == 0 and (target is None or j == target)
+            must_close = (target is not None and j >= target) or (self.max_span is not None and j >= self.max_span)
+            if can_close or must_close:
+                out[b, self._close(i)] = True
+            if not must_close:
+                span = generated[b:b + 1, marks[-1] + 1:]
+                inner = (self.inner.allowed(span, vocab)[0] if self.inner is not None
+                         else block_mask(1, vocab, 0, self.vocab.base_vocab_size, dev)[0])
+                out[b] |= inner & (torch.arange(vocab, device=dev) < self.vocab.base_vocab_size)
+        return out

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from amtrain.errors import UserError
-from amtrain.rollout.constraints import MidiConstraint
-from amtrain.rollout.sampling import next_token
+from amtrain.generate.grammar import MidiConstraint
+from amtrain.generate.loop import Sampler
+from amtrain.generate.steps import LMStep
 from amtrain.tokens.midi import (
     ANTICIPATE,
     ATIME_OFFSET,
@@ -86,7 +87,7 @@ class _Window:
     """The model's view of all rows: flag + relativized triples, with an optional KV cache."""
 
     def __init__(self, model: nn.Module, flag: int, use_cache: bool):
-        self.model, self.flag, self.use_cache = model, flag, use_cache
+        self.model, self.flag, self.step = model, flag, LMStep(model, use_cache)
         self.context = model.cfg.max_seq_len
 
     def reset(self, fed: list[np.ndarray], num_triples: int) -> torch.Tensor:
@@ -100,16 +101,11 @@ class _Window:
         dev = next(self.model.parameters()).device
         self.seq = torch.tensor(np.stack(rows), dtype=torch.long, device=dev)  # (B, 1 + 3n)
         self.offset = torch.tensor(offsets, dtype=torch.long, device=dev)  # (B,)
-        self.cache = self.model.new_cache(len(fed), self.context, device=dev) if self.use_cache else None
-        return self._logits(self.seq)
-
-    def _logits(self, feed: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.model(feed if self.use_cache else self.seq, cache=self.cache, last_only=True)
-        return logits[:, -1, :self.model.cfg.vocab_size].float()  # (B, V)
+        return self.step.prefill(self.seq, self.context)  # (B, V)
 
     def push(self, tok: torch.Tensor) -> torch.Tensor:
         self.seq = torch.cat([self.seq, tok], 1)
-        return self._logits(tok)
+        return self.step.step(self.seq)
 
     @property
     def room(self) -> int:
@@ -131,7 +127,7 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
     keep = (context - 1 - stride) // 3  # triples kept when a window is rebuilt
     flag = ANTICIPATE if len(controls) or is_control(prompt).any() else AUTOREGRESS
     dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
+    sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, dev)
     B = num_samples
     fed = [prompt.astype(np.int64)] * B  # every triple the model saw, per row (absolute)
     tapes: list[list[np.ndarray]] = [[prompt.astype(np.int64)] for _ in range(B)]
@@ -153,7 +149,7 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
         triple = []
         for p in range(3):
             logits = constraint(logits, win.seq)
-            tok = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, gen)  # (B, 1)
+            tok = sampler(logits, win.seq)  # (B, 1)
             for b in range(B):
                 if forced[b] is not None:
                     tok[b, 0] = int(forced[b][p]) - (win.offset[b] if p == 0 else 0)

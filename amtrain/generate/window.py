@@ -13,8 +13,9 @@ on a `unit` boundary counted from the header (3 for MIDI triples, K for the K co
 audio frame), so the model always sees windows shaped like its training data. The new tokens
 of every round are stitched onto one tape; nothing of the tape is ever rewritten.
 
-Round r draws with seed `seed + r` (a private generator per round), so a fixed seed reproduces
-the whole tape, with or without the KV cache (the cache is rebuilt by one prefill per round).
+Each round is one call of the decode loop (`amtrain.generate.loop.generate`). Round r draws
+with seed `seed + r` (a private generator per round), so a fixed seed reproduces the whole
+tape, with or without the KV cache (the cache is rebuilt by one prefill per round).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from amtrain.errors import UserError
-from amtrain.rollout.sampling import LogitsProcessor, generate
+from amtrain.generate.loop import generate
+from amtrain.generate.processors import ForcedTokens, LogitsProcessor, LogitsProcessorList
 
 
 def window_start(length: int, keep: int, header: int, unit: int) -> int:
@@ -51,7 +53,8 @@ def generate_long(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *
     """Continue prompt (B, T0) by exactly max_new_tokens ids through as many windows as needed;
     returns the tape (B, T0 + max_new_tokens). A prompt longer than the context starts from its
     own last window. `logits_processor` sees the current window (positions relative to it).
-    `forced` maps new-token indices (0 = the first new token) to the id they must be."""
+    `forced` maps new-token indices (0 = the first new token, counted over all rounds) to the id
+    they must be (`ForcedTokens`, applied after `logits_processor`)."""
     context = model.cfg.max_seq_len
     if header >= context:
         raise UserError(f"header of {header} tokens does not fit the context of {context}")
@@ -63,30 +66,13 @@ def generate_long(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *
         if tape.shape[1] >= context:
             window = torch.cat([tape[:, :header], tape[:, window_start(tape.shape[1], keep, header, unit):]], 1)
         n = min(remaining, context - window.shape[1])
+        num_before = max_new_tokens - remaining
+        processors = LogitsProcessorList([logits_processor] if logits_processor is not None else [])
+        if forced:
+            processors.append(ForcedTokens(forced, start=window.shape[1] - num_before))
         out = generate(model, window, n, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=None if seed is None else seed + r, use_cache=use_cache,
-                       logits_processor=_force(logits_processor, forced or {}, max_new_tokens - remaining,
-                                               window.shape[1]))
+                       seed=None if seed is None else seed + r, use_cache=use_cache, logits_processor=processors)
         tape = torch.cat([tape, out[:, window.shape[1]:]], 1)  # (B, t + n)
         remaining -= n
         r += 1
     return tape
-
-
-def _force(processor: LogitsProcessor | None, forced: dict[int, int], num_before: int,
-           window_len: int) -> LogitsProcessor | None:
-    """Wrap `processor` so that new token i (counted over all rounds) is forced[i] where given."""
-    if not forced:
-        return processor
-
-    def apply(logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        if processor is not None:
-            logits = processor(logits, generated)
-        i = num_before + generated.shape[1] - window_len
-        if i in forced:
-            keep = torch.full_like(logits, float("-inf"))
-            keep[:, forced[i]] = 0.0
-            logits = keep
-        return logits
-
-    return apply

@@ -1,0 +1,110 @@
+"""Sampling from the T5 denoiser: sentinel in-filling and prefix-LM continuation, both through
+the one decode loop (`amtrain.generate.loop.t5_generate`: the decoder over a fixed encoder
+output, preallocated KV cache; use_cache=False re-runs the decoder over all positions each
+step, the same tokens, tested).
+
+In-filling (`t5_infill`): segments s_0 .. s_n around n gaps become the input
+
+    [X] s_0 <s_0> s_1 <s_1> ... <s_{n-1}> s_n EOS
+
+and the target is decoded under `SpanGrammar`: it opens with <s_0>, each span holds whole
+units (3 ids per MIDI event, K per audio frame) of base-vocabulary ids obeying the modality's
+constraint, and span i closes with <s_{i+1}> (or EOS after the last). Exact span `lengths`
+force each span to its gap's length (audio: the waveform keeps its duration); `forced` ids
+inside the gaps go through `ForcedTokens`. The spans are put back between the segments
+(`SpanGrammar.spans`), so every segment s_i is kept exactly.
+
+Continuation (`t5_continue`): the UL2 S-denoiser, input `[S] prefix EOS`, target = the next
+tokens; beyond `context` input tokens the prefix is the tape's last window (header + aligned
+tail, as the decoder's sliding window) and each round adds up to `stride` tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from amtrain.errors import UserError
+from amtrain.generate.grammar import Constraint, IdsBelow, SpanGrammar
+from amtrain.generate.loop import t5_generate
+from amtrain.generate.processors import ForcedTokens, LogitsProcessorList
+from amtrain.generate.window import window_start
+
+
+def t5_infill(model: nn.Module, vocab, segments: list[np.ndarray], num_samples: int = 1, *, mode: str = "X",
+              unit: int = 1, inner: Constraint | None = None, lengths: list[int] | None = None,
+              forced: dict[int, int] | None = None, max_span: int = 256, **sampling) -> list[np.ndarray]:
+    """Fill the gaps between segments; returns one merged tape per sample (segments kept).
+    `forced` maps an index into the gaps' ids, counted over the gaps in order (0 = the first id
+    of the first gap), to the id it must be; it needs exact `lengths`."""
+    num_gaps = len(segments) - 1
+    if num_gaps < 1:
+        raise UserError("in-filling needs a gap: give a prefix and a suffix (a gap marker in the prompt, "
+                        "or --infill-range START:END)")
+    if num_gaps > vocab.num_sentinels:
+        raise UserError(f"{num_gaps} gaps but the checkpoint has {vocab.num_sentinels} sentinels")
+    body = [segments[0]]
+    for i, s in enumerate(segments[1:]):
+        body += [np.array([vocab.sentinel(i)]), s]
+    body = np.concatenate(body).astype(np.int64)
+    inputs = np.concatenate([[vocab.mode_id(mode)], body, [vocab.eos_id]])
+    x = torch.tensor(np.tile(inputs, (num_samples, 1)), dtype=torch.long, device=_device(model))
+    grammar = SpanGrammar(vocab, num_gaps, unit, inner, lengths, None if lengths else max_span)
+    processors = LogitsProcessorList([grammar])
+    if forced:
+        processors.append(ForcedTokens(_target_positions(forced, lengths)))
+    budget = (sum(lengths) if lengths else num_gaps * max_span) + num_gaps + 1
+    out = t5_generate(model, x, budget, logits_processor=processors, eos_id=vocab.eos_id, **sampling).cpu().numpy()
+    tapes = []
+    for row in out:  # the segments with each gap's span put back in place
+        pieces = [segments[0]]
+        for span, segment in zip(grammar.spans(row), segments[1:], strict=True):
+            pieces += [span, segment]
+        tapes.append(np.concatenate(pieces).astype(np.int64))
+    return tapes
+
+
+def _target_positions(forced: dict[int, int], lengths: list[int]) -> dict[int, int]:
+    """Gap-id index -> target position: target 0 is <s_0>, gap i's ids follow the sentinel
+    that opens it."""
+    assert lengths is not None, "forced ids in a gap need exact span lengths"
+    positions, start = [], 1
+    for length in lengths:
+        positions += range(start, start + length)
+        start += length + 1
+    return {positions[k]: v for k, v in forced.items()}
+
+
+def t5_continue(model: nn.Module, vocab, prompt: np.ndarray, max_new_tokens: int, num_samples: int = 1, *,
+                context: int = 512, stride: int | None = None, header: int = 0, unit: int = 1,
+                inner_for=None, forced: dict[int, int] | None = None, seed: int | None = None,
+                **sampling) -> np.ndarray:
+    """Prefix-LM continuation by rounds; returns tapes (N, len(prompt) + max_new_tokens).
+    `inner_for(tape (N, t))` builds the round's constraint on the new ids (positions from 0);
+    `forced` maps new-token indices (over all rounds) to the id they must be."""
+    stride = context // 2 if stride is None else stride
+    keep = context - stride
+    tape = np.tile(np.asarray(prompt, np.int64), (num_samples, 1))
+    remaining, r = max_new_tokens, 0
+    while remaining > 0:
+        start = window_start(tape.shape[1], keep, header, unit) if tape.shape[1] > keep else header
+        prefix = np.concatenate([tape[:, :header], tape[:, start:]], 1)
+        x = np.concatenate([np.full((num_samples, 1), vocab.mode_id("S")), prefix,
+                            np.full((num_samples, 1), vocab.eos_id)], 1)
+        n = min(remaining, stride)
+        processors = LogitsProcessorList([IdsBelow(vocab.base_vocab_size)])  # no sentinel, EOS or mode id
+        if inner_for is not None:
+            processors.append(inner_for(tape))
+        if forced:
+            processors.append(ForcedTokens(forced, start=-(max_new_tokens - remaining)))
+        new = t5_generate(model, torch.tensor(x, device=_device(model)), n, logits_processor=processors,
+                          seed=None if seed is None else seed + r, **sampling).cpu().numpy()
+        tape = np.concatenate([tape, new], 1)
+        remaining -= n
+        r += 1
+    return tape
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
