@@ -196,7 +196,7 @@ def test_forced_weights_only_is_narrow(tmp_path):
 # ---------------------------------------------------------------- 2. resume selection, retention
 
 @pytest.mark.parametrize("fault", ["latest deleted", "latest names a missing step", "newest lacks its state"])
-def test_lost_latest_resumes_from_the_newest_complete_checkpoint(fault, base, kjv_gpt2, tmp_path):
+def test_lost_latest_resumes_from_the_newest_complete_checkpoint(fault, base, kjv_gpt2, tmp_path, capsys):
     run = tmp_path / "run"
     ckpts = _copy_run(base, run, [2, 4, 6])
     if fault == "latest deleted":
@@ -208,7 +208,9 @@ def test_lost_latest_resumes_from_the_newest_complete_checkpoint(fault, base, kj
     newest = 4 if fault == "newest lacks its state" else 6
     with pytest.raises(UserError, match="holds checkpoints but train.resume = never"):
         train(from_args(tiny(kjv_gpt2, run, **{"train.resume": "never"})))
+    capsys.readouterr()
     res = train(from_args(tiny(kjv_gpt2, run, **{"train.checkpoint_every": 2, "train.keep_last": 2})))
+    assert f"; resuming from {ckpts / _step(newest)} (the complete checkpoint with the highest step)" in capsys.readouterr().err
     assert sorted(res.losses) == list(range(newest + 1, 9))  # not "starting fresh"
     for s in res.losses:
         assert res.losses[s] == pytest.approx(base.losses[s], rel=1e-6, abs=0), s
@@ -266,11 +268,12 @@ def _flip(path):
         f.write(bytes(x ^ 0xFF for x in b))
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing", "stray"])
 def test_damaged_file_is_one_error_naming_it_and_the_newest_intact(damage, base, kjv_gpt2, tmp_path):
     run = tmp_path / "run"
     ckpts = _copy_run(base, run, [2, 4, 6])
-    target = ckpts / _step(6) / {"flipped": OPTIM, "truncated": MODEL, "missing": RNG}[damage]
+    target = ckpts / _step(6) / {"flipped": OPTIM, "truncated": MODEL, "missing": RNG,
+                                 "stray": "zero_pp_rank_1_mp_rank_00_optim_states.pt"}[damage]
     if damage == "flipped":
         before = safe_load(target)
         _flip(target)
@@ -281,9 +284,12 @@ def test_damaged_file_is_one_error_naming_it_and_the_newest_intact(damage, base,
         assert moments
     elif damage == "truncated":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    else:
+    elif damage == "missing":
         target.unlink()
-    why = {"flipped": "altered since it was saved", "truncated": "bytes, ", "missing": "missing"}[damage]
+    else:  # a shard that is no part of it: DeepSpeed's converters glob *_optim_states.pt
+        shutil.copy(ckpts / _step(6) / OPTIM, target)
+    why = {"flipped": "altered since it was saved", "truncated": "bytes, ", "missing": "missing",
+           "stray": "not part of this checkpoint (not recorded in amtrain_state.json at save); remove it"}[damage]
     with pytest.raises(UserError) as err:
         train(from_args(tiny(kjv_gpt2, run)))
     msg = _one_line_naming(err, target)
@@ -294,6 +300,25 @@ def test_damaged_file_is_one_error_naming_it_and_the_newest_intact(damage, base,
         _flip(ckpts / _step(4) / OPTIM)
         with pytest.raises(UserError, match=f"instead: {ckpts / _step(2)}$"):
             train(from_args(tiny(kjv_gpt2, run)))
+
+
+def test_checkpoint_without_a_file_record_is_checked_for_pickles_only(base, tmp_path, capsys):
+    """Saved before amtrain recorded `files`: exported with a warning, a payload still refused."""
+    ckpts = _copy_run(base, tmp_path / "run", [4])
+    meta_file = ckpts / _step(4) / checkpoint.STATE_FILE
+    meta = json.loads(meta_file.read_text())
+    del meta["files"]
+    meta_file.write_text(json.dumps(meta))
+    sd = checkpoint.consolidated_state_dict(ckpts / _step(4))
+    assert all(torch.equal(v, w) for v, w in zip(sd.values(), checkpoint.consolidated_state_dict(
+        base.run_dir / "checkpoints" / _step(4)).values(), strict=True))
+    assert "saved without file hashes (by an older amtrain)" in capsys.readouterr().err
+    marker = tmp_path / "marker"
+    _plant(ckpts / _step(4) / RNG, marker)
+    with pytest.raises(UserError, match="needs builtins.exec") as err:
+        checkpoint.consolidated_state_dict(ckpts / _step(4))
+    _one_line_naming(err, ckpts / _step(4) / RNG)
+    assert not marker.exists()
 
 
 def test_cli_prints_the_error_as_one_line(base, tmp_path):
