@@ -122,10 +122,17 @@ def step_of(folder: Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _step(folder: Path) -> int:
+    """The step of a folder known to be named step_N."""
+    step = step_of(folder)
+    assert step is not None, folder
+    return step
+
+
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """The checkpoint folders holding an amtrain_state.json, by step number (oldest first)."""
     found = [p for p in Path(ckpt_dir).glob("step_*") if step_of(p) is not None and (p / STATE_FILE).is_file()]
-    return sorted(found, key=step_of)
+    return sorted(found, key=_step)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -194,7 +201,7 @@ def verify(folder: Path, collective: bool = False) -> None:
     if problem is None:
         return
     step = step_of(folder)
-    older = [p for p in complete_checkpoints(folder.parent) if step is not None and step_of(p) < step]
+    older = [p for p in complete_checkpoints(folder.parent) if step is not None and _step(p) < step]
     intact = next((p for p in reversed(older) if _problem(p, collective) is None), None)
     instead = (f"use the newest intact checkpoint instead: {intact}" if intact is not None
                else f"no older intact checkpoint in {folder.parent}")
@@ -242,7 +249,7 @@ def _file_problem(folder: Path, files: dict | None, name: str) -> str | None:
 
 def _record_files(folder: Path) -> dict[str, dict]:
     """Collective: {relative path: {"size", "sha256"}} of every file under `folder`."""
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if _is_main() else None
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if _is_main() else []
     if _group_size() > 1:
         box = [names]
         dist.broadcast_object_list(box, src=0)
@@ -260,7 +267,7 @@ def _spread(fn, items: list, collective: bool) -> list:
         return [fn(x) for x in items]
     rank = dist.get_rank()
     mine = {i: fn(items[i]) for i in range(rank, len(items), world)}
-    parts = [None] * world
+    parts: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(parts, mine)
     merged = {i: r for part in parts for i, r in part.items()}
     return [merged[i] for i in range(len(items))]
@@ -348,7 +355,7 @@ def _retain(ckpt_dir: Path, keep_last: int, kept: Path) -> None:
     for stale in ckpt_dir.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last:
-        older = [p for p in complete_checkpoints(ckpt_dir) if step_of(p) < step_of(kept)]
+        older = [p for p in complete_checkpoints(ckpt_dir) if _step(p) < _step(kept)]
         for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -9,12 +9,13 @@ The allow-list (`torch.serialization.add_safe_globals`, registered on first use)
 * DeepSpeed's ZeRO optimizer states (zero_pp_rank_*_optim_states.pt and the universal
   checkpoint's zero/*/*.pt): `LossScaler`, `ZeroStageEnum`, `fragment_address`;
 * amtrain's rng/rank_*.pt: numpy's RNG keys are an ndarray (`_reconstruct`, `ndarray`, `dtype`,
-  `UInt32DType`; PyTorch's documented recipe for numpy arrays; an object array's items still go
-  through the restricted unpickler).
+  `UInt32DType`: PyTorch's documented recipe for numpy arrays; they rebuild arrays only, and an
+  object array's items still go through the restricted unpickler).
 
-Three ways DeepSpeed is made to load like this, one per kind of caller:
+Two ways DeepSpeed is made to load like this, and one check before anything loads:
 
-* `SafeCheckpointEngine`: `engine.checkpoint_engine` reads the model and optimizer states in
+* `checkpoint_engine(config)`: a TorchCheckpointEngine whose `load` is `safe_load`; set as
+  `engine.checkpoint_engine`, it reads the model and optimizer states in
   `engine.load_checkpoint` (through its `SDLoader` and `_get_all_zero_checkpoints`).
 * `forced_weights_only()`: a context manager that, only while it is open, replaces `torch.load`
   with one that ignores the caller's `weights_only=False` and loads through `safe_load`. Used
@@ -45,12 +46,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy._core.multiarray import _reconstruct
 
 from amtrain.errors import UserError
 
 DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
                    "deepspeed.utils.tensor_fragment.fragment_address")
-NUMPY_TYPES = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+NUMPY_TYPES = (_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+"""What numpy pickles the RNG's array of uint32 keys with."""
 ALLOWED = frozenset(DEEPSPEED_TYPES) | {f"{t.__module__}.{t.__name__}" for t in NUMPY_TYPES}
 """Pickle globals beyond torch's own weights_only set that a checkpoint file may name."""
 
@@ -111,7 +114,7 @@ def forced_weights_only() -> Iterator[None]:
         return safe_load(f, map_location, **kwargs)
 
     allow_checkpoint_types()
-    real, torch.load = torch.load, load
+    real, torch.load = torch.load, load  # type: ignore[assignment]
     try:
         yield
     finally:
