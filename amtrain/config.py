@@ -177,8 +177,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     """Run directory: config, engine JSON, metrics, TensorBoard events, checkpoints/."""
     resume: str = "auto"
-    """auto: continue from out_dir's latest complete checkpoint if there is one; never: start
-    fresh (refused if out_dir holds checkpoints); or a checkpoint folder to start from."""
+    """auto: continue from out_dir's complete checkpoint with the highest step if there is one
+    (found by scanning checkpoints/step_*, whatever `latest` says); never: start fresh (refused
+    if out_dir holds complete checkpoints); or a checkpoint folder to start from."""
     log_every: int = 10
     """Steps between metric records (JSONL, TensorBoard, console)."""
     eval_every: int = 50
@@ -191,7 +192,8 @@ class TrainConfig:
     """Also checkpoint after the first step that starts this many minutes after the last
     checkpoint (0 = off); ranks agree through the step's all-reduce."""
     keep_last: int = 2
-    """Complete checkpoints kept; older ones are deleted (0 = keep all)."""
+    """Complete checkpoints kept, counting down from the one just saved; older ones are deleted,
+    newer ones (left by a run resumed from an earlier checkpoint) never (0 = keep all)."""
     precision: str = "auto"
     """auto: bf16 on CUDA, fp32 on CPU; or fp32 / bf16 explicitly."""
     peak_flops: float | None = None

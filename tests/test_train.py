@@ -73,14 +73,14 @@ def test_retention_and_interrupted_checkpoint_is_never_latest(kjv_gpt2, tmp_path
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]
     assert checkpoint.latest_checkpoint(ckpts) == ckpts / "step_00000006" == res.checkpoint
 
-    real_write = checkpoint.write_bytes_atomic
+    real_write = checkpoint.write_json_atomic
 
-    def crash_on_state(path, data):  # the process dies after DeepSpeed wrote its shards
+    def crash_on_state(path, obj):  # the process dies after DeepSpeed wrote its shards
         if path.name == checkpoint.STATE_FILE:
             raise KeyboardInterrupt
-        real_write(path, data)
+        real_write(path, obj)
 
-    monkeypatch.setattr(checkpoint, "write_bytes_atomic", crash_on_state)
+    monkeypatch.setattr(checkpoint, "write_json_atomic", crash_on_state)
     with pytest.raises(KeyboardInterrupt):
         train(from_args(tiny(kjv_gpt2, tmp_path, **{"train.max_steps": 8, "train.checkpoint_every": 2})))
     monkeypatch.undo()

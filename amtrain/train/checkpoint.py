@@ -1,33 +1,62 @@
 """Checkpoints: DeepSpeed's engine state plus amtrain's run state, written so that a checkpoint
-interrupted mid-write is never taken as the latest.
+interrupted mid-write is never taken as the latest, loaded only as plain data, and verified
+before use.
 
     RUN/checkpoints/
-      latest                      text: the tag of the newest COMPLETE checkpoint
+      latest                      text: the tag of the last checkpoint saved (for people and tools;
+                                  resume does not trust it, see below)
       step_00000200/              DeepSpeed files (mp_rank_*_model_states.pt, *_optim_states.pt)
         amtrain_state.json        RunState (step, tokens seen, data position, ...), world size,
-                                  ZeRO stage, resolved config (rank 0)
+                                  ZeRO stage, resolved config, and `files`: the size and sha256
+                                  of every other file of the checkpoint (rank 0)
         rng/rank_00000.pt         python / numpy / torch RNG of each rank
         universal/                made on demand when resuming at another world size
       .tmp-step_00000300/         being written (ignored, removed on the next save)
 
-A save goes into `.tmp-<tag>`; after a barrier (every rank's shards are on disk) rank 0 writes
-amtrain_state.json, renames the folder to `<tag>` and then replaces `latest` (both atomic
-renames). Retention then deletes all but the last `keep_last` complete checkpoints.
-The file system must be shared by all ranks (as for DeepSpeed's own checkpoints).
+A save goes into `.tmp-<tag>`; after a barrier (every rank's shards are on disk) the ranks hash
+the files (each a share), rank 0 writes amtrain_state.json, renames the folder to `<tag>` and
+then replaces `latest` (both atomic renames). The file system must be shared by all ranks (as
+for DeepSpeed's own checkpoints).
+
+Which checkpoint resume takes: the complete one (amtrain_state.json present) with the highest
+step number, found by scanning `step_*` (numbers compared, not names), whatever `latest` says: a
+deleted or stale `latest`, or a newest step without its amtrain_state.json, never makes a run
+start fresh while complete checkpoints exist. `train.resume never` with complete checkpoints
+present is refused.
+
+Retention keeps the checkpoint just saved and the `keep_last - 1` complete ones below it, and
+never deletes one with a higher step (a run resumed from an older checkpoint replaces those only
+when it saves the same step again).
+
+Before anything is loaded (resume, export, sample, rollout) the checkpoint is verified
+(`verify`): every file recorded at save is present with its size and sha256, and no `.pt` file's
+pickle names a type outside the allow-list (`amtrain.train.safe_load`). A failure is one
+UserError naming the file and the newest intact older checkpoint to use instead. Every load
+is `torch.load(weights_only=True)`, DeepSpeed's included (`safe_load.checkpoint_engine`,
+`safe_load.forced_weights_only`). Checkpoints saved before amtrain recorded `files` are loaded
+with a warning after the pickle check alone.
 
 Resuming at another world size: DeepSpeed's ZeRO shards are cut for one data-parallel size, so
 amtrain converts the checkpoint once with `deepspeed.checkpoint.ds_to_universal`
 (`--inject_missing_state`) into `<tag>/universal` and loads it with `load_universal`.
+Resuming under another ZeRO stage: ZeRO-1 and ZeRO-2 share DeepSpeed's optimizer and shard
+layout and load each other directly; every other change is refused in one line
+(`check_zero_stage`). The universal checkpoint does not bridge them in DeepSpeed 0.19.8: its
+layout differs between ZeRO-1/2 and ZeRO-3 (zero/optimizer_state.pt keys, shaped vs flat
+tensors, step.pt), and a ZeRO-0 checkpoint has no ZeRO shards to convert.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import random
+import re
 import shutil
+import sys
 import time
 from argparse import Namespace
 from dataclasses import asdict, dataclass, field
@@ -38,12 +67,14 @@ import torch
 import torch.distributed as dist
 
 from amtrain.errors import UserError
-from amtrain.fileio import write_bytes_atomic
+from amtrain.fileio import file_sha256, write_json_atomic, write_text_atomic
+from amtrain.train.safe_load import check_pickle, checkpoint_engine, forced_weights_only, safe_load
 
 STATE_FILE = "amtrain_state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 UNIVERSAL = "universal"
+STEP_NAME = re.compile(r"step_(\d+)")
 
 
 @dataclass
@@ -85,13 +116,29 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(folder: Path) -> int | None:
+    """step_00000200 -> 200; None for any other name."""
+    found = STEP_NAME.fullmatch(folder.name)
+    return int(found.group(1)) if found else None
+
+
+def _step(folder: Path) -> int:
+    """The step of a folder known to be named step_N."""
+    step = step_of(folder)
+    assert step is not None, folder
+    return step
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint folders holding an amtrain_state.json, by step number (oldest first)."""
+    found = [p for p in Path(ckpt_dir).glob("step_*") if step_of(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder named by `latest`, or None."""
-    marker = ckpt_dir / LATEST
-    if not marker.is_file():
-        return None
-    folder = ckpt_dir / marker.read_text().strip()
-    return folder if (folder / STATE_FILE).is_file() else None
+    """The complete checkpoint with the highest step, or None (`latest` is not consulted)."""
+    complete = complete_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
 
 
 def read_meta(folder: Path) -> dict:
@@ -99,7 +146,10 @@ def read_meta(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder}: not a complete amtrain checkpoint (no {STATE_FILE}); pass a folder "
                         f"RUN/checkpoints/step_N or a run folder")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -111,11 +161,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(candidate)
         if found is not None:
             return found
-    raise UserError(f"{path}: no complete checkpoint here (looked for {STATE_FILE} and checkpoints/{LATEST}); "
+    raise UserError(f"{path}: no complete checkpoint here (looked for {STATE_FILE} and checkpoints/step_*/{STATE_FILE}); "
                     f"pass a run folder or RUN/checkpoints/step_N")
 
 
 def find_resume(resume: str, ckpt_dir: Path, world_size: int) -> ResumePoint | None:
+    """The checkpoint to continue from (verified; collective when a process group runs), or None."""
     if resume == "never":
         if latest_checkpoint(ckpt_dir) is not None:
             raise UserError(f"{ckpt_dir}: holds checkpoints but train.resume = never; choose another "
@@ -124,9 +175,113 @@ def find_resume(resume: str, ckpt_dir: Path, world_size: int) -> ResumePoint | N
     folder = latest_checkpoint(ckpt_dir) if resume == "auto" else resolve_checkpoint(resume)
     if folder is None:
         return None
+    if resume == "auto":
+        _note_stale_latest(ckpt_dir, folder)
+    verify(folder, collective=True)
     meta = read_meta(folder)
     return ResumePoint(folder, meta, universal=meta["world_size"] != world_size)
 
+
+def _note_stale_latest(ckpt_dir: Path, folder: Path) -> None:
+    marker = ckpt_dir / LATEST
+    named = marker.read_text().strip() if marker.is_file() else None
+    if named != folder.name and _is_main():
+        said = f"names {named!r}, which is not the newest complete checkpoint" if named else "is missing"
+        print(f"note: {marker} {said}; resuming from {folder} (the complete checkpoint with the highest step)",
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- integrity
+
+def verify(folder: Path, collective: bool = False) -> None:
+    """Raise one UserError naming the first missing, truncated, altered or unsafe file of the
+    checkpoint and the newest intact checkpoint below it. `collective`: every rank of the
+    process group calls it and each checks a share of the files."""
+    problem = _problem(folder, collective)
+    if problem is None:
+        return
+    step = step_of(folder)
+    older = [p for p in complete_checkpoints(folder.parent) if step is not None and _step(p) < step]
+    intact = next((p for p in reversed(older) if _problem(p, collective) is None), None)
+    instead = (f"use the newest intact checkpoint instead: {intact}" if intact is not None
+               else f"no older intact checkpoint in {folder.parent}")
+    raise UserError(f"{problem}; {instead}")
+
+
+def _problem(folder: Path, collective: bool) -> str | None:
+    """None, or the first problem of the checkpoint in `folder` as one line."""
+    try:
+        files = read_meta(folder).get("files")
+    except UserError as e:
+        return str(e)
+    if files is None and _is_main():
+        print(f"warning: {folder}: saved without file hashes (by an older amtrain); only checking that its "
+              f"files are safe to unpickle", file=sys.stderr, flush=True)
+    names = sorted(set(files or {}) | set(_pickles(folder)))
+    problems = _spread(functools.partial(_file_problem, folder, files), names, collective)
+    return next((p for p in problems if p is not None), None)
+
+
+def _pickles(folder: Path) -> list[str]:
+    """The .pt files of a checkpoint, relative to it, without the derived universal/ folder."""
+    skip = (UNIVERSAL, TMP_PREFIX + UNIVERSAL)
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*.pt") if p.relative_to(folder).parts[0] not in skip]
+
+
+def _file_problem(folder: Path, files: dict | None, name: str) -> str | None:
+    path = folder / name
+    try:
+        if files is not None:
+            record = files.get(name)
+            if record is None:
+                return f"{path}: not part of this checkpoint (not recorded in {STATE_FILE} at save); remove it"
+            if not path.is_file():
+                return f"{path}: missing (recorded in {STATE_FILE} at save)"
+            size = path.stat().st_size
+            if size != record["size"]:
+                return f"{path}: {size} bytes, {record['size']} at save; the file is truncated or damaged"
+            if file_sha256(path) != record["sha256"]:
+                return f"{path}: altered since it was saved (its sha256 differs from the one in {STATE_FILE})"
+        return check_pickle(path) if path.suffix == ".pt" else None
+    except (OSError, UserError) as e:  # a result, not a raise: the other ranks wait for this one's answer
+        return str(e) if isinstance(e, UserError) else f"{path}: cannot be read ({e})"
+
+
+def _record_files(folder: Path) -> dict[str, dict]:
+    """Collective: {relative path: {"size", "sha256"}} of every file under `folder`."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if _is_main() else []
+    if _group_size() > 1:
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    records = _spread(lambda name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)},
+                      names, collective=True)
+    return dict(zip(names, records, strict=True))
+
+
+def _spread(fn, items: list, collective: bool) -> list:
+    """[fn(x) for x in items]; with `collective` in a process group of several ranks, each rank
+    computes every world-th item and all ranks receive all results."""
+    world = _group_size() if collective else 1
+    if world == 1:
+        return [fn(x) for x in items]
+    rank = dist.get_rank()
+    mine = {i: fn(items[i]) for i in range(rank, len(items), world)}
+    parts: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, mine)
+    merged = {i: r for part in parts for i, r in part.items()}
+    return [merged[i] for i in range(len(items))]
+
+
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_main() -> bool:
+    return _group_size() == 1 or dist.get_rank() == 0
+
+
+# ---------------------------------------------------------------- save / load
 
 def make_universal(point: ResumePoint, rank: int) -> None:
     """Convert point.folder into point.folder/universal once (rank 0; the others wait)."""
@@ -138,7 +293,8 @@ def make_universal(point: ResumePoint, rank: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         args = Namespace(input_folder=str(point.folder), output_folder=str(tmp), num_extract_workers=1,
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        ds_to_universal.main(args)
+        with forced_weights_only():
+            ds_to_universal.main(args)
         os.replace(tmp, out)
     dist.barrier()
 
@@ -160,62 +316,92 @@ def save(engine, ckpt_dir: Path, state: RunState, extra_meta: dict, keep_last: i
     """Collective: every rank calls it. Returns the complete checkpoint folder."""
     rank = dist.get_rank()
     tag = tag_for(state.step)
-    tmp_tag = TMP_PREFIX + tag
+    tmp = ckpt_dir / (TMP_PREFIX + tag)
     final = ckpt_dir / tag
     if rank == 0:
-        shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
-    rng_file = ckpt_dir / tmp_tag / "rng" / f"rank_{rank:05d}.pt"
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
+    rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
     rng_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), rng_file)
     dist.barrier()  # every rank's shards are on disk
+    files = _record_files(tmp)
     if rank == 0:
-        meta = {"run_state": asdict(state), "world_size": dist.get_world_size(), "time": time.time(), **extra_meta}
-        write_bytes_atomic(ckpt_dir / tmp_tag / STATE_FILE, json.dumps(meta, indent=1).encode())
-        if final.exists():  # an older save of the same step (a rerun): replace it
-            shutil.rmtree(final)
-        os.replace(ckpt_dir / tmp_tag, final)
-        write_bytes_atomic(ckpt_dir / LATEST, tag.encode())
-        _retain(ckpt_dir, keep_last)
+        meta = {"run_state": asdict(state), "world_size": dist.get_world_size(), "time": time.time(), **extra_meta,
+                "files": files}
+        write_json_atomic(tmp / STATE_FILE, meta)
+        _publish(tmp, final)
+        write_text_atomic(ckpt_dir / LATEST, tag)
+        _retain(ckpt_dir, keep_last, final)
     dist.barrier()
     return final
 
 
-def _retain(ckpt_dir: Path, keep_last: int) -> None:
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the written folder to its tag; an older save of the same step (a run resumed from
+    an earlier checkpoint reaching it again) is moved aside first and removed after."""
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _retain(ckpt_dir: Path, keep_last: int, kept: Path) -> None:
+    """Remove leftovers of interrupted saves and all but `keep_last` complete checkpoints counted
+    down from `kept`; checkpoints with a higher step than `kept` are never removed."""
     for stale in ckpt_dir.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last:
-        complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / STATE_FILE).is_file())
-        for old in complete[:-keep_last]:
+        older = [p for p in complete_checkpoints(ckpt_dir) if _step(p) < _step(kept)]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def load(engine, point: ResumePoint) -> RunState:
-    """Restore engine (module, optimizer, scheduler) and this rank's RNG; return the RunState."""
+    """Restore engine (module, optimizer, scheduler) and this rank's RNG; return the RunState.
+    Every file is read with weights_only (point.folder was verified by find_resume)."""
+    check_zero_stage(point, engine.zero_optimization_stage())
     if point.universal:
         make_universal(point, dist.get_rank())
-    path, _ = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    engine.checkpoint_engine = checkpoint_engine(engine._config)
+    with forced_weights_only():  # the optimizers' universal-checkpoint readers call torch.load themselves
+        path, _ = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"{point.folder}: DeepSpeed could not load this checkpoint")
     rng_file = point.folder / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if rng_file.is_file() and not point.universal:
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_file.is_file() and point.meta["world_size"] == dist.get_world_size():
+        _set_rng_state(safe_load(rng_file))
     return RunState(**point.meta["run_state"])
+
+
+def check_zero_stage(point: ResumePoint, stage: int) -> None:
+    """A checkpoint saved under another ZeRO stage loads only between ZeRO-1 and ZeRO-2 (one
+    optimizer class and shard layout in DeepSpeed); any other change is one UserError."""
+    saved = point.meta["zero_stage"]
+    if saved != stage and not {saved, stage} <= {1, 2}:
+        raise UserError(f"{point.folder}: saved with ZeRO stage {saved}, this run uses stage {stage}; DeepSpeed cannot "
+                        f"carry the optimizer state from ZeRO-{saved} to ZeRO-{stage} (only ZeRO-1 and ZeRO-2 load each "
+                        f"other's checkpoints); resume with a ZeRO-{saved} DeepSpeed config (e.g. ds_configs/zero{saved}.json)")
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint as one state dict, without DeepSpeed's engine: ZeRO shards
-    gathered by deepspeed.utils.zero_to_fp32; ZeRO-0 checkpoints hold the full module already."""
+    gathered by deepspeed.utils.zero_to_fp32; ZeRO-0 checkpoints hold the full module already.
+    The checkpoint is verified first; every file is read with weights_only."""
+    verify(folder)
     if any(folder.glob("*_optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress notes would mix into `amtrain sample`
+        # its progress notes would mix into `amtrain sample`; it calls torch.load itself
+        with contextlib.redirect_stdout(io.StringIO()), forced_weights_only():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
         files = sorted(folder.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise UserError(f"{folder}: no DeepSpeed model states in this checkpoint; it is incomplete")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        sd = safe_load(files[0], map_location="cpu")["module"]
     return {k: v.float() for k, v in sd.items()}
