@@ -6,31 +6,48 @@
       train/<unit>.idx.npy   uint64 start offset of every document in that shard
       val/...
       .units/<unit>.json     one record per finished prep unit (resumability)
+      .lock                  held (flock) by the one prep writing the folder
 
-Prep pipelines cut their input into deterministic *units* (a file, or a byte range of a big
-one) and write each unit's shards in one go through `DatasetBuilder.write_unit`; a rerun skips
-the units whose record exists, so an interrupted prep resumed gives the same shards as an
-uninterrupted one. `finalize` writes the manifest from the records of the planned units.
+Prep pipelines cut their input into deterministic *units* (a file, a byte range of a big one,
+or many small files packed together) and write each unit's shards in one go through
+`DatasetBuilder.write_unit`; a rerun skips the units whose record exists, so an interrupted
+prep resumed gives the same shards as an uninterrupted one. `finalize` writes the manifest from
+the records of the planned units.
+
+One writer at a time: a prep holds `DatasetBuilder.lock()` (an flock on DIR/.lock, released
+when the process ends, however it ends) from start to manifest, and removes temporary files
+left by a writer that was killed. `begin` guards the finished dataset already in the folder:
+the manifest records its inputs (file identities) and settings; a prep of the same inputs and
+settings resumes, one of other inputs is refused unless it appends (`--append`: inputs already
+in the dataset are left out, the new ones are added after the earlier shards), and one of other
+settings is always refused. `validate_dataset` reports shards no manifest lists (orphans).
+Manifest keys of `extra` ending in `_dir` name folders of per-unit artifacts (`<unit>.*`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from amtrain.errors import ShardError
-from amtrain.fileio import write_bytes_atomic
+from amtrain.errors import ShardError, UserError
+from amtrain.fileio import is_temp_name, make_dirs, write_bytes_atomic, write_errors
 from amtrain.store.format import open_shard, read_header, write_shard
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "amtrain-dataset"
 MANIFEST_VERSION = 1
+LOCK = ".lock"
 
 
 @dataclass
@@ -58,6 +75,13 @@ class Manifest:
     created: str = ""
     extra: dict = field(default_factory=dict)  # modality-specific facts (layout, codec, filters...)
     skipped: list[dict] = field(default_factory=list)
+    inputs: list[dict] = field(default_factory=list)  # {"file", "id"} of every input file, in order
+    units: list[str] = field(default_factory=list)  # prep units, in shard order
+
+    def settings(self) -> dict:
+        """Everything a prep setting changes; a dataset holds one value of each."""
+        return {"tokenizer": self.tokenizer, "tokenizer_params": self.tokenizer_params,
+                "vocab_size": self.vocab_size, "special_ids": self.special_ids, **self.extra}
 
     @property
     def splits(self) -> dict[str, dict[str, int]]:
@@ -74,7 +98,8 @@ class Manifest:
              "tokenizer_params": self.tokenizer_params, "vocab_size": self.vocab_size,
              "special_ids": self.special_ids, "splits": self.splits,
              "shards": [s.__dict__ for s in self.shards], "command": self.command,
-             "created": self.created, "extra": self.extra, "skipped": self.skipped}
+             "created": self.created, "extra": self.extra, "skipped": self.skipped,
+             "inputs": self.inputs, "units": self.units}
         return json.dumps(d, indent=1)
 
     @classmethod
@@ -92,7 +117,8 @@ class Manifest:
             return cls(tokenizer=d["tokenizer"], vocab_size=d["vocab_size"], special_ids=d["special_ids"],
                        shards=[ShardRecord(**s) for s in d["shards"]],
                        tokenizer_params=d.get("tokenizer_params", {}), command=d.get("command", ""),
-                       created=d.get("created", ""), extra=d.get("extra", {}), skipped=d.get("skipped", []))
+                       created=d.get("created", ""), extra=d.get("extra", {}), skipped=d.get("skipped", []),
+                       inputs=d.get("inputs", []), units=d.get("units", []))
         except (KeyError, TypeError) as e:
             raise ShardError(f"{path}: malformed manifest ({e}); re-run prep") from None
 
@@ -156,7 +182,7 @@ def concat_docs(docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DatasetBuilder:
-    """Write side: resumable, unit by unit; the manifest last."""
+    """Write side: one writer (lock), resumable unit by unit; the manifest last."""
 
     def __init__(self, folder: str | Path, tokenizer: str, vocab_size: int, special_ids: dict[str, int],
                  tokenizer_params: dict | None = None, extra: dict | None = None):
@@ -166,13 +192,44 @@ class DatasetBuilder:
         self.vocab_size = vocab_size
         self.special_ids = special_ids
         self.extra = extra or {}
-        (self.folder / ".units").mkdir(parents=True, exist_ok=True)
+        self._inputs: list[dict] = []  # this run's inputs (set by `begin`)
+        self._base: Manifest | None = None  # the dataset appended to
+        make_dirs(self.folder / ".units")
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the folder for this prep (see `dataset_lock`)."""
+        return dataset_lock(self.folder)
+
+    def begin(self, inputs: list[dict], append: bool = False) -> set[str]:
+        """Check this prep against the finished dataset in the folder, if any; return the ids of
+        the inputs already in it (to leave out when appending; empty otherwise). `inputs`:
+        {"file", "id"} per input file. Raises UserError for other settings, or for other
+        inputs without `append`."""
+        self._inputs = inputs
+        if not (self.folder / MANIFEST).is_file():
+            return set()
+        old = Manifest.load(self.folder)
+        _check_settings(self.folder, old.settings(), self._settings())
+        old_ids = {i["id"] for i in old.inputs}
+        if not append:
+            if old_ids != {i["id"] for i in inputs}:
+                gone = [i["file"] for i in old.inputs if i["id"] not in {j["id"] for j in inputs}]
+                what = f"{len(gone)} of its {len(old_ids)} input file(s) are not in this run, e.g. {gone[0]}" if gone \
+                    else "this run adds input files to it" if old_ids else "it records no inputs (older amtrain)"
+                raise UserError(f"{self.folder}: holds a dataset made from other inputs ({what}); pass --append to add "
+                                "this run's inputs to it, or prep into a new --out folder")
+            return set()
+        self._base = old
+        return old_ids & {i["id"] for i in inputs}
+
+    def _settings(self) -> dict:
+        return json.loads(json.dumps(Manifest(self.tokenizer, self.vocab_size, self.special_ids, [],
+                                              self.tokenizer_params, extra=self.extra).settings()))
 
     def _record_path(self, unit_id: str) -> Path:
         return self.folder / ".units" / f"{unit_id}.json"
 
-    def load_unit(self, unit_id: str) -> list[ShardRecord] | None:
-        """The unit's shard records if it finished (record and shards present), else None."""
+    def _load_record(self, unit_id: str) -> dict | None:
         path = self._record_path(unit_id)
         if not path.is_file():
             return None
@@ -180,17 +237,27 @@ class DatasetBuilder:
             rec = json.loads(path.read_text())
             if rec["vocab_size"] != self.vocab_size or rec["tokenizer"] != self.tokenizer:
                 return None  # made with another tokenizer: redo
-            shards = [ShardRecord(**s) for s in rec["shards"]]
+            rec["shards"] = [ShardRecord(**s) for s in rec["shards"]]
         except (json.JSONDecodeError, KeyError, TypeError):
             return None
-        if all((self.folder / s.file).is_file() for s in shards):
-            return shards
-        return None
+        return rec if all((self.folder / s.file).is_file() for s in rec["shards"]) else None
+
+    def load_unit(self, unit_id: str) -> list[ShardRecord] | None:
+        """The unit's shard records if it finished (record and shards present), else None."""
+        rec = self._load_record(unit_id)
+        return None if rec is None else rec["shards"]
+
+    def unit_skipped(self, unit_id: str) -> list[dict]:
+        """What a finished unit skipped or warned about (SkipReport items), for the manifest of a
+        resumed run."""
+        rec = self._load_record(unit_id)
+        return [] if rec is None else rec.get("skipped", [])
 
     def write_unit(self, unit_id: str, docs_by_split: dict[str, list[np.ndarray]], source: str = "",
-                   max_shard_tokens: int = 1 << 28) -> list[ShardRecord]:
+                   max_shard_tokens: int = 1 << 28, skipped: list[dict] | None = None) -> list[ShardRecord]:
         """Write one unit's documents as shards (one per split, more if over max_shard_tokens),
-        then the unit's record. Documents never straddle shards."""
+        then the unit's record (with `skipped`: what the unit left out, by name). Documents
+        never straddle shards."""
         records = []
         for split, docs in sorted(docs_by_split.items()):
             for part, group in enumerate(_group_docs(docs, max_shard_tokens)):
@@ -201,23 +268,72 @@ class DatasetBuilder:
                 _save_npy_atomic(self.folder / rec.index_file, starts)
                 records.append(rec)
         body = {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "source": source,
-                "shards": [r.__dict__ for r in records]}
+                "shards": [r.__dict__ for r in records], "skipped": skipped or []}
         write_bytes_atomic(self._record_path(unit_id), json.dumps(body).encode())
         return records
 
     def finalize(self, unit_ids: list[str], skipped: list[dict] | None = None, command: str | None = None) -> Manifest:
+        """Write the manifest of the units (after the appended-to dataset's, if `begin` appended)."""
         shards = []
         for uid in unit_ids:
             recs = self.load_unit(uid)
             assert recs is not None, f"unit {uid} not finished before finalize"
             shards.extend(recs)
+        command = command if command is not None else _invocation()
+        inputs, skipped = self._inputs, skipped or []
+        base = self._base
+        if base is not None:
+            if not unit_ids and not skipped:
+                return base  # nothing new: the dataset stays as it is
+            known = {i["id"] for i in base.inputs}
+            shards, unit_ids = base.shards + shards, base.units + unit_ids
+            inputs = base.inputs + [i for i in inputs if i["id"] not in known]
+            skipped, command = base.skipped + skipped, f"{base.command} && {command}"
         manifest = Manifest(self.tokenizer, self.vocab_size, self.special_ids, shards,
-                            tokenizer_params=self.tokenizer_params,
-                            command=command if command is not None else _invocation(),
+                            tokenizer_params=self.tokenizer_params, command=command,
                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=self.extra,
-                            skipped=skipped or [])
+                            skipped=skipped, inputs=inputs, units=list(unit_ids))
         write_bytes_atomic(self.folder / MANIFEST, manifest.to_json().encode())
         return manifest
+
+
+def _check_settings(folder: Path, old: dict, new: dict) -> None:
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            raise UserError(f"{folder}: holds a dataset made with {key}={old.get(key)!r}, this run asks "
+                            f"{key}={new.get(key)!r}; a dataset has one set of settings: prep into a new --out folder "
+                            "(or use the same settings)")
+
+
+@contextlib.contextmanager
+def dataset_lock(folder: str | Path) -> Iterator[None]:
+    """Hold DIR/.lock (flock, exclusive, not waiting) while a prep writes the folder; a second
+    writer gets one UserError line. The kernel releases the lock when the holder exits, even
+    killed. Once held, temporary files left by a killed writer are removed."""
+    folder = make_dirs(folder)
+    path = folder / LOCK
+    with write_errors(path):
+        f = open(path, "a+")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{folder}: another prep ({holder}) is writing this dataset; wait for it to finish "
+                            f"(its lock {path} is released when it ends) or prep into another --out folder") from None
+        with write_errors(path):
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+        _remove_temp_files(folder)
+        yield
+
+
+def _remove_temp_files(folder: Path) -> None:
+    for p in folder.rglob(".*"):
+        if is_temp_name(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def _invocation() -> str:
@@ -276,4 +392,24 @@ def validate_dataset(folder: str | Path) -> list[str]:
             problems.append(f"{folder / rec.index_file}: {starts.size} documents, {MANIFEST} says {rec.num_docs}")
         elif starts.size and (starts[0] != 0 or np.any(np.diff(starts.astype(np.int64)) <= 0) or starts[-1] >= h.num_tokens):
             problems.append(f"{folder / rec.index_file}: document offsets are not increasing within the shard")
+    return problems + _strays(folder, manifest)
+
+
+def _strays(folder: Path, manifest: Manifest) -> list[str]:
+    """Files the manifest does not account for: orphaned shards and per-unit artifacts (left by a
+    prep of other inputs into the same folder, or by one that stopped), and temporary files."""
+    listed = {folder / s.file for s in manifest.shards} | {folder / s.index_file for s in manifest.shards}
+    artifact_dirs = {folder / v for k, v in manifest.extra.items() if k.endswith("_dir")}
+    problems = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not p.is_file() or (rel.parts[0].startswith(".") and not is_temp_name(p.name)):
+            continue
+        if is_temp_name(p.name):
+            problems.append(f"{p}: temporary file left by an interrupted write; delete it (the next prep into {folder} does)")
+        elif p.name.endswith((".bin", ".idx.npy")) and p not in listed:
+            problems.append(f"{p}: orphaned shard, not in {MANIFEST} (left by a prep of other inputs into this folder, or one "
+                            "that stopped); delete it, or prep its inputs again with --append")
+        elif p.parent in artifact_dirs and manifest.units and p.stem not in manifest.units:
+            problems.append(f"{p}: orphaned artifact of a unit not in {MANIFEST}; delete it, or prep its input again with --append")
     return problems
