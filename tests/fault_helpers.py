@@ -1,11 +1,12 @@
 """Operating-system faults for the prep tests, without root tricks: a disk that fills up after
 a byte budget (ENOSPC) and a read-only folder (EROFS), confined to one folder.
 
-Both patch the one way Python opens files (`io.open`, which `open` and `Path.open` /
-`Path.write_bytes` call) and `os.mkdir`, so every write amtrain makes under the folder meets the
-fault where a real kernel would raise it: the write (ENOSPC) or the open/mkdir (EROFS). Tests run
-as root here, so `chmod 0555` would not stop a write; tests/test_prep_faults.py also checks the
-same paths on a real tmpfs where mounting is allowed.
+Both patch the way Python opens files (`io.open`, which `open` and `Path.open` /
+`Path.write_bytes` call), so every file amtrain writes under the folder meets the fault where a
+real kernel would raise it: the write (ENOSPC) or the open (EROFS); the read-only folder also
+refuses `os.open` and `os.mkdir`. (The dataset lock's few bytes go through `os.pwrite`, which the
+full disk does not meter.) Tests run as root here, so `chmod 0555` would not stop a write;
+tests/test_prep_faults.py also checks the same paths on a real tmpfs where mounting is allowed.
 
 As a program it runs the amtrain CLI with a fault installed (for one-line-error checks):
     python -m tests.fault_helpers enospc BUDGET FOLDER -- prep-text ...
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 _REAL_OPEN = io.open
+_REAL_OS_OPEN = os.open
 _REAL_MKDIR = os.mkdir
 
 
@@ -73,7 +75,8 @@ class FullDisk:
 
 
 class ReadOnly:
-    """Opening a file for writing, or making a folder, under `folder` fails with EROFS."""
+    """Opening a file for writing (io.open or os.open), or making a folder, under `folder` fails
+    with EROFS."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).absolute()
@@ -83,6 +86,11 @@ class ReadOnly:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
         return _REAL_OPEN(file, mode, *args, **kwargs)
 
+    def os_open(self, path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and _under(path, self.folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return _REAL_OS_OPEN(path, flags, *args, **kwargs)
+
     def mkdir(self, path, mode=0o777, *args, **kwargs):
         if _under(path, self.folder):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
@@ -91,15 +99,15 @@ class ReadOnly:
 
 @contextlib.contextmanager
 def installed(fault):
-    """Patch io.open / builtins.open (and os.mkdir for ReadOnly) for the `with` block."""
-    saved = io.open, builtins.open, os.mkdir
+    """Patch io.open / builtins.open (and os.open, os.mkdir for ReadOnly) for the `with` block."""
+    saved = io.open, builtins.open, os.open, os.mkdir
     io.open = builtins.open = fault.open
     if isinstance(fault, ReadOnly):
-        os.mkdir = fault.mkdir
+        os.open, os.mkdir = fault.os_open, fault.mkdir
     try:
         yield fault
     finally:
-        io.open, builtins.open, os.mkdir = saved
+        io.open, builtins.open, os.open, os.mkdir = saved
 
 
 def temp_files(folder: Path) -> list[Path]:

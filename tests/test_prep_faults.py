@@ -279,6 +279,11 @@ def test_real_tmpfs_full_and_read_only(tmpfs, tmp_path):
     line = _one_error_line(_cli("prep-text", big, "--out", out, "--unit-mb", "1"))
     assert line.startswith(f"error: {out}/") and "no space left on the device" in line
     assert temp_files(out) == [] and list((out / ".units").glob("*.json"))  # finished units kept
+    with open(tmpfs / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
+        while True:  # fill the disk to the last byte: now even the lock file cannot be written
+            f.write(b"\0" * 4096)
+    line = _one_error_line(_cli("prep-text", KJV, "--out", tmpfs / "full"))
+    assert line.startswith(f"error: {tmpfs / 'full'}/") and "no space left on the device" in line
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     line = _one_error_line(_cli("prep-text", KJV, "--out", tmpfs / "other"))
     assert "read-only file system" in line

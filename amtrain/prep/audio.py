@@ -471,7 +471,7 @@ def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None =
         skips, times = SkipReport(), Times()
         done, todo, order = _plan(files, builder, out, cfg.salt(codec.codec_id), skips)
         resumed = len(done)
-        num_chunks, tokens = 0, {}
+        num_chunks, tokens = 0, dict[str, int]()
         t0 = time.perf_counter()
         with progress() as bar:
             task = bar.add_task("prep-audio", total=len(todo), visible=show_progress)
@@ -495,7 +495,9 @@ def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None =
 def _plan(files: list[Path], builder, out: Path, salt: str, skips: SkipReport):
     """-> (finished unit ids, [(file, unit id)] to do, unit id -> input order). Finished units
     are resumed, their warnings reported again."""
-    done, todo, order = [], [], {}
+    done: list[str] = []
+    todo: list[tuple[Path, str]] = []
+    order: dict[str, int] = {}
     for p in files:
         try:
             uid = unit_id(p, salt)

@@ -313,21 +313,21 @@ def dataset_lock(folder: str | Path) -> Iterator[None]:
     folder = make_dirs(folder)
     path = folder / LOCK
     with write_errors(path):
-        f = open(path, "a+")
-    with f:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
             raise UserError(f"{folder}: another prep ({holder}) is writing this dataset; wait for it to finish "
                             f"(its lock {path} is released when it ends) or prep into another --out folder") from None
-        with write_errors(path):
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            f.flush()
+        with write_errors(path):  # unbuffered: a full disk fails here, not later in a close
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         _remove_temp_files(folder)
         yield
+    finally:
+        os.close(fd)
 
 
 def _remove_temp_files(folder: Path) -> None:
