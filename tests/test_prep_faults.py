@@ -38,7 +38,7 @@ from amtrain.prep.audio import AudioPrepConfig, prep_audio
 from amtrain.prep.midi import MidiPrepConfig, prep_midi
 from amtrain.prep.text import prep_text
 from amtrain.store import Dataset
-from amtrain.store.dataset import dataset_lock, validate_dataset
+from amtrain.store.dataset import dataset_lock, read_inputs, validate_dataset
 from tests.conftest import KJV, REPO
 from tests.fault_helpers import FullDisk, ReadOnly, installed, temp_files
 from tests.midi_helpers import SMALL_FILES
@@ -114,7 +114,8 @@ def test_append_adds_inputs_and_keeps_the_earlier_data(tmp_path):
     prep_text([str(c)], out, tokenizer="ascii", append=True, show_progress=False)
     prep_text([str(a), str(b), str(c)], ref, tokenizer="ascii", show_progress=False)
     m = Dataset(out).manifest
-    assert [Path(i["file"]).name for i in m.inputs] == ["a.txt", "b.txt", "c.txt"]
+    assert [Path(i["file"]).name for i in read_inputs(out, m)] == ["a.txt", "b.txt", "c.txt"]
+    assert m.num_inputs == 3 and len(list((out / ".inputs").iterdir())) == 1
     assert m.command.count(" && ") == 2 and "--append" in m.command
     for split in ("train", "val"):  # the same documents in the same order as one prep of a, b, c
         got, want = _docs(out, split), _docs(ref, split)

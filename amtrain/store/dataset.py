@@ -6,6 +6,7 @@
       train/<unit>.idx.npy   uint64 start offset of every document in that shard
       val/...
       .units/<unit>.json     one record per finished prep unit (resumability)
+      .inputs/<sha>.json     the input files' identities, named by the manifest (written before it)
       .lock                  held (flock) by the one prep writing the folder
 
 Prep pipelines cut their input into deterministic *units* (a file, a byte range of a big one,
@@ -17,10 +18,10 @@ the records of the planned units.
 One writer at a time: a prep holds `DatasetBuilder.lock()` (an flock on DIR/.lock, released
 when the process ends, however it ends) from start to manifest, and removes temporary files
 left by a writer that was killed. `begin` guards the finished dataset already in the folder:
-the manifest records its inputs (file identities) and settings; a prep of the same inputs and
-settings resumes, one of other inputs is refused unless it appends (`--append`: inputs already
-in the dataset are left out, the new ones are added after the earlier shards), and one of other
-settings is always refused. `validate_dataset` reports shards no manifest lists (orphans).
+the manifest records its settings and names the list of its inputs (file identities); a prep
+of the same inputs and settings resumes, one of other inputs is refused unless it appends
+(`--append`: inputs already in the dataset are left out, the new ones are added after the
+earlier shards), and one of other settings is always refused. `validate_dataset` reports shards no manifest lists (orphans).
 Manifest keys of `extra` ending in `_dir` name folders of per-unit artifacts (`<unit>.*`).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -75,7 +77,8 @@ class Manifest:
     created: str = ""
     extra: dict = field(default_factory=dict)  # modality-specific facts (layout, codec, filters...)
     skipped: list[dict] = field(default_factory=list)
-    inputs: list[dict] = field(default_factory=list)  # {"file", "id"} of every input file, in order
+    inputs_file: str = ""  # the input list (read_inputs): kept out of the manifest, which every reader loads
+    num_inputs: int = 0
     units: list[str] = field(default_factory=list)  # prep units, in shard order
 
     def settings(self) -> dict:
@@ -99,7 +102,7 @@ class Manifest:
              "special_ids": self.special_ids, "splits": self.splits,
              "shards": [s.__dict__ for s in self.shards], "command": self.command,
              "created": self.created, "extra": self.extra, "skipped": self.skipped,
-             "inputs": self.inputs, "units": self.units}
+             "inputs_file": self.inputs_file, "num_inputs": self.num_inputs, "units": self.units}
         return json.dumps(d, indent=1)
 
     @classmethod
@@ -118,7 +121,8 @@ class Manifest:
                        shards=[ShardRecord(**s) for s in d["shards"]],
                        tokenizer_params=d.get("tokenizer_params", {}), command=d.get("command", ""),
                        created=d.get("created", ""), extra=d.get("extra", {}), skipped=d.get("skipped", []),
-                       inputs=d.get("inputs", []), units=d.get("units", []))
+                       inputs_file=d.get("inputs_file", ""), num_inputs=d.get("num_inputs", 0),
+                       units=d.get("units", []))
         except (KeyError, TypeError) as e:
             raise ShardError(f"{path}: malformed manifest ({e}); re-run prep") from None
 
@@ -194,6 +198,7 @@ class DatasetBuilder:
         self.extra = extra or {}
         self._inputs: list[dict] = []  # this run's inputs (set by `begin`)
         self._base: Manifest | None = None  # the dataset appended to
+        self._base_inputs: list[dict] = []
         make_dirs(self.folder / ".units")
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
@@ -210,16 +215,17 @@ class DatasetBuilder:
             return set()
         old = Manifest.load(self.folder)
         _check_settings(self.folder, old.settings(), self._settings())
-        old_ids = {i["id"] for i in old.inputs}
+        old_inputs = read_inputs(self.folder, old)
+        old_ids = {i["id"] for i in old_inputs}
         if not append:
             if old_ids != {i["id"] for i in inputs}:
-                gone = [i["file"] for i in old.inputs if i["id"] not in {j["id"] for j in inputs}]
+                gone = [i["file"] for i in old_inputs if i["id"] not in {j["id"] for j in inputs}]
                 what = f"{len(gone)} of its {len(old_ids)} input file(s) are not in this run, e.g. {gone[0]}" if gone \
                     else "this run adds input files to it" if old_ids else "it records no inputs (older amtrain)"
                 raise UserError(f"{self.folder}: holds a dataset made from other inputs ({what}); pass --append to add "
                                 "this run's inputs to it, or prep into a new --out folder")
             return set()
-        self._base = old
+        self._base, self._base_inputs = old, old_inputs
         return old_ids & {i["id"] for i in inputs}
 
     def _settings(self) -> dict:
@@ -285,16 +291,39 @@ class DatasetBuilder:
         if base is not None:
             if not unit_ids and not skipped:
                 return base  # nothing new: the dataset stays as it is
-            known = {i["id"] for i in base.inputs}
+            known = {i["id"] for i in self._base_inputs}
             shards, unit_ids = base.shards + shards, base.units + unit_ids
-            inputs = base.inputs + [i for i in inputs if i["id"] not in known]
+            inputs = self._base_inputs + [i for i in inputs if i["id"] not in known]
             skipped, command = base.skipped + skipped, f"{base.command} && {command}"
         manifest = Manifest(self.tokenizer, self.vocab_size, self.special_ids, shards,
                             tokenizer_params=self.tokenizer_params, command=command,
                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=self.extra,
-                            skipped=skipped, inputs=inputs, units=list(unit_ids))
+                            skipped=skipped, inputs_file=self._write_inputs(inputs), num_inputs=len(inputs),
+                            units=list(unit_ids))
         write_bytes_atomic(self.folder / MANIFEST, manifest.to_json().encode())
+        for stale in (self.folder / ".inputs").glob("*.json"):  # lists no manifest names any more
+            if stale.relative_to(self.folder).as_posix() != manifest.inputs_file:
+                stale.unlink()
         return manifest
+
+    def _write_inputs(self, inputs: list[dict]) -> str:
+        """The input list as `.inputs/<sha256>.json`: named by content, so the manifest that names
+        it always names the list it was written with."""
+        body = json.dumps(inputs).encode()
+        name = f".inputs/{hashlib.sha256(body).hexdigest()[:16]}.json"
+        write_bytes_atomic(self.folder / name, body)
+        return name
+
+
+def read_inputs(folder: Path, manifest: Manifest) -> list[dict]:
+    """{"file", "id"} of every input file of the dataset, in order ([] if it records none)."""
+    if not manifest.inputs_file:
+        return []
+    path = folder / manifest.inputs_file
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: the dataset's input list is unreadable ({e}); prep into a new --out folder") from None
 
 
 def _check_settings(folder: Path, old: dict, new: dict) -> None:
