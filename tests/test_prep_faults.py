@@ -81,9 +81,10 @@ def test_reprep_with_other_inputs_is_refused_in_one_line(tmp_path):
     out = tmp_path / "ds"
     prep_text([str(a)], out, tokenizer="ascii", show_progress=False)
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(UserError, match=r"made from other inputs \(1 of its 1 input file\(s\) are not in this run, e\.g\. .*a\.txt\); pass --append"):
+    with pytest.raises(UserError, match=r"made from other inputs \(1 of its input files not in this run, e\.g\. .*a\.txt; "
+                       r"1 input file\(s\) new to it, e\.g\. .*b\.txt\); pass --append"):
         prep_text([str(b)], out, tokenizer="ascii", show_progress=False)
-    with pytest.raises(UserError, match="this run adds input files to it"):
+    with pytest.raises(UserError, match=r"\(1 input file\(s\) new to it, e\.g\. .*b\.txt\)"):
         prep_text([str(a), str(b)], out, tokenizer="ascii", show_progress=False)
     assert (out / "manifest.json").read_bytes() == before  # nothing dropped, nothing orphaned
     assert validate_dataset(out) == []
@@ -351,6 +352,14 @@ def test_bad_file_inside_a_pack_is_skipped_by_name_and_retried(tmp_path):
     again = prep_text([str(tmp_path / "*.txt")], tmp_path / "o", tokenizer="ascii", errors="strict", show_progress=False)
     assert again.units_done == 1 and [Path(i["file"]).name for i in again.skipped] == ["b.txt"]
     assert Dataset(tmp_path / "o").manifest.skipped == again.skipped
+    (tmp_path / "b.txt").write_text("fine\n\nfixed here")  # as the message says: fix it, rerun with --append
+    with pytest.raises(UserError, match=r"1 input file\(s\) changed since, e\.g\. .*b\.txt\)"):
+        prep_text([str(tmp_path / "*.txt")], tmp_path / "o", tokenizer="ascii", errors="strict", show_progress=False)
+    fixed = prep_text([str(tmp_path / "*.txt")], tmp_path / "o", tokenizer="ascii", errors="strict", append=True,
+                      show_progress=False)
+    assert fixed.skipped == [] and fixed.docs["train"] + fixed.docs["val"] == 2
+    texts = [bytes(d[1:].astype(np.uint8)).decode() for d in _docs(tmp_path / "o") + _docs(tmp_path / "o", "val")]
+    assert "fixed here" in texts and validate_dataset(tmp_path / "o") == []
 
 
 # ---------------------------------------------------------------- audio: 6, 7, 9

@@ -247,7 +247,7 @@ def _read_docs(piece: Piece, txt_docs: str, text_field: str, errors: str, skips:
     try:
         docs, bad = split_documents(raw, piece.path, mode, text_field, errors)
     except UnicodeDecodeError as e:
-        skips.add(piece.path, f"invalid UTF-8 at byte {piece.start + e.start}; rerun with --errors replace to keep it")
+        skips.add(piece.path, f"invalid UTF-8 at byte {piece.start + e.start}; to keep it, fix the file and rerun with --append, or prep with --errors replace into a new --out folder")
         return [], len(raw)
     if bad:
         skips.add(piece.path, f"{bad} jsonl records without a string {text_field!r} field (records skipped)", fatal=False)

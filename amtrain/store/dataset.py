@@ -219,11 +219,8 @@ class DatasetBuilder:
         old_ids = {i["id"] for i in old_inputs}
         if not append:
             if old_ids != {i["id"] for i in inputs}:
-                gone = [i["file"] for i in old_inputs if i["id"] not in {j["id"] for j in inputs}]
-                what = f"{len(gone)} of its {len(old_ids)} input file(s) are not in this run, e.g. {gone[0]}" if gone \
-                    else "this run adds input files to it" if old_ids else "it records no inputs (older amtrain)"
-                raise UserError(f"{self.folder}: holds a dataset made from other inputs ({what}); pass --append to add "
-                                "this run's inputs to it, or prep into a new --out folder")
+                raise UserError(f"{self.folder}: holds a dataset made from other inputs ({_differences(old_inputs, inputs)}); "
+                                "pass --append to add this run's new and changed inputs to it, or prep into a new --out folder")
             return set()
         self._base, self._base_inputs = old, old_inputs
         return old_ids & {i["id"] for i in inputs}
@@ -324,6 +321,21 @@ def read_inputs(folder: Path, manifest: Manifest) -> list[dict]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ShardError(f"{path}: the dataset's input list is unreadable ({e}); prep into a new --out folder") from None
+
+
+def _differences(old: list[dict], new: list[dict]) -> str:
+    """How this run's inputs differ from a dataset's, in words, with an example file of each kind."""
+    if not old:
+        return "it records no inputs (made by an older amtrain)"
+    old_ids, new_ids = {i["id"] for i in old}, {i["id"] for i in new}
+    new_files = {i["file"] for i in new}
+    changed = [i["file"] for i in old if i["id"] not in new_ids and i["file"] in new_files]
+    missing = [i["file"] for i in old if i["id"] not in new_ids and i["file"] not in new_files]
+    added = [i["file"] for i in new if i["id"] not in old_ids and i["file"] not in {j["file"] for j in old}]
+    parts = [f"{len(files)} {what}, e.g. {files[0]}" for files, what in
+             ((changed, "input file(s) changed since"), (missing, "of its input files not in this run"),
+              (added, "input file(s) new to it")) if files]
+    return "; ".join(parts)
 
 
 def _check_settings(folder: Path, old: dict, new: dict) -> None:
