@@ -126,6 +126,10 @@ def test_append_adds_inputs_and_keeps_the_earlier_data(tmp_path):
     before = (out / "manifest.json").read_bytes()
     prep_text([str(a), str(c)], out, tokenizer="ascii", append=True, show_progress=False)  # nothing new
     assert (out / "manifest.json").read_bytes() == before
+    # the same inputs prepped again in one go: one packed unit replaces the three appended ones
+    again = prep_text([str(a), str(b), str(c)], out, tokenizer="ascii", show_progress=False)
+    assert again.units_done == 1 and _shard_bytes(out) == _shard_bytes(ref) and validate_dataset(out) == []
+    assert len(list((out / ".units").iterdir())) == 1 and len(list(out.rglob("*.bin"))) == 2
 
 
 def test_append_midi_keeps_earlier_streams(tmp_path):

@@ -21,8 +21,11 @@ left by a writer that was killed. `begin` guards the finished dataset already in
 the manifest records its settings and names the list of its inputs (file identities); a prep
 of the same inputs and settings resumes, one of other inputs is refused unless it appends
 (`--append`: inputs already in the dataset are left out, the new ones are added after the
-earlier shards), and one of other settings is always refused. `validate_dataset` reports shards no manifest lists (orphans).
-Manifest keys of `extra` ending in `_dir` name folders of per-unit artifacts (`<unit>.*`).
+earlier shards), and one of other settings is always refused. A rerun of the same inputs that
+cuts them into other units (a dataset grown by appends, prepped again in one go) removes the
+units the new manifest no longer lists: they hold the same documents. `validate_dataset`
+reports shards no manifest lists (orphans). Manifest keys of `extra` ending in `_dir` name
+folders of per-unit artifacts (`<unit>.*`).
 """
 
 from __future__ import annotations
@@ -199,6 +202,7 @@ class DatasetBuilder:
         self._inputs: list[dict] = []  # this run's inputs (set by `begin`)
         self._base: Manifest | None = None  # the dataset appended to
         self._base_inputs: list[dict] = []
+        self._redone: Manifest | None = None  # the dataset of the same inputs this run makes again
         make_dirs(self.folder / ".units")
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
@@ -221,6 +225,7 @@ class DatasetBuilder:
             if old_ids != {i["id"] for i in inputs}:
                 raise UserError(f"{self.folder}: holds a dataset made from other inputs ({_differences(old_inputs, inputs)}); "
                                 "pass --append to add this run's new and changed inputs to it, or prep into a new --out folder")
+            self._redone = old
             return set()
         self._base, self._base_inputs = old, old_inputs
         return old_ids & {i["id"] for i in inputs}
@@ -301,7 +306,24 @@ class DatasetBuilder:
         for stale in (self.folder / ".inputs").glob("*.json"):  # lists no manifest names any more
             if stale.relative_to(self.folder).as_posix() != manifest.inputs_file:
                 stale.unlink()
+        if self._redone is not None:
+            self._remove_replaced(self._redone, manifest)
         return manifest
+
+    def _remove_replaced(self, old: Manifest, new: Manifest) -> None:
+        """Delete the shards, records and artifacts of `old`'s units that `new` (made from the same
+        inputs and settings, written already) no longer lists: their documents are in `new`."""
+        kept = {s.file for s in new.shards}
+        for rec in old.shards:
+            if rec.file not in kept:
+                (self.folder / rec.file).unlink(missing_ok=True)
+                (self.folder / rec.index_file).unlink(missing_ok=True)
+        dirs = [self.folder / v for k, v in self.extra.items() if k.endswith("_dir")]
+        for uid in set(old.units) - set(new.units):
+            self._record_path(uid).unlink(missing_ok=True)
+            for d in dirs:
+                for artifact in d.glob(f"{uid}.*"):
+                    artifact.unlink()
 
     def _write_inputs(self, inputs: list[dict]) -> str:
         """The input list as `.inputs/<sha256>.json`: named by content, so the manifest that names
