@@ -136,7 +136,6 @@ MAX_LOSS = 0.01  # share of a file's frames that may fail to decode at its end (
 @dataclass(frozen=True)
 class Probe:
     frames: int  # frames that decode: what read_blocks reads
-    declared: int  # frames the header declares
     warning: str = ""  # set when an undecodable end (<= MAX_LOSS) was dropped
 
 
@@ -173,11 +172,11 @@ def probe(path: Path, times: Times) -> Probe:
     times.decode += time.perf_counter() - t0
     lost = declared - got
     if lost <= 0:  # an estimated frame count (mp3 without a Xing header) may fall short
-        return Probe(got, declared)
+        return Probe(got)
     why = f"decoding failed after {got} frames ({error})" if error else f"truncated: header declares {declared} frames, only {got} decode"
     if lost > MAX_LOSS * declared:
         raise BadAudio(f"{why}; {lost / declared:.1%} of the file is unreadable")
-    return Probe(got, declared, f"kept {got / rate:.2f} s of {declared / rate:.2f} s: the last {lost / declared:.2%} "
+    return Probe(got, f"kept {got / rate:.2f} s of {declared / rate:.2f} s: the last {lost / declared:.2%} "
                                 f"does not decode ({why})")
 
 

@@ -350,10 +350,10 @@ def _differences(old: list[dict], new: list[dict]) -> str:
     if not old:
         return "it records no inputs (made by an older amtrain)"
     old_ids, new_ids = {i["id"] for i in old}, {i["id"] for i in new}
-    new_files = {i["file"] for i in new}
+    old_files, new_files = {i["file"] for i in old}, {i["file"] for i in new}
     changed = [i["file"] for i in old if i["id"] not in new_ids and i["file"] in new_files]
     missing = [i["file"] for i in old if i["id"] not in new_ids and i["file"] not in new_files]
-    added = [i["file"] for i in new if i["id"] not in old_ids and i["file"] not in {j["file"] for j in old}]
+    added = [i["file"] for i in new if i["id"] not in old_ids and i["file"] not in old_files]
     parts = [f"{len(files)} {what}, e.g. {files[0]}" for files, what in
              ((changed, "input file(s) changed since"), (missing, "of its input files not in this run"),
               (added, "input file(s) new to it")) if files]
