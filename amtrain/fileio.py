@@ -6,6 +6,11 @@ fsynced, and is renamed into place (`os.replace`, atomic on POSIX). A crash leav
 old file or the new one, never a torn one under the final name; on an error the temporary
 file is removed. (audiocraft's `flashy.utils.write_and_rename` does the same.)
 
+Operating-system errors that stop a write (disk full, quota, read-only file system, no
+permission) become one `UserError` line naming the path, the cause and the fix, raised from one
+place: `write_errors`, which `atomic_target` and `make_dirs` use (so does anything else that
+writes, e.g. a checkpoint save). Finished files are kept; the temporary one is removed.
+
 `file_sha256` names a file by content; `short_hash` makes the short, stable ids prep uses for
 its resumable units (a hash of the source's path, size and mtime, plus the settings).
 """
@@ -13,11 +18,45 @@ its resumable units (a hash of the source's path, size and mtime, plus the setti
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from amtrain.errors import UserError
+
+# errno -> (cause, fix) for the errors that stop a write whatever is written
+_WRITE_FAULTS = {
+    errno.ENOSPC: ("no space left on the device", "free space there (or write elsewhere) and rerun; finished work is kept"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota and rerun; finished work is kept"),
+    errno.EFBIG: ("file too large for the file system or the file-size limit (ulimit -f)", "raise the limit or write elsewhere"),
+    errno.EROFS: ("read-only file system", "write to a folder on a writable file system"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "write to a folder you may write to, or fix its permissions"),
+}
+
+
+@contextlib.contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Turn an OSError that stops writing `path` (see _WRITE_FAULTS) into one UserError line:
+    `PATH: cannot write (CAUSE); FIX`. Other OSErrors pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_FAULTS:
+            raise
+        cause, fix = _WRITE_FAULTS[e.errno]
+        raise UserError(f"{path}: cannot write ({cause}); {fix}") from e
+
+
+def make_dirs(path: str | Path) -> Path:
+    """mkdir -p, with write_errors' one-line errors."""
+    path = Path(path)
+    with write_errors(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def atomic_path(path: Path) -> Path:
@@ -29,18 +68,26 @@ def atomic_path(path: Path) -> Path:
 def atomic_target(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s content to; on a clean exit it is fsynced and
     renamed to `path`, on an error removed. `fsync=False` for caches whose torn entry is
-    detected and rebuilt anyway (the rename still makes it all-or-nothing for a reader)."""
+    detected and rebuilt anyway (the rename still makes it all-or-nothing for a reader).
+    A full disk or a read-only folder raises write_errors' one-line UserError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
-    try:
-        yield tmp
-        if fsync:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            if fsync:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is an `atomic_path` temporary (`.NAME.tmpPID`)."""
+    head, sep, pid = name.rpartition(".tmp")
+    return name.startswith(".") and bool(sep) and len(head) > 1 and pid.isdigit()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> None:

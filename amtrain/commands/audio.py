@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 def prep_audio(
     inputs: list[str] = typer.Argument(..., help="wav/flac/ogg/mp3 files, folders or globs."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes if it exists)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes a prep of the same inputs)."),
     codec_path: str = typer.Option("", "--codec-path", help=CODEC_PATH_HELP),
     codec_model: str = typer.Option("24khz", help="24khz (mono) | 48khz (stereo)."),
     bandwidth: float = typer.Option(6.0, help="kbps; 24 kHz: 1.5/3/6/12/24 -> 2/4/8/16/32 codebooks."),
@@ -30,6 +30,7 @@ def prep_audio(
     context_seconds: float = typer.Option(1.0, help="Extra audio either side of a window, encoded then dropped."),
     val_fraction: float = typer.Option(0.0, help="Share of files (by content hash) in the val split."),
     workers: int = typer.Option(1, help="Parallel processes, one file each (0 = all cores)."),
+    append: bool = typer.Option(False, "--append", help="Add these inputs to the dataset already in --out (same settings); without it a folder holding other inputs is refused."),
 ) -> None:
     """Encode audio to EnCodec codes (.npz), chunk priority scores (.parquet) and token shards."""
     from rich.console import Console
@@ -40,18 +41,19 @@ def prep_audio(
 
     cfg = AudioPrepConfig(codec_path or None, codec_model, bandwidth, layout, chunk_seconds, window_seconds,
                           context_seconds, val_fraction)
-    s = run(inputs, out, cfg, workers=workers or default_workers())
+    s = run(inputs, out, cfg, workers=workers or default_workers(), append=append)
+    num_errors = sum(1 for i in s.skipped if i["error"])
     t, rtf = s.times, s.times.real_time_factors()
     con = Console()
-    con.print(f"[bold]{out}[/]: {s.files_done} files encoded, {s.files_resumed} already done, {len(s.skipped)} skipped; "
+    con.print(f"[bold]{out}[/]: {s.files_done} files encoded, {s.files_resumed} already done, {num_errors} skipped; "
               f"{s.num_chunks} new chunks, {sum(s.tokens.values()):,} new tokens; {t.audio_seconds:.1f} s of audio in "
               f"{s.wall_seconds:.2f} s wall (+{s.setup_seconds:.1f} s setup)", highlight=False)
     if t.audio_seconds:
         con.print(f"real-time factor (x real time): total {rtf['total']:.1f}, decode {rtf['decode']:.1f} ({t.decode:.2f} s), "
                   f"codec {rtf['codec']:.1f} ({t.codec:.2f} s), features {rtf['features']:.1f} ({t.features:.2f} s), "
                   f"write {rtf['write']:.1f} ({t.write:.2f} s)", highlight=False)
-    if s.skipped:
-        Console(stderr=True).print(f"[red]{len(s.skipped)} input(s) skipped[/]; the rest is written")
+    if num_errors:
+        Console(stderr=True).print(f"[red]{num_errors} input(s) skipped[/]; the rest is written")
         raise typer.Exit(1)
 
 

@@ -34,7 +34,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 def prep_midi(
     inputs: list[str] = typer.Argument(None, help="MIDI files, folders (recursive .mid/.midi) or globs."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes if it exists)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes a prep of the same inputs)."),
     from_tokens: list[Path] = typer.Option([], "--from-tokens", help="Import AMT pre-tokenized .txt files unchanged instead (one sequence of ids a line)."),
     token_split: str = typer.Option("train", help="Split the --from-tokens sequences go to."),
     augment: int = typer.Option(1, help="AMT augmentation factor for train (1 = none; AMT trains on 10)."),
@@ -45,6 +45,7 @@ def prep_midi(
     stretch: str = typer.Option("1.0", help="Tempo factors (time multipliers), comma-separated; each makes a train variant."),
     seed: int = typer.Option(0, help="Augmentation RNG seed per split (AMT: 0)."),
     workers: int = typer.Option(0, help="Parser processes (0 = all cores)."),
+    append: bool = typer.Option(False, "--append", help="Add these inputs to the dataset already in --out (same settings); without it a folder holding other inputs is refused."),
 ) -> None:
     """MIDI -> AMT event sequences (1024 ids) in token shards; or --from-tokens passthrough."""
     from rich.console import Console
@@ -58,7 +59,7 @@ def prep_midi(
     if from_tokens:
         if inputs:
             raise UserError("give MIDI inputs or --from-tokens files, not both")
-        imported = import_token_files([str(p) for p in from_tokens], out, token_split)
+        imported = import_token_files([str(p) for p in from_tokens], out, token_split, append=append)
         lens = ", ".join(f"{n:,} x {length}" for length, n in sorted(imported.lengths.items()))
         con.print(f"[bold]{out}[/]: imported {imported.num_sequences:,} sequences, {imported.num_tokens:,} ids into "
                   f"'{token_split}' ({lens or 'resumed'}); {imported.num_bad_lines} bad lines skipped",
@@ -70,7 +71,7 @@ def prep_midi(
         raise UserError("no inputs: give MIDI files/folders, or --from-tokens FILE.txt")
     cfg = MidiPrepConfig(augment=augment, split=split, val_fraction=val_fraction, test_fraction=test_fraction,
                          transpose=_ints(transpose, "--transpose"), stretch=_floats(stretch, "--stretch"), seed=seed)
-    s = run(inputs, out, cfg, workers=workers or default_workers())
+    s = run(inputs, out, cfg, workers=workers or default_workers(), append=append)
     drops = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in s.dropped.items() if n) or "none"
     con.print(
         f"[bold]{out}[/]: {s.num_files} files ({s.num_resumed} already parsed, {s.num_corrupt} corrupt skipped); "

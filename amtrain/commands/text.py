@@ -15,14 +15,15 @@ def register(app: typer.Typer) -> None:
 
 def prep_text(
     inputs: list[str] = typer.Argument(..., help=".txt/.jsonl files, folders or globs."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes if it exists)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes a prep of the same inputs)."),
     tokenizer: str = typer.Option("gpt2", help="gpt2 | ascii"),
     txt_docs: str = typer.Option("paragraph", help="Documents in .txt: paragraph (blank-line separated) | line | file."),
     text_field: str = typer.Option("text", help="JSON field holding the text in .jsonl records."),
     val_fraction: float = typer.Option(0.05, help="Share of documents (by content hash) in the val split."),
     errors: str = typer.Option("replace", help="Invalid UTF-8: replace (U+FFFD) | strict (report and skip the file)."),
     workers: int = typer.Option(0, help="Encoding threads (0 = all cores)."),
-    unit_mb: int = typer.Option(32, help="Big files are cut into units of about this many MB (resume granularity)."),
+    unit_mb: int = typer.Option(32, help="Units of about this many MB: big files are cut, small ones packed (resume granularity)."),
+    append: bool = typer.Option(False, "--append", help="Add these inputs to the dataset already in --out (same settings); without it a folder holding other inputs is refused."),
 ) -> None:
     """Tokenize text corpora into token shards (train/val by document hash)."""
     from rich.console import Console
@@ -32,7 +33,7 @@ def prep_text(
 
     s = run(inputs, out, tokenizer=tokenizer, txt_docs=txt_docs, text_field=text_field,
             val_fraction=val_fraction, errors=errors, workers=workers or default_workers(),
-            unit_bytes=unit_mb << 20)
+            unit_bytes=unit_mb << 20, append=append)
     mb = s.bytes_read / 1e6
     Console(soft_wrap=True).print(
         f"[bold]{out}[/]: {sum(s.docs.values()):,} documents, {sum(s.tokens.values()):,} tokens "

@@ -41,7 +41,7 @@ from amtrain.prep.audio_features import (
     chunk_features,
     frame_features,
 )
-from amtrain.prep.common import SkipReport, expand_inputs, progress
+from amtrain.prep.common import SkipReport, begin_dataset, expand_inputs, process_pool, progress
 
 SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 BLOCK_SECONDS = 10.0  # read granularity
@@ -130,48 +130,106 @@ def geometry(codec, cfg: AudioPrepConfig) -> Geometry:
 
 
 # ---------------------------------------------------------------- reading
-def read_blocks(path: Path, sample_rate: int, channels: int, times: Times) -> Iterator[np.ndarray]:
-    """Yield the file as (C, n) float32 blocks at `sample_rate` with `channels` channels."""
+MAX_LOSS = 0.01  # share of a file's frames that may fail to decode at its end (dropped with a warning)
+
+
+@dataclass(frozen=True)
+class Probe:
+    frames: int  # frames that decode: what read_blocks reads
+    warning: str = ""  # set when an undecodable end (<= MAX_LOSS) was dropped
+
+
+def probe(path: Path, times: Times) -> Probe:
+    """Decode the whole file once at its own rate, before anything is encoded (decoding runs
+    hundreds of times faster than real time, the codec does not): count the frames that decode
+    and check every sample is finite. A file losing more than MAX_LOSS of its frames, or holding
+    NaN/inf samples, raises BadAudio; a smaller loss at the end is kept with a warning."""
     import soundfile as sf
-    import soxr
 
     if path.suffix.lower() not in SUFFIXES:
         raise BadAudio(f"unsupported extension {path.suffix or '(none)'}; use {', '.join(SUFFIXES)}")
     t0 = time.perf_counter()
-    try:
-        f = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise BadAudio(_sf_reason(e)) from None
+    f = _open(path)
     with f:
-        declared = f.frames
+        declared, rate = f.frames, f.samplerate
         if declared == 0:
             raise BadAudio("no audio frames (empty file)")
         _check_wav_size(path)
-        block = max(1, int(BLOCK_SECONDS * f.samplerate))
-        rs = None if f.samplerate == sample_rate else soxr.ResampleStream(f.samplerate, sample_rate, channels, dtype="float32", quality="HQ")
-        got = 0
+        block, got, error = max(1, int(BLOCK_SECONDS * rate)), 0, ""
         while True:
             try:
                 x = f.read(block, dtype="float32", always_2d=True)  # (n, Cin)
             except (sf.LibsndfileError, RuntimeError) as e:
-                raise BadAudio(f"decoding failed after {got} frames ({e})") from None
+                error = str(e)
+                break
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                raise BadAudio(f"non-finite samples (NaN or inf) from {(got + int(np.argmin(finite))) / rate:.2f} s; "
+                               "the file is damaged: re-export it")
             got += x.shape[0]
-            last = x.shape[0] < block or got >= declared
+            if x.shape[0] < block:
+                break
+    times.decode += time.perf_counter() - t0
+    lost = declared - got
+    if lost <= 0:  # an estimated frame count (mp3 without a Xing header) may fall short
+        return Probe(got)
+    why = f"decoding failed after {got} frames ({error})" if error else f"truncated: header declares {declared} frames, only {got} decode"
+    if lost > MAX_LOSS * declared:
+        raise BadAudio(f"{why}; {lost / declared:.1%} of the file is unreadable")
+    return Probe(got, f"kept {got / rate:.2f} s of {declared / rate:.2f} s: the last {lost / declared:.2%} "
+                                f"does not decode ({why})")
+
+
+def read_blocks(path: Path, sample_rate: int, channels: int, times: Times, num_frames: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the file's first `num_frames` frames (default: all that decode, by `probe`) as
+    (C, n) float32 blocks at `sample_rate` with `channels` channels."""
+    import soundfile as sf
+    import soxr
+
+    if num_frames is None:
+        num_frames = probe(path, times).frames
+    t0 = time.perf_counter()
+    f = _open(path)
+    with f:
+        block = max(1, int(BLOCK_SECONDS * f.samplerate))
+        rs = None if f.samplerate == sample_rate else soxr.ResampleStream(f.samplerate, sample_rate, channels, dtype="float32", quality="HQ")
+        got = 0
+        while got < num_frames:
+            want = min(block, num_frames - got)
+            try:
+                x = f.read(want, dtype="float32", always_2d=True)  # (n, Cin)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise BadAudio(f"decoding failed after {got} frames ({e})") from None
+            if x.shape[0] < want:
+                raise BadAudio(f"only {got + x.shape[0]} of the {num_frames} frames found a moment ago decode; the file changed during the run")
+            got += x.shape[0]
             x = _mix(x, channels)  # (n, C)
             if rs is not None:
-                x = rs.resample_chunk(x, last=last)
+                x = rs.resample_chunk(x, last=got >= num_frames)
             times.decode += time.perf_counter() - t0
             yield np.ascontiguousarray(x.T)  # (C, n)
             t0 = time.perf_counter()
-            if last:
-                break
-    if got < declared:
-        raise BadAudio(f"truncated: header declares {declared} frames, only {got} could be decoded")
 
 
-def _sf_reason(e: Exception) -> str:
+def _open(path: Path):
+    import soundfile as sf
+
+    try:
+        return sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise BadAudio(_sf_reason(e, path)) from None
+
+
+def _sf_reason(e: Exception, path: Path) -> str:
+    """libsndfile's reason, except where it misleads: it says "File does not exist" of an
+    existing file it cannot parse (random bytes named .mp3)."""
     msg = str(e)
-    return "unreadable audio: " + (msg.split(": ", 1)[1] if ": " in msg else msg)
+    msg = msg.split(": ", 1)[1] if ": " in msg else msg
+    if path.is_file() and path.stat().st_size == 0:
+        return "unreadable audio: empty file (0 bytes)"
+    if path.is_file() and msg.startswith(("File does not exist", "Format not recognised")):
+        return f"unreadable audio: not an audio file (libsndfile finds no {'/'.join(s[1:] for s in SUFFIXES)} stream in it)"
+    return "unreadable audio: " + msg
 
 
 def _mix(x: np.ndarray, channels: int) -> np.ndarray:
@@ -277,7 +335,7 @@ def is_val(sha256: str, val_fraction: float) -> bool:
 class FileResult:
     path: str
     unit: str | None  # None: skipped
-    reason: str = ""
+    reason: str = ""  # why it was skipped, or (unit set) what was dropped from it
     times: Times = field(default_factory=Times)
     num_chunks: int = 0
     tokens: dict[str, int] = field(default_factory=dict)
@@ -291,7 +349,8 @@ def process_file(path: Path, uid: str, codec, cfg: AudioPrepConfig, builder, tok
         t0 = time.perf_counter()
         sha = file_sha256(path)
         times.decode += time.perf_counter() - t0
-        enc = encode_stream(read_blocks(path, codec.sample_rate, codec.channels, times), codec, cfg, geo, times)
+        found = probe(path, times)  # before the expensive encode
+        enc = encode_stream(read_blocks(path, codec.sample_rate, codec.channels, times, found.frames), codec, cfg, geo, times)
     except BadAudio as e:
         res.reason = str(e)
         return res
@@ -307,9 +366,10 @@ def process_file(path: Path, uid: str, codec, cfg: AudioPrepConfig, builder, tok
     for a, b in enc.bounds:
         ids = tok.encode(enc.codes[:, a:b])
         docs.append(np.concatenate([np.array([tok.eot_id], ids.dtype), ids]))
-    records = builder.write_unit(uid, {split: docs}, source=str(path))
+    warnings = [{"file": str(path), "reason": found.warning, "error": False}] if found.warning else []
+    records = builder.write_unit(uid, {split: docs}, source=str(path), skipped=warnings)
     times.write += time.perf_counter() - t0
-    res.unit, res.num_chunks = uid, len(enc.bounds)
+    res.unit, res.num_chunks, res.reason = uid, len(enc.bounds), found.warning
     res.tokens = {r.split: r.num_tokens for r in records}
     return res
 
@@ -381,7 +441,7 @@ def _work(path: Path, uid: str) -> FileResult:
 
 
 def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None = None, workers: int = 1,
-               show_progress: bool = True) -> AudioPrepSummary:
+               show_progress: bool = True, append: bool = False) -> AudioPrepSummary:
     from amtrain.codec import load_codec
     from amtrain.store import DatasetBuilder
     from amtrain.tokens import get_tokenizer
@@ -399,45 +459,57 @@ def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None =
              "frame_rate": codec.frame_rate, "bandwidth": cfg.bandwidth, "num_codebooks": tok.num_codebooks,
              "layout": cfg.layout, "chunk_frames": geo.chunk_frames, "chunk_seconds": geo.chunk_frames / codec.frame_rate,
              "codes_dir": "codes", "scores_dir": "scores", "scores_schema_version": SCHEMA_VERSION,
-             "priority_weights": PRIORITY_WEIGHTS, "eot_prepended": True, "document": "chunk"}
+             "window_seconds": cfg.window_seconds, "context_seconds": cfg.context_seconds,
+             "val_fraction": cfg.val_fraction, "priority_weights": PRIORITY_WEIGHTS, "eot_prepended": True,
+             "document": "chunk"}
     builder_args = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, special_ids=tok.special_ids,
                         tokenizer_params=tok.params(), extra=extra)
     builder = DatasetBuilder(out, **builder_args)
-    salt = cfg.salt(codec.codec_id)
-    planned = []
-    for p in files:
-        try:
-            planned.append((p, unit_id(p, salt)))
-        except OSError as e:
-            planned.append((p, None, f"unreadable ({e.strerror})"))
-    skips, times = SkipReport(), Times()
-    done, resumed, num_chunks, tokens = [], 0, 0, {}
-    todo = []
-    for item in planned:
-        if item[1] is None:
-            skips.add(item[0], item[2])
-        elif _finished(builder, out, item[1]):
-            done.append(item[1])
-            resumed += 1
-        else:
-            todo.append(item)
-    t0 = time.perf_counter()
-    with progress() as bar:
-        task = bar.add_task("prep-audio", total=len(todo), visible=show_progress)
-        for res in _run(todo, workers, codec, cfg, builder, tok, out, builder_args):
-            bar.advance(task)
-            if res.unit is None:
-                skips.add(res.path, res.reason)
-                continue
-            done.append(res.unit)
-            times.add(res.times)
-            num_chunks += res.num_chunks
-            for k, v in res.tokens.items():
-                tokens[k] = tokens.get(k, 0) + v
-    order = {uid: i for i, (_, uid, *_r) in enumerate(planned)}
-    builder.finalize(sorted(done, key=order.__getitem__), skipped=skips.items)
+    with builder.lock():
+        files = begin_dataset(builder, files, append)
+        skips, times = SkipReport(), Times()
+        done, todo, order = _plan(files, builder, out, cfg.salt(codec.codec_id), skips)
+        resumed = len(done)
+        num_chunks, tokens = 0, dict[str, int]()
+        t0 = time.perf_counter()
+        with progress() as bar:
+            task = bar.add_task("prep-audio", total=len(todo), visible=show_progress)
+            for res in _run(todo, workers, codec, cfg, builder, tok, out, builder_args):
+                bar.advance(task)
+                if res.unit is None:
+                    skips.add(res.path, res.reason)
+                    continue
+                if res.reason:
+                    skips.add(res.path, res.reason, fatal=False)
+                done.append(res.unit)
+                times.add(res.times)
+                num_chunks += res.num_chunks
+                for k, v in res.tokens.items():
+                    tokens[k] = tokens.get(k, 0) + v
+        builder.finalize(sorted(done, key=order.__getitem__), skipped=skips.items)
     return AudioPrepSummary(len(done) - resumed, resumed, skips.items, num_chunks, tokens, times,
                             time.perf_counter() - t0, t_setup, out)
+
+
+def _plan(files: list[Path], builder, out: Path, salt: str, skips: SkipReport):
+    """-> (finished unit ids, [(file, unit id)] to do, unit id -> input order). Finished units
+    are resumed, their warnings reported again."""
+    done: list[str] = []
+    todo: list[tuple[Path, str]] = []
+    order: dict[str, int] = {}
+    for p in files:
+        try:
+            uid = unit_id(p, salt)
+        except OSError as e:
+            skips.add(p, f"unreadable ({e.strerror})")
+            continue
+        order[uid] = len(order)
+        if _finished(builder, out, uid):
+            skips.restore(builder.unit_skipped(uid))
+            done.append(uid)
+        else:
+            todo.append((p, uid))
+    return done, todo, order
 
 
 def warm_up(codec) -> None:
@@ -457,8 +529,7 @@ def _run(todo, workers, codec, cfg, builder, tok, out, builder_args) -> Iterator
             yield process_file(path, uid, codec, cfg, builder, tok, out)
         return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(cfg, str(out), builder_args)) as ex:
+    with process_pool(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                      initializer=_init_worker, initargs=(cfg, str(out), builder_args)) as ex:
         yield from ex.map(_work, [p for p, _ in todo], [u for _, u in todo])

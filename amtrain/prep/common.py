@@ -1,13 +1,18 @@
-"""What every prep pipeline shares: input expansion, skip reports, progress, summaries."""
+"""What every prep pipeline shares: input expansion, the dataset folder's guard (lock,
+refuse or append), skip reports, worker pools, progress."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from amtrain.errors import UserError
+from amtrain.fileio import source_id
 
 
 def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
@@ -28,6 +33,34 @@ def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
+def begin_dataset(builder, files: list[Path], append: bool) -> list[Path]:
+    """Check the run against the dataset already in the output folder (call under
+    `builder.lock()`): the same inputs and settings resume, other inputs need `append` (see
+    DatasetBuilder.begin). Returns the files to prep: all of them, or with `append` those not
+    already in the dataset."""
+    inputs = [{"file": str(p), "id": source_id(p)} for p in files]
+    present = builder.begin(inputs, append)
+    if present:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(
+            f"appending to {builder.folder}: {len(present)} of {len(files)} input(s) already in it, left out", highlight=False)
+    return [p for p, i in zip(files, inputs, strict=True) if i["id"] not in present]
+
+
+@contextlib.contextmanager
+def process_pool(**kwargs) -> Iterator[ProcessPoolExecutor]:
+    """A ProcessPoolExecutor that, when the caller fails (e.g. the disk is full), cancels the
+    tasks not yet started instead of running them all before the error is shown."""
+    pool = ProcessPoolExecutor(**kwargs)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -42,7 +75,13 @@ class SkipReport:
         from rich.console import Console
 
         self.items.append({"file": str(path), "reason": reason, "error": fatal})
-        Console(stderr=True, soft_wrap=True).print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+        label = "skipped" if fatal else "warning"
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]{label}[/] {path}: {reason}", highlight=False)
+
+    def restore(self, items: list[dict]) -> None:
+        """Report again what a finished unit skipped (read back from its record on resume)."""
+        for i in items:
+            self.add(i["file"], i["reason"], i["error"])
 
     @property
     def num_errors(self) -> int:

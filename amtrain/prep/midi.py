@@ -26,17 +26,16 @@ import io
 import json
 import time
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from amtrain.errors import UserError
-from amtrain.fileio import short_hash, source_id, write_bytes_atomic
+from amtrain.fileio import make_dirs, short_hash, source_id, write_bytes_atomic
 from amtrain.midi.events import MidiReadError, Notes, notes_to_events, parse_notes
 from amtrain.midi.tokenize import DROP_REASONS, SequenceCutter, drop_reason, piece_chunks
-from amtrain.prep.common import SkipReport, expand_inputs, progress
+from amtrain.prep.common import SkipReport, begin_dataset, expand_inputs, process_pool, progress
 from amtrain.store import DatasetBuilder
 from amtrain.tokens.midi import DRUMS, LAKH_TEST, LAKH_VALID, VOCAB_SIZE, MidiTokenizer
 
@@ -231,7 +230,7 @@ def run_phase1(units, cache_dir: Path, cfg: MidiPrepConfig, workers: int, show_p
     with progress() as bar:
         task = bar.add_task("prep-midi parse", total=len(units), completed=resumed, visible=show_progress)
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with process_pool(max_workers=workers) as pool:
                 it = pool.map(process_file, todo, chunksize=max(1, min(32, len(todo) // (4 * workers))))
                 for r in it:
                     results[r.uid] = r
@@ -252,19 +251,26 @@ def run_phase1(units, cache_dir: Path, cfg: MidiPrepConfig, workers: int, show_p
 
 
 def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = None, workers: int = 1,
-              show_progress: bool = True) -> MidiPrepSummary:
+              show_progress: bool = True, append: bool = False) -> MidiPrepSummary:
     cfg = cfg or MidiPrepConfig()
     t_start = time.perf_counter()
     files = expand_inputs(inputs, SUFFIXES)
-    salt = f"{cfg.split}|{cfg.val_fraction}|{cfg.test_fraction}|{cfg.transpose}|{cfg.stretch}"
-    units = plan_units(files, salt)
     tok = MidiTokenizer()
     builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
                              extra={"modality": "midi", "layout": "amt-arrival", "sequence_length": 1024,
-                                    "augment": cfg.augment, "split": cfg.split, "transpose": list(cfg.transpose),
+                                    "augment": cfg.augment, "split": cfg.split, "val_fraction": cfg.val_fraction,
+                                    "test_fraction": cfg.test_fraction, "transpose": list(cfg.transpose),
                                     "stretch": list(cfg.stretch), "seed": cfg.seed})
-    cache_dir = Path(out) / CACHE
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with builder.lock():
+        files = begin_dataset(builder, files, append)
+        return _prep_files(files, builder, Path(out), cfg, workers, show_progress, t_start)
+
+
+def _prep_files(files: list[Path], builder: DatasetBuilder, out: Path, cfg: MidiPrepConfig, workers: int,
+                show_progress: bool, t_start: float) -> MidiPrepSummary:
+    salt = f"{cfg.split}|{cfg.val_fraction}|{cfg.test_fraction}|{cfg.transpose}|{cfg.stretch}"
+    units = plan_units(files, salt)
+    cache_dir = make_dirs(out / CACHE)
     skips = SkipReport()
     results, resumed, num_notes, seconds = run_phase1(units, cache_dir, cfg, workers, show_progress, skips)
 
@@ -295,7 +301,7 @@ def prep_midi(inputs: list[str], out: str | Path, cfg: MidiPrepConfig | None = N
                            sum(g.num_dropped_overflow for g in done), sum(g.num_rests for g in done),
                            sum(g.num_truncated for g in done), num_notes,
                            sum(r.num_out_of_range for r in results.values()), seconds,
-                           time.perf_counter() - t_start, skips.items, Path(out))
+                           time.perf_counter() - t_start, skips.items, out)
 
 
 # --- phase 2: one sequence stream per group ------------------------------------------------
@@ -376,7 +382,7 @@ def run_group(task: GroupTask) -> GroupResult:
 
 def _map(fn, tasks: list, workers: int) -> list:
     if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        with process_pool(max_workers=min(workers, len(tasks))) as pool:
             return list(pool.map(fn, tasks))
     return [fn(t) for t in tasks]
 
@@ -391,7 +397,7 @@ class TokenImportSummary:
     out: Path
 
 
-def import_token_files(files: list[str], out: str | Path, split: str = "train") -> TokenImportSummary:
+def import_token_files(files: list[str], out: str | Path, split: str = "train", append: bool = False) -> TokenImportSummary:
     """AMT's pre-tokenized text (one sequence of space-separated ids a line) -> shards, ids
     unchanged. A line with a non-integer or an id outside [0, 55028) is skipped and reported as
     `file:line`; each file is a resumable unit."""
@@ -401,35 +407,44 @@ def import_token_files(files: list[str], out: str | Path, split: str = "train") 
         if not p.is_file():
             raise UserError(f"{p}: no such token file; pass AMT's tokenized-events-*.txt files")
     builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
-                             extra={"modality": "midi", "layout": "amt-arrival", "passthrough": True})
+                             extra={"modality": "midi", "layout": "amt-arrival", "passthrough": True,
+                                    "token_split": split})
     skips = SkipReport()
-    unit_ids, num_seq, num_tok, bad = [], 0, 0, 0
+    unit_ids, num_seq, num_tok = [], 0, 0
     lengths: dict[int, int] = {}
-    for i, p in enumerate(paths):
-        uid = f"tokens-{i:05d}-" + source_id(p, split)
-        recs = builder.load_unit(uid)
-        if recs is None:
-            docs = []
-            for num, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    ids = np.array(line.split(), dtype=np.int64)
-                except ValueError:
-                    skips.add(f"{p}:{num}", "not a line of integer ids (sequence skipped)")
-                    bad += 1
-                    continue
-                out_of_range = ids[(ids < 0) | (ids >= VOCAB_SIZE)]
-                if out_of_range.size:
-                    skips.add(f"{p}:{num}", f"id {int(out_of_range[0])} outside [0, {VOCAB_SIZE}) (sequence skipped)")
-                    bad += 1
-                    continue
-                docs.append(ids.astype(np.uint16))
-            recs = builder.write_unit(uid, {split: docs} if docs else {}, source=str(p))
-            for d in docs:
-                lengths[d.size] = lengths.get(d.size, 0) + 1
-        unit_ids.append(uid)
-        num_seq += sum(r.num_docs for r in recs)
-        num_tok += sum(r.num_tokens for r in recs)
-    builder.finalize(unit_ids, skipped=skips.items)
-    return TokenImportSummary(num_seq, num_tok, bad, lengths, Path(out))
+    with builder.lock():
+        for i, p in enumerate(begin_dataset(builder, paths, append)):
+            uid = f"tokens-{i:05d}-" + source_id(p, split)
+            recs = builder.load_unit(uid)
+            if recs is None:
+                first = len(skips.items)
+                docs = _token_lines(p, skips)
+                recs = builder.write_unit(uid, {split: docs} if docs else {}, source=str(p), skipped=skips.items[first:])
+                for d in docs:
+                    lengths[d.size] = lengths.get(d.size, 0) + 1
+            else:
+                skips.restore(builder.unit_skipped(uid))
+            unit_ids.append(uid)
+            num_seq += sum(r.num_docs for r in recs)
+            num_tok += sum(r.num_tokens for r in recs)
+        builder.finalize(unit_ids, skipped=skips.items)
+    return TokenImportSummary(num_seq, num_tok, skips.num_errors, lengths, Path(out))
+
+
+def _token_lines(path: Path, skips: SkipReport) -> list[np.ndarray]:
+    """The file's sequences; a bad line is reported as `file:line` and left out."""
+    docs = []
+    for num, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ids = np.array(line.split(), dtype=np.int64)
+        except ValueError:
+            skips.add(f"{path}:{num}", "not a line of integer ids (sequence skipped)")
+            continue
+        out_of_range = ids[(ids < 0) | (ids >= VOCAB_SIZE)]
+        if out_of_range.size:
+            skips.add(f"{path}:{num}", f"id {int(out_of_range[0])} outside [0, {VOCAB_SIZE}) (sequence skipped)")
+            continue
+        docs.append(ids.astype(np.uint16))
+    return docs

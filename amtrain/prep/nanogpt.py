@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from amtrain.errors import ShardError
+from amtrain.prep.common import begin_dataset
 from amtrain.store import DatasetBuilder
 from amtrain.tokens import get_tokenizer
 
@@ -39,16 +40,18 @@ def import_bins(files: list[Path], out: Path, split_of: dict[Path, str], tokeniz
     tok = get_tokenizer(tokenizer)
     builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
                              extra={"modality": "text", "imported_from": "nanogpt-bin", "eot_prepended": True})
-    unit_ids = []
-    for i, path in enumerate(files):
-        tokens = read_bin(path)
-        if tokens.size and int(tokens.max()) >= tok.vocab_size:
-            raise ShardError(f"{path}: token id {int(tokens.max())} >= {tok.name} vocab size {tok.vocab_size}; pass the right --tokenizer")
-        cuts = np.flatnonzero(tokens == tok.eot_id)
-        if cuts.size == 0 or cuts[0] != 0:
-            cuts = np.concatenate([[0], cuts])
-        docs = np.split(np.asarray(tokens), cuts[1:])
-        uid = f"{i:05d}-bin"
-        builder.write_unit(uid, {split_of[path]: docs}, source=str(path))
-        unit_ids.append(uid)
-    builder.finalize(unit_ids)
+    with builder.lock():
+        begin_dataset(builder, files, append=False)
+        unit_ids = []
+        for i, path in enumerate(files):
+            tokens = read_bin(path)
+            if tokens.size and int(tokens.max()) >= tok.vocab_size:
+                raise ShardError(f"{path}: token id {int(tokens.max())} >= {tok.name} vocab size {tok.vocab_size}; pass the right --tokenizer")
+            cuts = np.flatnonzero(tokens == tok.eot_id)
+            if cuts.size == 0 or cuts[0] != 0:
+                cuts = np.concatenate([[0], cuts])
+            docs = np.split(np.asarray(tokens), cuts[1:])
+            uid = f"{i:05d}-bin"
+            builder.write_unit(uid, {split_of[path]: docs}, source=str(path))
+            unit_ids.append(uid)
+        builder.finalize(unit_ids)

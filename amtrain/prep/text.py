@@ -8,10 +8,12 @@ Every document is preceded by the end-of-text id (as modded-nanogpt's fineweb.py
 goes to train or val by a hash of its UTF-8 bytes, so the split is deterministic and does not
 depend on file order or on how the corpus is cut into units.
 
-Big files are cut into units of about `unit_bytes` at document boundaries; each unit becomes
-its own shards. Units already finished are skipped, so a rerun resumes (and is idempotent).
-Encoding runs tiktoken's BPE (`encode_to_numpy`, one uint32 buffer per document) on a thread
-pool over all cores.
+Units of about `unit_bytes` each become their own shards: a big file is cut into units at
+document boundaries, and consecutive small files are packed together into one unit, so a
+corpus of many small files gives as few shards (and as many training windows, which never
+straddle shards) as one big file of the same documents. Units already finished are skipped,
+so a rerun resumes (and is idempotent). Encoding runs tiktoken's BPE (`encode_to_numpy`, one
+uint32 buffer per document) on a thread pool over all cores.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from amtrain.fileio import source_id
-from amtrain.prep.common import SkipReport, expand_inputs, progress
+from amtrain.fileio import short_hash, source_id
+from amtrain.prep.common import SkipReport, begin_dataset, expand_inputs, progress
 from amtrain.store import DatasetBuilder
 from amtrain.store.format import dtype_for_vocab
 from amtrain.tokens import get_tokenizer
@@ -38,12 +40,25 @@ _PARAGRAPH_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
 @dataclass(frozen=True)
-class Unit:
-    id: str
+class Piece:
+    """A file, or a byte range of a big one."""
+
     path: Path
     start: int  # nominal byte range; real boundaries move forward to the next separator
     end: int
     sep: bytes | None
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    pieces: tuple[Piece, ...]  # one range of a big file, or whole small files packed together
+
+    @property
+    def source(self) -> str:
+        first = self.pieces[0]
+        more = f" and {len(self.pieces) - 1} more file(s)" if len(self.pieces) > 1 else ""
+        return f"{first.path}:{first.start}{more}"
 
 
 @dataclass
@@ -59,25 +74,44 @@ class PrepSummary:
 
 
 def plan_units(files: list[Path], txt_docs: str, unit_bytes: int, salt: str) -> list[Unit]:
-    units = []
-    for i, path in enumerate(files):
-        st = path.stat()
-        mode = "line" if path.suffix.lower() == ".jsonl" else txt_docs
-        sep = _SEPARATORS.get(mode)
-        num = max(1, -(-st.st_size // unit_bytes)) if sep else 1
-        tag = source_id(path, salt)
-        for k in range(num):
-            end = (k + 1) * unit_bytes if k + 1 < num else st.st_size
-            units.append(Unit(f"{i:05d}-{k:04d}-{tag}", path, k * unit_bytes, end, sep))
+    """Files bigger than `unit_bytes` (and cuttable: not --txt-docs file) are cut into ranges of
+    about `unit_bytes`, each a unit; runs of smaller files are packed into units of up to
+    `unit_bytes`. A unit's id hashes its pieces' source ids, ranges and the settings."""
+    units: list[Unit] = []
+    pack: list[Piece] = []
+    packed = 0
+
+    def emit(pieces: list[Piece]) -> None:
+        key = "|".join(f"{source_id(p.path, salt)}:{p.start}:{p.end}" for p in pieces)
+        units.append(Unit(f"{len(units):05d}-{short_hash(key)}", tuple(pieces)))
+
+    for path in files:
+        size = path.stat().st_size
+        sep = _SEPARATORS.get("line" if path.suffix.lower() == ".jsonl" else txt_docs)
+        if size > unit_bytes and sep:
+            if pack:
+                emit(pack)
+                pack, packed = [], 0
+            num = -(-size // unit_bytes)
+            for k in range(num):
+                emit([Piece(path, k * unit_bytes, (k + 1) * unit_bytes if k + 1 < num else size, sep)])
+            continue
+        if pack and packed + size > unit_bytes:
+            emit(pack)
+            pack, packed = [], 0
+        pack.append(Piece(path, 0, size, sep))
+        packed += size
+    if pack:
+        emit(pack)
     return units
 
 
-def read_unit(unit: Unit) -> bytes:
-    """The unit's bytes: from the first separator at/after `start` (0 for the first unit) up to
-    and including the first separator at/after `end`, so no document is cut."""
-    with open(unit.path, "rb") as f:
-        begin = 0 if unit.start == 0 else _next_boundary(f, unit.start, unit.sep)
-        stop = _next_boundary(f, unit.end, unit.sep) if unit.sep else None
+def read_piece(piece: Piece) -> bytes:
+    """The piece's bytes: from the first separator at/after `start` (0 for a file's first piece)
+    up to and including the first separator at/after `end`, so no document is cut."""
+    with open(piece.path, "rb") as f:
+        begin = 0 if piece.start == 0 else _next_boundary(f, piece.start, piece.sep)
+        stop = _next_boundary(f, piece.end, piece.sep) if piece.sep else None
         f.seek(begin)
         return f.read() if stop is None else f.read(max(0, stop - begin))
 
@@ -147,7 +181,8 @@ def encode_docs(tok, docs: list[str], num_threads: int) -> list[np.ndarray]:
 
 def prep_text(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", txt_docs: str = "paragraph",
               text_field: str = "text", val_fraction: float = 0.05, errors: str = "replace",
-              workers: int = 1, unit_bytes: int = 32 << 20, show_progress: bool = True) -> PrepSummary:
+              workers: int = 1, unit_bytes: int = 32 << 20, show_progress: bool = True,
+              append: bool = False) -> PrepSummary:
     from amtrain.errors import UserError
 
     if txt_docs not in DOC_MODES:
@@ -158,11 +193,20 @@ def prep_text(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", txt_d
         raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     tok = get_tokenizer(tokenizer)
     files = expand_inputs(inputs, SUFFIXES)
-    salt = f"{tokenizer}|{txt_docs}|{text_field}|{val_fraction}|{errors}|{unit_bytes}"
-    units = plan_units(files, txt_docs, unit_bytes, salt)
     builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
                              extra={"modality": "text", "txt_docs": txt_docs, "text_field": text_field,
-                                    "val_fraction": val_fraction, "eot_prepended": True})
+                                    "val_fraction": val_fraction, "errors": errors, "unit_bytes": unit_bytes,
+                                    "eot_prepended": True})
+    with builder.lock():
+        files = begin_dataset(builder, files, append)
+        return _prep_units(files, builder, tok, txt_docs, text_field, val_fraction, errors, workers, unit_bytes,
+                           show_progress, Path(out))
+
+
+def _prep_units(files, builder, tok, txt_docs, text_field, val_fraction, errors, workers, unit_bytes,
+                show_progress, out) -> PrepSummary:
+    salt = f"{tok.name}|{txt_docs}|{text_field}|{val_fraction}|{errors}|{unit_bytes}"
+    units = plan_units(files, txt_docs, unit_bytes, salt)
     skips = SkipReport()
     docs_n = {"train": 0, "val": 0}
     toks_n = {"train": 0, "val": 0}
@@ -172,44 +216,57 @@ def prep_text(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", txt_d
         task = bar.add_task("prep-text", total=len(units), visible=show_progress)
         for unit in units:
             records = builder.load_unit(unit.id)
-            if records is None:
+            earlier = builder.unit_skipped(unit.id) if records is not None else []
+            if records is None or any(i["error"] for i in earlier):  # a unit that lost a file is retried
                 records, read = _run_unit(unit, tok, builder, txt_docs, text_field, errors, val_fraction, workers, skips)
                 nbytes += read
             else:
+                skips.restore(earlier)
                 resumed += 1
             bar.advance(task)
-            if records is None:
-                continue
             done_units.append(unit.id)
             for r in records:
                 docs_n[r.split] += r.num_docs
                 toks_n[r.split] += r.num_tokens
     builder.finalize(done_units, skipped=skips.items)
     return PrepSummary(docs_n, toks_n, nbytes, time.perf_counter() - t0, len(done_units) - resumed,
-                       resumed, skips.items, Path(out))
+                       resumed, skips.items, out)
+
+
+def _read_docs(piece: Piece, txt_docs: str, text_field: str, errors: str, skips: SkipReport) -> tuple[list[str], int]:
+    """-> (the piece's documents, bytes read); a file that cannot be used is reported by name."""
+    try:
+        raw = read_piece(piece)
+    except FileNotFoundError:
+        skips.add(piece.path, "file disappeared during the run")
+        return [], 0
+    except OSError as e:
+        skips.add(piece.path, f"unreadable ({e.strerror})")
+        return [], 0
+    mode = "line" if piece.path.suffix.lower() == ".jsonl" else txt_docs
+    try:
+        docs, bad = split_documents(raw, piece.path, mode, text_field, errors)
+    except UnicodeDecodeError as e:
+        skips.add(piece.path, f"invalid UTF-8 at byte {piece.start + e.start}; to keep it, fix the file and rerun with --append, or prep with --errors replace into a new --out folder")
+        return [], len(raw)
+    if bad:
+        skips.add(piece.path, f"{bad} jsonl records without a string {text_field!r} field (records skipped)", fatal=False)
+    if not docs and piece.start == 0 and not raw.strip():
+        skips.add(piece.path, "empty file", fatal=False)
+    return docs, len(raw)
 
 
 def _run_unit(unit, tok, builder, txt_docs, text_field, errors, val_fraction, workers, skips):
-    try:
-        raw = read_unit(unit)
-    except FileNotFoundError:
-        skips.add(unit.path, "file disappeared during the run")
-        return None, 0
-    except OSError as e:
-        skips.add(unit.path, f"unreadable ({e.strerror})")
-        return None, 0
-    mode = "line" if unit.path.suffix.lower() == ".jsonl" else txt_docs
-    try:
-        docs, bad = split_documents(raw, unit.path, mode, text_field, errors)
-    except UnicodeDecodeError as e:
-        skips.add(unit.path, f"invalid UTF-8 at byte {unit.start + e.start}; rerun with --errors replace to keep it")
-        return None, len(raw)
-    if bad:
-        skips.add(unit.path, f"{bad} jsonl records without a string {text_field!r} field (records skipped)", fatal=False)
-    if not docs and unit.start == 0 and not raw.strip():
-        skips.add(unit.path, "empty file", fatal=False)
+    """Read, split and encode every piece of the unit; write its shards and record."""
+    first = len(skips.items)
+    docs, nbytes = [], 0
+    for piece in unit.pieces:
+        got, read = _read_docs(piece, txt_docs, text_field, errors, skips)
+        docs += got
+        nbytes += read
     encoded = encode_docs(tok, docs, workers)
     by_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     for doc, ids in zip(docs, encoded, strict=True):
         by_split["val" if is_val(doc, val_fraction) else "train"].append(ids)
-    return builder.write_unit(unit.id, by_split, source=f"{unit.path}:{unit.start}"), len(raw)
+    records = builder.write_unit(unit.id, by_split, source=unit.source, skipped=skips.items[first:])
+    return records, nbytes

@@ -6,31 +6,53 @@
       train/<unit>.idx.npy   uint64 start offset of every document in that shard
       val/...
       .units/<unit>.json     one record per finished prep unit (resumability)
+      .inputs/<sha>.json     the input files' identities, named by the manifest (written before it)
+      .lock                  held (flock) by the one prep writing the folder
 
-Prep pipelines cut their input into deterministic *units* (a file, or a byte range of a big
-one) and write each unit's shards in one go through `DatasetBuilder.write_unit`; a rerun skips
-the units whose record exists, so an interrupted prep resumed gives the same shards as an
-uninterrupted one. `finalize` writes the manifest from the records of the planned units.
+Prep pipelines cut their input into deterministic *units* (a file, a byte range of a big one,
+or many small files packed together) and write each unit's shards in one go through
+`DatasetBuilder.write_unit`; a rerun skips the units whose record exists, so an interrupted
+prep resumed gives the same shards as an uninterrupted one. `finalize` writes the manifest from
+the records of the planned units.
+
+One writer at a time: a prep holds `DatasetBuilder.lock()` (an flock on DIR/.lock, released
+when the process ends, however it ends) from start to manifest, and removes temporary files
+left by a writer that was killed. `begin` guards the finished dataset already in the folder:
+the manifest records its settings and names the list of its inputs (file identities); a prep
+of the same inputs and settings resumes, one of other inputs is refused unless it appends
+(`--append`: inputs already in the dataset are left out, the new ones are added after the
+earlier shards), and one of other settings is always refused. A rerun of the same inputs that
+cuts them into other units (a dataset grown by appends, prepped again in one go) removes the
+units the new manifest no longer lists: they hold the same documents. `validate_dataset`
+reports shards no manifest lists (orphans). Manifest keys of `extra` ending in `_dir` name
+folders of per-unit artifacts (`<unit>.*`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
 import shlex
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from amtrain.errors import ShardError
-from amtrain.fileio import write_bytes_atomic
+from amtrain.errors import ShardError, UserError
+from amtrain.fileio import is_temp_name, make_dirs, write_bytes_atomic, write_errors
 from amtrain.store.format import open_shard, read_header, write_shard
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "amtrain-dataset"
 MANIFEST_VERSION = 1
+LOCK = ".lock"
 
 
 @dataclass
@@ -58,6 +80,14 @@ class Manifest:
     created: str = ""
     extra: dict = field(default_factory=dict)  # modality-specific facts (layout, codec, filters...)
     skipped: list[dict] = field(default_factory=list)
+    inputs_file: str = ""  # the input list (read_inputs): kept out of the manifest, which every reader loads
+    num_inputs: int = 0
+    units: list[str] = field(default_factory=list)  # prep units, in shard order
+
+    def settings(self) -> dict:
+        """Everything a prep setting changes; a dataset holds one value of each."""
+        return {"tokenizer": self.tokenizer, "tokenizer_params": self.tokenizer_params,
+                "vocab_size": self.vocab_size, "special_ids": self.special_ids, **self.extra}
 
     @property
     def splits(self) -> dict[str, dict[str, int]]:
@@ -74,7 +104,8 @@ class Manifest:
              "tokenizer_params": self.tokenizer_params, "vocab_size": self.vocab_size,
              "special_ids": self.special_ids, "splits": self.splits,
              "shards": [s.__dict__ for s in self.shards], "command": self.command,
-             "created": self.created, "extra": self.extra, "skipped": self.skipped}
+             "created": self.created, "extra": self.extra, "skipped": self.skipped,
+             "inputs_file": self.inputs_file, "num_inputs": self.num_inputs, "units": self.units}
         return json.dumps(d, indent=1)
 
     @classmethod
@@ -92,7 +123,9 @@ class Manifest:
             return cls(tokenizer=d["tokenizer"], vocab_size=d["vocab_size"], special_ids=d["special_ids"],
                        shards=[ShardRecord(**s) for s in d["shards"]],
                        tokenizer_params=d.get("tokenizer_params", {}), command=d.get("command", ""),
-                       created=d.get("created", ""), extra=d.get("extra", {}), skipped=d.get("skipped", []))
+                       created=d.get("created", ""), extra=d.get("extra", {}), skipped=d.get("skipped", []),
+                       inputs_file=d.get("inputs_file", ""), num_inputs=d.get("num_inputs", 0),
+                       units=d.get("units", []))
         except (KeyError, TypeError) as e:
             raise ShardError(f"{path}: malformed manifest ({e}); re-run prep") from None
 
@@ -156,7 +189,7 @@ def concat_docs(docs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DatasetBuilder:
-    """Write side: resumable, unit by unit; the manifest last."""
+    """Write side: one writer (lock), resumable unit by unit; the manifest last."""
 
     def __init__(self, folder: str | Path, tokenizer: str, vocab_size: int, special_ids: dict[str, int],
                  tokenizer_params: dict | None = None, extra: dict | None = None):
@@ -166,13 +199,45 @@ class DatasetBuilder:
         self.vocab_size = vocab_size
         self.special_ids = special_ids
         self.extra = extra or {}
-        (self.folder / ".units").mkdir(parents=True, exist_ok=True)
+        self._inputs: list[dict] = []  # this run's inputs (set by `begin`)
+        self._base: Manifest | None = None  # the dataset appended to
+        self._base_inputs: list[dict] = []
+        self._redone: Manifest | None = None  # the dataset of the same inputs this run makes again
+        make_dirs(self.folder / ".units")
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the folder for this prep (see `dataset_lock`)."""
+        return dataset_lock(self.folder)
+
+    def begin(self, inputs: list[dict], append: bool = False) -> set[str]:
+        """Check this prep against the finished dataset in the folder, if any; return the ids of
+        the inputs already in it (to leave out when appending; empty otherwise). `inputs`:
+        {"file", "id"} per input file. Raises UserError for other settings, or for other
+        inputs without `append`."""
+        self._inputs = inputs
+        if not (self.folder / MANIFEST).is_file():
+            return set()
+        old = Manifest.load(self.folder)
+        _check_settings(self.folder, old.settings(), self._settings())
+        old_inputs = read_inputs(self.folder, old)
+        old_ids = {i["id"] for i in old_inputs}
+        if not append:
+            if old_ids != {i["id"] for i in inputs}:
+                raise UserError(f"{self.folder}: holds a dataset made from other inputs ({_differences(old_inputs, inputs)}); "
+                                "pass --append to add this run's new and changed inputs to it, or prep into a new --out folder")
+            self._redone = old
+            return set()
+        self._base, self._base_inputs = old, old_inputs
+        return old_ids & {i["id"] for i in inputs}
+
+    def _settings(self) -> dict:
+        return json.loads(json.dumps(Manifest(self.tokenizer, self.vocab_size, self.special_ids, [],
+                                              self.tokenizer_params, extra=self.extra).settings()))
 
     def _record_path(self, unit_id: str) -> Path:
         return self.folder / ".units" / f"{unit_id}.json"
 
-    def load_unit(self, unit_id: str) -> list[ShardRecord] | None:
-        """The unit's shard records if it finished (record and shards present), else None."""
+    def _load_record(self, unit_id: str) -> dict | None:
         path = self._record_path(unit_id)
         if not path.is_file():
             return None
@@ -180,17 +245,27 @@ class DatasetBuilder:
             rec = json.loads(path.read_text())
             if rec["vocab_size"] != self.vocab_size or rec["tokenizer"] != self.tokenizer:
                 return None  # made with another tokenizer: redo
-            shards = [ShardRecord(**s) for s in rec["shards"]]
+            rec["shards"] = [ShardRecord(**s) for s in rec["shards"]]
         except (json.JSONDecodeError, KeyError, TypeError):
             return None
-        if all((self.folder / s.file).is_file() for s in shards):
-            return shards
-        return None
+        return rec if all((self.folder / s.file).is_file() for s in rec["shards"]) else None
+
+    def load_unit(self, unit_id: str) -> list[ShardRecord] | None:
+        """The unit's shard records if it finished (record and shards present), else None."""
+        rec = self._load_record(unit_id)
+        return None if rec is None else rec["shards"]
+
+    def unit_skipped(self, unit_id: str) -> list[dict]:
+        """What a finished unit skipped or warned about (SkipReport items), for the manifest of a
+        resumed run."""
+        rec = self._load_record(unit_id)
+        return [] if rec is None else rec.get("skipped", [])
 
     def write_unit(self, unit_id: str, docs_by_split: dict[str, list[np.ndarray]], source: str = "",
-                   max_shard_tokens: int = 1 << 28) -> list[ShardRecord]:
+                   max_shard_tokens: int = 1 << 28, skipped: list[dict] | None = None) -> list[ShardRecord]:
         """Write one unit's documents as shards (one per split, more if over max_shard_tokens),
-        then the unit's record. Documents never straddle shards."""
+        then the unit's record (with `skipped`: what the unit left out, by name). Documents
+        never straddle shards."""
         records = []
         for split, docs in sorted(docs_by_split.items()):
             for part, group in enumerate(_group_docs(docs, max_shard_tokens)):
@@ -201,23 +276,127 @@ class DatasetBuilder:
                 _save_npy_atomic(self.folder / rec.index_file, starts)
                 records.append(rec)
         body = {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "source": source,
-                "shards": [r.__dict__ for r in records]}
+                "shards": [r.__dict__ for r in records], "skipped": skipped or []}
         write_bytes_atomic(self._record_path(unit_id), json.dumps(body).encode())
         return records
 
     def finalize(self, unit_ids: list[str], skipped: list[dict] | None = None, command: str | None = None) -> Manifest:
+        """Write the manifest of the units (after the appended-to dataset's, if `begin` appended)."""
         shards = []
         for uid in unit_ids:
             recs = self.load_unit(uid)
             assert recs is not None, f"unit {uid} not finished before finalize"
             shards.extend(recs)
+        command = command if command is not None else _invocation()
+        inputs, skipped = self._inputs, skipped or []
+        base = self._base
+        if base is not None:
+            if not unit_ids and not skipped:
+                return base  # nothing new: the dataset stays as it is
+            known = {i["id"] for i in self._base_inputs}
+            shards, unit_ids = base.shards + shards, base.units + unit_ids
+            inputs = self._base_inputs + [i for i in inputs if i["id"] not in known]
+            skipped, command = base.skipped + skipped, f"{base.command} && {command}"
         manifest = Manifest(self.tokenizer, self.vocab_size, self.special_ids, shards,
-                            tokenizer_params=self.tokenizer_params,
-                            command=command if command is not None else _invocation(),
+                            tokenizer_params=self.tokenizer_params, command=command,
                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=self.extra,
-                            skipped=skipped or [])
+                            skipped=skipped, inputs_file=self._write_inputs(inputs), num_inputs=len(inputs),
+                            units=list(unit_ids))
         write_bytes_atomic(self.folder / MANIFEST, manifest.to_json().encode())
+        for stale in (self.folder / ".inputs").glob("*.json"):  # lists no manifest names any more
+            if stale.relative_to(self.folder).as_posix() != manifest.inputs_file:
+                stale.unlink()
+        if self._redone is not None:
+            self._remove_replaced(self._redone, manifest)
         return manifest
+
+    def _remove_replaced(self, old: Manifest, new: Manifest) -> None:
+        """Delete the shards, records and artifacts of `old`'s units that `new` (made from the same
+        inputs and settings, written already) no longer lists: their documents are in `new`."""
+        kept = {s.file for s in new.shards}
+        for rec in old.shards:
+            if rec.file not in kept:
+                (self.folder / rec.file).unlink(missing_ok=True)
+                (self.folder / rec.index_file).unlink(missing_ok=True)
+        dirs = [self.folder / v for k, v in self.extra.items() if k.endswith("_dir")]
+        for uid in set(old.units) - set(new.units):
+            self._record_path(uid).unlink(missing_ok=True)
+            for d in dirs:
+                for artifact in d.glob(f"{uid}.*"):
+                    artifact.unlink()
+
+    def _write_inputs(self, inputs: list[dict]) -> str:
+        """The input list as `.inputs/<sha256>.json`: named by content, so the manifest that names
+        it always names the list it was written with."""
+        body = json.dumps(inputs).encode()
+        name = f".inputs/{hashlib.sha256(body).hexdigest()[:16]}.json"
+        write_bytes_atomic(self.folder / name, body)
+        return name
+
+
+def read_inputs(folder: Path, manifest: Manifest) -> list[dict]:
+    """{"file", "id"} of every input file of the dataset, in order ([] if it records none)."""
+    if not manifest.inputs_file:
+        return []
+    path = folder / manifest.inputs_file
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: the dataset's input list is unreadable ({e}); prep into a new --out folder") from None
+
+
+def _differences(old: list[dict], new: list[dict]) -> str:
+    """How this run's inputs differ from a dataset's, in words, with an example file of each kind."""
+    if not old:
+        return "it records no inputs (made by an older amtrain)"
+    old_ids, new_ids = {i["id"] for i in old}, {i["id"] for i in new}
+    old_files, new_files = {i["file"] for i in old}, {i["file"] for i in new}
+    changed = [i["file"] for i in old if i["id"] not in new_ids and i["file"] in new_files]
+    missing = [i["file"] for i in old if i["id"] not in new_ids and i["file"] not in new_files]
+    added = [i["file"] for i in new if i["id"] not in old_ids and i["file"] not in old_files]
+    parts = [f"{len(files)} {what}, e.g. {files[0]}" for files, what in
+             ((changed, "input file(s) changed since"), (missing, "of its input files not in this run"),
+              (added, "input file(s) new to it")) if files]
+    return "; ".join(parts)
+
+
+def _check_settings(folder: Path, old: dict, new: dict) -> None:
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            raise UserError(f"{folder}: holds a dataset made with {key}={old.get(key)!r}, this run asks "
+                            f"{key}={new.get(key)!r}; a dataset has one set of settings: prep into a new --out folder "
+                            "(or use the same settings)")
+
+
+@contextlib.contextmanager
+def dataset_lock(folder: str | Path) -> Iterator[None]:
+    """Hold DIR/.lock (flock, exclusive, not waiting) while a prep writes the folder; a second
+    writer gets one UserError line. The kernel releases the lock when the holder exits, even
+    killed. Once held, temporary files left by a killed writer are removed."""
+    folder = make_dirs(folder)
+    path = folder / LOCK
+    with write_errors(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{folder}: another prep ({holder}) is writing this dataset; wait for it to finish "
+                            f"(its lock {path} is released when it ends) or prep into another --out folder") from None
+        with write_errors(path):  # unbuffered: a full disk fails here, not later in a close
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        _remove_temp_files(folder)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_temp_files(folder: Path) -> None:
+    for p in folder.rglob(".*"):
+        if is_temp_name(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def _invocation() -> str:
@@ -277,4 +456,24 @@ def validate_dataset(folder: str | Path) -> list[str]:
             problems.append(f"{folder / rec.index_file}: {starts.size} documents, {MANIFEST} says {rec.num_docs}")
         elif starts.size and (starts[0] != 0 or np.any(np.diff(starts.astype(np.int64)) <= 0) or starts[-1] >= h.num_tokens):
             problems.append(f"{folder / rec.index_file}: document offsets are not increasing within the shard")
+    return problems + _strays(folder, manifest)
+
+
+def _strays(folder: Path, manifest: Manifest) -> list[str]:
+    """Files the manifest does not account for: orphaned shards and per-unit artifacts (left by a
+    prep of other inputs into the same folder, or by one that stopped), and temporary files."""
+    listed = {folder / s.file for s in manifest.shards} | {folder / s.index_file for s in manifest.shards}
+    artifact_dirs = {folder / v for k, v in manifest.extra.items() if k.endswith("_dir")}
+    problems = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not p.is_file() or (rel.parts[0].startswith(".") and not is_temp_name(p.name)):
+            continue
+        if is_temp_name(p.name):
+            problems.append(f"{p}: temporary file left by an interrupted write; delete it (the next prep into {folder} does)")
+        elif p.name.endswith((".bin", ".idx.npy")) and p not in listed:
+            problems.append(f"{p}: orphaned shard, not in {MANIFEST} (left by a prep of other inputs into this folder, or one "
+                            "that stopped); delete it, or prep its inputs again with --append")
+        elif p.parent in artifact_dirs and manifest.units and p.stem not in manifest.units:
+            problems.append(f"{p}: orphaned artifact of a unit not in {MANIFEST}; delete it, or prep its input again with --append")
     return problems
