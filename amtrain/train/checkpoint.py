@@ -49,6 +49,7 @@ tensors, step.pt), and a ZeRO-0 checkpoint has no ZeRO shards to convert.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -67,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from amtrain.errors import UserError
-from amtrain.fileio import file_sha256, write_json_atomic, write_text_atomic
+from amtrain.fileio import file_sha256, write_errors, write_json_atomic, write_text_atomic
 from amtrain.train.safe_load import check_pickle, checkpoint_engine, forced_weights_only, safe_load
 
 STATE_FILE = "amtrain_state.json"
@@ -321,10 +322,11 @@ def save(engine, ckpt_dir: Path, state: RunState, extra_meta: dict, keep_last: i
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
-    rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
-    rng_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), rng_file)
+    with _save_errors(tmp, ckpt_dir):
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
+        rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
+        rng_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), rng_file)
     dist.barrier()  # every rank's shards are on disk
     files = _record_files(tmp)
     if rank == 0:
@@ -336,6 +338,32 @@ def save(engine, ckpt_dir: Path, state: RunState, extra_meta: dict, keep_last: i
         _retain(ckpt_dir, keep_last, final)
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _save_errors(tmp: Path, ckpt_dir: Path):
+    """A save the file system refuses is one line naming the folder, the cause and the newest
+    checkpoint that is still intact; the half-written folder is removed. torch reports a full
+    disk as a RuntimeError from its zip writer (`inline_container.cc ... file write failed` /
+    `unexpected pos`), not as an OSError: it is read as ENOSPC when the disk is indeed full."""
+    try:
+        with write_errors(tmp):
+            try:
+                yield
+            except RuntimeError as e:
+                text = str(e)
+                if not any(k in text for k in ("inline_container", "file write failed", "unexpected pos")):
+                    raise
+                free = shutil.disk_usage(ckpt_dir).free
+                raise OSError(errno.ENOSPC if free < 64 << 20 else errno.EIO, text.splitlines()[0][:200]) from e
+    except (UserError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(ckpt_dir)
+        keep = f"; the newest complete checkpoint {newest} is intact" if newest else ""
+        if isinstance(e, UserError):
+            raise UserError(f"checkpoint save: {e}{keep}") from e
+        raise UserError(f"checkpoint save: {tmp}: cannot write ({e.strerror or e}); free space or set train.out_dir "
+                        f"elsewhere{keep}") from e
 
 
 def _publish(tmp: Path, final: Path) -> None:
