@@ -255,3 +255,22 @@ def test_plot_audio_writes_png(tmp_path):
     assert r.returncode == 0, r.stderr
     png = (tmp_path / "m.wav.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_prep_audio_song_wav_works_as_typed(tmp_path, codec_dir):
+    """`amtrain prep-audio song.wav`, exactly: weights from the documented search path
+    ($AMTRAIN_CODEC_DIR), the dataset into runs/data/song, said in one line. Without weights
+    there, one line names the folder and how to make a stand-in."""
+    shutil.copy(MELODY, tmp_path / "song.wav")
+    env = {**os.environ, "AMTRAIN_CODEC_DIR": str(codec_dir), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "amtrain", "prep-audio", "song.wav"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no --out given: writing the dataset to runs/data/song" in r.stdout
+    assert (tmp_path / "runs" / "data" / "song" / "manifest.json").is_file()
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    r = subprocess.run([sys.executable, "-m", "amtrain", "prep-audio", "song.wav"], cwd=tmp_path,
+                       env={**env, "AMTRAIN_CODEC_DIR": str(empty)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"no EnCodec 24khz weights at {empty}" in r.stderr and f"amtrain codec init {empty}" in r.stderr

@@ -189,7 +189,8 @@ def find_weights(path: str | Path | None, model: str = "24khz") -> WeightsFile:
     raise UserError(
         f"no EnCodec {model} weights at {where}: put the original {ORIGINAL_NAMES[model]} "
         f"(facebookresearch/encodec) or the Hugging Face facebook/encodec_{model} folder "
-        f"(config.json + model.safetensors) there, or pass --codec-path / set ${ENV_DIR}")
+        f"(config.json + model.safetensors) there, or pass --codec-path / set ${ENV_DIR}; without the "
+        f"pretrained weights, `amtrain codec init {where}` makes a stand-in there (random weights) to try the path")
 
 
 def load_state(wf: WeightsFile) -> dict[str, torch.Tensor]:

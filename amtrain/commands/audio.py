@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from amtrain.commands import console
 from amtrain.fileio import atomic_target
 
 CODEC_PATH_HELP = ("EnCodec weights: encodec_24khz-d7cc33bc.th, a facebook/encodec_24khz folder, or a folder "
@@ -20,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 def prep_audio(
     inputs: list[str] = typer.Argument(..., help="wav/flac/ogg/mp3 files, folders or globs."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes a prep of the same inputs)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Dataset folder to write (resumes a prep of the same inputs); default runs/data/NAME, NAME the first input's stem."),
     codec_path: str = typer.Option("", "--codec-path", help=CODEC_PATH_HELP),
     codec_model: str = typer.Option("24khz", help="24khz (mono) | 48khz (stereo)."),
     bandwidth: float = typer.Option(6.0, help="kbps; 24 kHz: 1.5/3/6/12/24 -> 2/4/8/16/32 codebooks."),
@@ -39,6 +40,9 @@ def prep_audio(
     from amtrain.prep.audio import prep_audio as run
     from amtrain.prep.common import default_workers
 
+    if out is None:
+        out = default_out(inputs)
+        console().print(f"no --out given: writing the dataset to {out}", highlight=False)
     cfg = AudioPrepConfig(codec_path or None, codec_model, bandwidth, layout, chunk_seconds, window_seconds,
                           context_seconds, val_fraction)
     s = run(inputs, out, cfg, workers=workers or default_workers(), append=append)
@@ -55,6 +59,15 @@ def prep_audio(
     if num_errors:
         Console(stderr=True).print(f"[red]{num_errors} input(s) skipped[/]; the rest is written")
         raise typer.Exit(1)
+
+
+def default_out(inputs: list[str]) -> Path:
+    """runs/data/NAME for the first input (a file's stem, a folder's name; a glob's folder)."""
+    import re
+
+    first = Path(inputs[0].split("*")[0].rstrip("/") or ".")
+    name = first.stem if first.suffix else first.resolve().name
+    return Path("runs") / "data" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "audio")
 
 
 def decode_audio(
