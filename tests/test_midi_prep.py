@@ -175,3 +175,23 @@ def test_from_tokens_command(repo_root, tmp_path):
                         "--out", str(tmp_path / "t")], cwd=repo_root, capture_output=True, text=True)
     assert r.returncode == 1 and f"{txt}:2" in r.stderr and "99999 outside" in r.stderr
     assert "imported 1 sequences" in r.stdout and _docs(tmp_path / "t", "val") == [[55026, 0, 10010, 11060]]
+
+
+def test_token_imports_into_one_folder_keep_every_split(tmp_path):
+    """AMT ships its splits as files: importing the train file and then the val file into one
+    folder keeps both splits; the same file and split again resumes."""
+    from amtrain.prep.midi import import_token_files
+    from amtrain.store import Dataset
+    from amtrain.tokens.midi import AUTOREGRESS, DUR_OFFSET, NOTE_OFFSET, TIME_OFFSET
+
+    tri = [[TIME_OFFSET + 10 * i, DUR_OFFSET + 20, NOTE_OFFSET + 60 + i % 12] for i in range(341)]
+    line = " ".join(map(str, [AUTOREGRESS] + [x for t in tri for x in t])) + "\n"
+    (tmp_path / "train.txt").write_text(line * 3)
+    (tmp_path / "valid.txt").write_text(line * 2)
+    out = tmp_path / "ds"
+    import_token_files([str(tmp_path / "train.txt")], out, "train")
+    import_token_files([str(tmp_path / "valid.txt")], out, "val")
+    again = import_token_files([str(tmp_path / "valid.txt")], out, "val")
+    ds = Dataset(out)
+    assert sum(r.num_docs for r in ds.shards("train")) == 3 and sum(r.num_docs for r in ds.shards("val")) == 2
+    assert again.num_sequences == 0

@@ -146,3 +146,24 @@ def test_file_disappearing_mid_run(tmp_path, monkeypatch):
     assert [(i["file"], i["reason"]) for i in s.skipped] == [(str(tmp_path / "b.txt"), "file disappeared during the run")]
     assert s.docs["train"] == 2
     assert Dataset(tmp_path / "o").manifest.skipped[0]["file"].endswith("b.txt")
+
+
+def test_separator_documents_for_fortune_files(tmp_path):
+    """`--txt-docs sep:%`: lines holding only the mark separate documents (fortune files); a
+    big file cut into units at the separator gives the same documents as one unit."""
+    from amtrain.errors import UserError
+
+    tok = get_tokenizer("ascii")
+    sayings = [f"Saying {i}:\nline one of {i}\n  indented line {i}" for i in range(300)]
+    path = tmp_path / "fortunes"
+    path.write_text("%\n" + "\n%\n".join(sayings) + "\n%\n%\n")
+    one = prep_text([str(path)], tmp_path / "one", tokenizer="ascii", txt_docs="sep:%", show_progress=False)
+    cut = prep_text([str(path)], tmp_path / "cut", tokenizer="ascii", txt_docs="sep:%", unit_bytes=2000,
+                    show_progress=False)
+    assert cut.units_done > 3 and one.units_done == 1
+    for folder in ("one", "cut"):
+        ds = Dataset(tmp_path / folder)
+        docs = [tok.decode(d[1:].tolist()) for split in ds.manifest.splits for d in ds.documents(split)]
+        assert sorted(docs) == sorted(sayings), folder
+    with pytest.raises(UserError, match="sep:MARK"):
+        prep_text([str(path)], tmp_path / "bad", tokenizer="ascii", txt_docs="sep:", show_progress=False)

@@ -17,7 +17,7 @@ def prep_text(
     inputs: list[str] = typer.Argument(..., help=".txt/.jsonl files, folders or globs."),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (resumes a prep of the same inputs)."),
     tokenizer: str = typer.Option("gpt2", help="gpt2 | ascii"),
-    txt_docs: str = typer.Option("paragraph", help="Documents in .txt: paragraph (blank-line separated) | line | file."),
+    txt_docs: str = typer.Option("paragraph", help="Documents in .txt: paragraph (blank-line separated) | line | file | sep:MARK (lines holding only MARK separate them, e.g. sep:% for fortune files)."),
     text_field: str = typer.Option("text", help="JSON field holding the text in .jsonl records."),
     val_fraction: float = typer.Option(0.05, help="Share of documents (by content hash) in the val split."),
     errors: str = typer.Option("replace", help="Invalid UTF-8: replace (U+FFFD) | strict (report and skip the file)."),

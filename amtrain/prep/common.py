@@ -33,12 +33,13 @@ def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
-def begin_dataset(builder, files: list[Path], append: bool) -> list[Path]:
+def begin_dataset(builder, files: list[Path], append: bool, salt: str = "") -> list[Path]:
     """Check the run against the dataset already in the output folder (call under
     `builder.lock()`): the same inputs and settings resume, other inputs need `append` (see
     DatasetBuilder.begin). Returns the files to prep: all of them, or with `append` those not
-    already in the dataset."""
-    inputs = [{"file": str(p), "id": source_id(p)} for p in files]
+    already in the dataset. `salt` is part of an input's identity (a token file imported into
+    another split is another input)."""
+    inputs = [{"file": str(p), "id": source_id(p, salt)} for p in files]
     present = builder.begin(inputs, append)
     if present:
         from rich.console import Console

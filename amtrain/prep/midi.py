@@ -400,20 +400,22 @@ class TokenImportSummary:
 def import_token_files(files: list[str], out: str | Path, split: str = "train", append: bool = False) -> TokenImportSummary:
     """AMT's pre-tokenized text (one sequence of space-separated ids a line) -> shards, ids
     unchanged. A line with a non-integer or an id outside [0, 55028) is skipped and reported as
-    `file:line`; each file is a resumable unit."""
+    `file:line`; each file is a resumable unit. Imports add up: AMT ships its splits as separate
+    files, so importing another file (or the same file into another `split`) into a dataset of
+    imported tokens adds it beside what is there, and the same file and split again is a resume
+    (`append` is implied; kept for the CLI's uniformity)."""
     tok = MidiTokenizer()
     paths = [Path(f) for f in files]
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: no such token file; pass AMT's tokenized-events-*.txt files")
     builder = DatasetBuilder(out, tok.name, tok.vocab_size, tok.special_ids, tok.params(),
-                             extra={"modality": "midi", "layout": "amt-arrival", "passthrough": True,
-                                    "token_split": split})
+                             extra={"modality": "midi", "layout": "amt-arrival", "passthrough": True})
     skips = SkipReport()
     unit_ids, num_seq, num_tok = [], 0, 0
     lengths: dict[int, int] = {}
     with builder.lock():
-        for i, p in enumerate(begin_dataset(builder, paths, append)):
+        for i, p in enumerate(begin_dataset(builder, paths, append=True, salt=split)):
             uid = f"tokens-{i:05d}-" + source_id(p, split)
             recs = builder.load_unit(uid)
             if recs is None:

@@ -2,7 +2,8 @@
 
 Documents:
   .txt   `--txt-docs paragraph` (default): blank-line separated; `line`: one per line;
-         `file`: the whole file.
+         `file`: the whole file; `sep:MARK`: separated by lines that hold only MARK (fortune
+         files: `sep:%`).
   .jsonl one JSON object per line; the document is its `--text-field` (default "text").
 Every document is preceded by the end-of-text id (as modded-nanogpt's fineweb.py does), and
 goes to train or val by a hash of its UTF-8 bytes, so the split is deterministic and does not
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amtrain.errors import UserError
 from amtrain.fileio import short_hash, source_id
 from amtrain.prep.common import SkipReport, begin_dataset, expand_inputs, progress
 from amtrain.store import DatasetBuilder
@@ -36,6 +38,20 @@ from amtrain.tokens import get_tokenizer
 SUFFIXES = (".txt", ".jsonl")
 DOC_MODES = ("paragraph", "line", "file")
 _SEPARATORS = {"paragraph": b"\n\n", "line": b"\n"}
+
+
+def check_doc_mode(mode: str) -> str:
+    if mode in DOC_MODES or (mode.startswith("sep:") and mode[4:].strip() and "\n" not in mode):
+        return mode
+    raise UserError(f"--txt-docs {mode!r}: choose one of {', '.join(DOC_MODES)}, or sep:MARK for documents "
+                    "separated by lines holding only MARK (e.g. sep:% for fortune files)")
+
+
+def separator(mode: str) -> bytes | None:
+    """The bytes between two documents (where a big file may be cut), None for whole files."""
+    if mode.startswith("sep:"):
+        return f"\n{mode[4:]}\n".encode()
+    return _SEPARATORS.get(mode)
 _PARAGRAPH_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
@@ -87,7 +103,7 @@ def plan_units(files: list[Path], txt_docs: str, unit_bytes: int, salt: str) -> 
 
     for path in files:
         size = path.stat().st_size
-        sep = _SEPARATORS.get("line" if path.suffix.lower() == ".jsonl" else txt_docs)
+        sep = separator("line" if path.suffix.lower() == ".jsonl" else txt_docs)
         if size > unit_bytes and sep:
             if pack:
                 emit(pack)
@@ -154,6 +170,10 @@ def split_documents(raw: bytes, path: Path, mode: str, text_field: str, errors: 
         return docs, bad
     if mode == "file":
         return ([text] if text.strip() else []), 0
+    if mode.startswith("sep:"):
+        mark = mode[4:].strip()
+        parts = re.split(rf"(?m)^[ \t]*{re.escape(mark)}[ \t\r]*$", text)
+        return [p.strip("\n") for p in parts if p.strip()], 0
     parts = _PARAGRAPH_SPLIT.split(text) if mode == "paragraph" else text.split("\n")
     return [p.strip("\n") for p in parts if p.strip()], 0
 
@@ -185,8 +205,7 @@ def prep_text(inputs: list[str], out: str | Path, tokenizer: str = "gpt2", txt_d
               append: bool = False) -> PrepSummary:
     from amtrain.errors import UserError
 
-    if txt_docs not in DOC_MODES:
-        raise UserError(f"--txt-docs {txt_docs!r}: choose one of {', '.join(DOC_MODES)}")
+    check_doc_mode(txt_docs)
     if errors not in ("replace", "strict"):
         raise UserError(f"--errors {errors!r}: choose 'replace' (U+FFFD for bad bytes) or 'strict' (skip the file)")
     if not 0.0 <= val_fraction < 1.0:
