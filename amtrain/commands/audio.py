@@ -34,8 +34,6 @@ def prep_audio(
     append: bool = typer.Option(False, "--append", help="Add these inputs to the dataset already in --out (same settings); without it a folder holding other inputs is refused."),
 ) -> None:
     """Encode audio to EnCodec codes (.npz), chunk priority scores (.parquet) and token shards."""
-    from rich.console import Console
-
     from amtrain.prep.audio import AudioPrepConfig
     from amtrain.prep.audio import prep_audio as run
     from amtrain.prep.common import default_workers
@@ -48,7 +46,7 @@ def prep_audio(
     s = run(inputs, out, cfg, workers=workers or default_workers(), append=append)
     num_errors = sum(1 for i in s.skipped if i["error"])
     t, rtf = s.times, s.times.real_time_factors()
-    con = Console()
+    con = console()
     con.print(f"[bold]{out}[/]: {s.files_done} files encoded, {s.files_resumed} already done, {num_errors} skipped; "
               f"{s.num_chunks} new chunks, {sum(s.tokens.values()):,} new tokens; {t.audio_seconds:.1f} s of audio in "
               f"{s.wall_seconds:.2f} s wall (+{s.setup_seconds:.1f} s setup)", highlight=False)
@@ -57,7 +55,7 @@ def prep_audio(
                   f"codec {rtf['codec']:.1f} ({t.codec:.2f} s), features {rtf['features']:.1f} ({t.features:.2f} s), "
                   f"write {rtf['write']:.1f} ({t.write:.2f} s)", highlight=False)
     if num_errors:
-        Console(stderr=True).print(f"[red]{num_errors} input(s) skipped[/]; the rest is written")
+        console(stderr=True).print(f"[red]{num_errors} input(s) skipped[/]; the rest is written")
         raise typer.Exit(1)
 
 
@@ -80,11 +78,9 @@ def decode_audio(
     num_codebooks: int = typer.Option(0, help="Codebooks if no --dataset."),
 ) -> None:
     """Codes or tokens -> waveform through the EnCodec decoder."""
-    from rich.console import Console
-
     info = decode_to_wav(codes, out, codec_path or None, codec_model or None, dataset, layout or None,
                          num_codebooks or None)
-    Console().print(f"[bold]{out}[/]: {info['seconds']:.2f} s at {info['sample_rate']} Hz, "
+    console().print(f"[bold]{out}[/]: {info['seconds']:.2f} s at {info['sample_rate']} Hz, "
                     f"{info['channels']} channel(s), {info['num_codebooks']} codebooks x {info['num_frames']} frames",
                     highlight=False)
 
@@ -96,11 +92,9 @@ def plot_audio(
     sample_rate: int = typer.Option(24000, help="Analysis rate (the codec's)."),
 ) -> None:
     """Draw waveform, frame features and chunk priority to a PNG."""
-    from rich.console import Console
-
     out = out or file.with_name(file.name + ".png")
     plot_features(file, out, chunk_seconds, sample_rate)
-    Console().print(f"[bold]{out}[/] written", highlight=False)
+    console().print(f"[bold]{out}[/] written", highlight=False)
 
 
 # ---------------------------------------------------------------- helpers (importable)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from amtrain.commands import console
+
 
 def register(app: typer.Typer) -> None:
     app.command("prep-midi")(prep_midi)
@@ -48,14 +50,12 @@ def prep_midi(
     append: bool = typer.Option(False, "--append", help="Add these inputs to the dataset already in --out (same settings); without it a folder holding other inputs is refused."),
 ) -> None:
     """MIDI -> AMT event sequences (1024 ids) in token shards; or --from-tokens passthrough."""
-    from rich.console import Console
-
     from amtrain.errors import UserError
     from amtrain.prep.common import default_workers
     from amtrain.prep.midi import MidiPrepConfig, import_token_files
     from amtrain.prep.midi import prep_midi as run
 
-    con = Console()
+    con = console()
     if from_tokens:
         if inputs:
             raise UserError("give MIDI inputs or --from-tokens files, not both")
@@ -84,7 +84,7 @@ def prep_midi(
         f"out of range dropped; parse {s.files_per_s:.1f} files/s, "
         f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s", highlight=False, soft_wrap=True)
     if s.num_corrupt:
-        Console(stderr=True).print(f"[red]{s.num_corrupt} file(s) skipped as unreadable/corrupt[/]; the rest is written")
+        console(stderr=True).print(f"[red]{s.num_corrupt} file(s) skipped as unreadable/corrupt[/]; the rest is written")
         raise typer.Exit(1)
 
 
@@ -138,13 +138,12 @@ def plot_midi(
 
 def vocab(name: str = typer.Argument(..., help="Tokenizer: midi | gpt2 | ascii | audio.")) -> None:
     """Print a vocabulary's layout: every block's offset and size, and the special ids."""
-    from rich.console import Console
     from rich.table import Table
 
     from amtrain.tokens import get_tokenizer
 
     tok = get_tokenizer(name)
-    con = Console()
+    con = console()
     con.print(f"[bold]{tok.name}[/]: vocab size {tok.vocab_size:,}; eot {tok.eot_id}; specials {tok.special_ids}",
               highlight=False, soft_wrap=True)
     layout = getattr(tok, "layout", None)  # tokenizers with blocks describe them

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from amtrain.commands import console
+
 
 def register(app: typer.Typer) -> None:
     app.command("prep-text")(prep_text)
@@ -26,8 +28,6 @@ def prep_text(
     append: bool = typer.Option(False, "--append", help="Add these inputs to the dataset already in --out (same settings); without it a folder holding other inputs is refused."),
 ) -> None:
     """Tokenize text corpora into token shards (train/val by document hash)."""
-    from rich.console import Console
-
     from amtrain.prep.common import default_workers
     from amtrain.prep.text import prep_text as run
 
@@ -35,14 +35,14 @@ def prep_text(
             val_fraction=val_fraction, errors=errors, workers=workers or default_workers(),
             unit_bytes=unit_mb << 20, append=append)
     mb = s.bytes_read / 1e6
-    Console(soft_wrap=True).print(
+    console().print(
         f"[bold]{out}[/]: {sum(s.docs.values()):,} documents, {sum(s.tokens.values()):,} tokens "
         f"(train {s.tokens['train']:,} / val {s.tokens['val']:,}); {s.units_done} units written, "
         f"{s.units_skipped_finished} already done; {mb:.1f} MB in {s.seconds:.2f} s "
         f"({mb / max(s.seconds, 1e-9):.1f} MB/s)", highlight=False)
     errors_n = sum(1 for i in s.skipped if i["error"])
     if errors_n:
-        Console(stderr=True, soft_wrap=True).print(f"[red]{errors_n} input(s) skipped with errors[/]; the rest is written")
+        console(stderr=True).print(f"[red]{errors_n} input(s) skipped with errors[/]; the rest is written")
         raise typer.Exit(1)
 
 
@@ -57,7 +57,6 @@ def inspect(
     """Show a dataset's header, counts, vocabulary and a decoded sample."""
     import sys
 
-    from rich.console import Console
     from rich.table import Table
 
     from amtrain.store import Dataset
@@ -67,7 +66,7 @@ def inspect(
     if validate:
         problems = validate_dataset(folder)
         for p in problems:
-            Console(stderr=True, soft_wrap=True).print(f"[red]problem[/] {p}", highlight=False)
+            console(stderr=True).print(f"[red]problem[/] {p}", highlight=False)
         if problems:
             raise typer.Exit(1)
     ds = Dataset(folder)
@@ -79,7 +78,7 @@ def inspect(
                 break
             sys.stdout.write(" ".join(map(str, doc.tolist())) + "\n")
         return
-    con = Console()
+    con = console()
     con.print(f"[bold]{folder}[/]  tokenizer [cyan]{m.tokenizer}[/] {m.tokenizer_params or ''}  vocab {m.vocab_size:,}  "
               f"specials {m.special_ids}", highlight=False)
     table = Table("split", "shards", "documents", "tokens", "MB")
