@@ -204,7 +204,7 @@ def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, vocab: T5Vocab
     if num_spans > vocab.num_sentinels:
         raise ValueError(f"{num_spans} noise spans but only {vocab.num_sentinels} sentinels: "
                          f"raise T5Vocab.num_sentinels or lower the noise density")
-    sentinels = vocab.sentinel(np.arange(num_spans)).astype(tokens.dtype)
+    sentinels = np.asarray(vocab.sentinel(np.arange(num_spans))).astype(tokens.dtype)
     inputs = tokens.copy()
     inputs[starts] = sentinels
     inputs = inputs[~mask | starts]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
-              device: torch.device | str, dtype: torch.dtype) -> KVCache:
+              device: torch.device | str, dtype: torch.dtype) -> Self:
         shape = (num_layers, batch_size, num_heads, max_len, head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype),
                    torch.zeros(shape, device=device, dtype=dtype))

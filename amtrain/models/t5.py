@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -301,11 +302,12 @@ class T5Decoder(nn.Module):
         self_bias = (self.rel_bias(T, key_length, offset)
                      + causal_bias(T, key_length, offset, x.dtype, x.device)
                      + padding_bias(decoder_attention_mask, x.dtype))  # (B|1, H, T, offset+T)
-        cross_bias = padding_bias(attention_mask, x.dtype)
+        cross_bias: torch.Tensor | float | None = padding_bias(attention_mask, x.dtype)
         if isinstance(cross_bias, float):
             cross_bias = None
         x = self.dropout(x)
-        for i, layer in enumerate(self.layers):
+        for i, module in enumerate(self.layers):
+            layer = cast(DecoderLayer, module)
             if cache is not None and i < len(cache.cross_k):
                 ck, cv = cache.cross_k[i], cache.cross_v[i]
             else:
@@ -447,7 +449,7 @@ class T5(SequenceModel):
         if cfg.parallel_decoder:
             raise ValueError("HF T5 has sequential decoder blocks; set parallel_decoder=False")
         model = cls(cfg)
-        ours = {_hf_to_ours(k): v for k, v in sd.items() if _hf_to_ours(k) is not None}
+        ours = {key: v for k, v in sd.items() if (key := _hf_to_ours(k)) is not None}
         missing, unexpected = model.load_state_dict(ours, strict=False)
         if missing or unexpected:
             raise ValueError(f"HF state dict does not match T5Config: missing {missing}, "

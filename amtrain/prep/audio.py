@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -426,12 +427,12 @@ def _init_worker(cfg: AudioPrepConfig, out: str, builder_args: dict) -> None:
 
     from amtrain.codec import load_codec
     from amtrain.store import DatasetBuilder
-    from amtrain.tokens import get_tokenizer
+    from amtrain.tokens.audio import AudioTokenizer
 
     torch.set_num_threads(1)
     codec = load_codec(cfg.codec_path, cfg.codec_model)
     warm_up(codec)
-    tok = get_tokenizer("audio", num_codebooks=codec.num_codebooks(cfg.bandwidth), layout=cfg.layout)
+    tok = AudioTokenizer(num_codebooks=codec.num_codebooks(cfg.bandwidth), layout=cfg.layout)
     _WORKER.update(codec=codec, tok=tok, cfg=cfg, out=Path(out), builder=DatasetBuilder(out, **builder_args))
 
 
@@ -444,7 +445,7 @@ def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None =
                show_progress: bool = True, append: bool = False) -> AudioPrepSummary:
     from amtrain.codec import load_codec
     from amtrain.store import DatasetBuilder
-    from amtrain.tokens import get_tokenizer
+    from amtrain.tokens.audio import AudioTokenizer
 
     cfg = cfg or AudioPrepConfig()
     out = Path(out)
@@ -454,7 +455,7 @@ def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None =
     warm_up(codec)
     t_setup = time.perf_counter() - t_setup
     geo = geometry(codec, cfg)
-    tok = get_tokenizer("audio", num_codebooks=codec.num_codebooks(cfg.bandwidth), layout=cfg.layout)
+    tok = AudioTokenizer(num_codebooks=codec.num_codebooks(cfg.bandwidth), layout=cfg.layout)
     extra = {"modality": "audio", "codec_id": codec.codec_id, "sample_rate": codec.sample_rate,
              "frame_rate": codec.frame_rate, "bandwidth": cfg.bandwidth, "num_codebooks": tok.num_codebooks,
              "layout": cfg.layout, "chunk_frames": geo.chunk_frames, "chunk_seconds": geo.chunk_frames / codec.frame_rate,
@@ -462,8 +463,8 @@ def prep_audio(inputs: list[str], out: str | Path, cfg: AudioPrepConfig | None =
              "window_seconds": cfg.window_seconds, "context_seconds": cfg.context_seconds,
              "val_fraction": cfg.val_fraction, "priority_weights": PRIORITY_WEIGHTS, "eot_prepended": True,
              "document": "chunk"}
-    builder_args = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, special_ids=tok.special_ids,
-                        tokenizer_params=tok.params(), extra=extra)
+    builder_args: dict[str, Any] = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, special_ids=tok.special_ids,
+                                        tokenizer_params=tok.params(), extra=extra)
     builder = DatasetBuilder(out, **builder_args)
     with builder.lock():
         files = begin_dataset(builder, files, append)

@@ -28,6 +28,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -137,8 +138,10 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
             arrays[f"events{v}"] = events.astype(np.int32)
             arrays[f"truncated{v}"] = np.array(num_truncated)
     buf = io.BytesIO()
-    np.savez(buf, split=np.array(res.split), md5=np.array(res.md5), reasons=np.array(res.reasons + ["#"]), num_notes=np.array(res.num_notes),
-             num_out_of_range=np.array(res.num_out_of_range), **arrays)
+    payload: dict[str, Any] = {"split": np.array(res.split), "md5": np.array(res.md5),
+                               "reasons": np.array(res.reasons + ["#"]), "num_notes": np.array(res.num_notes),
+                               "num_out_of_range": np.array(res.num_out_of_range), **arrays}
+    np.savez(buf, **payload)
     _write_cache(Path(cache_dir) / f"{uid}.npz", buf.getvalue())
     return res
 

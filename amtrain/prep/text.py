@@ -126,7 +126,7 @@ def read_piece(piece: Piece) -> bytes:
     """The piece's bytes: from the first separator at/after `start` (0 for a file's first piece)
     up to and including the first separator at/after `end`, so no document is cut."""
     with open(piece.path, "rb") as f:
-        begin = 0 if piece.start == 0 else _next_boundary(f, piece.start, piece.sep)
+        begin = 0 if piece.start == 0 or piece.sep is None else _next_boundary(f, piece.start, piece.sep)
         stop = _next_boundary(f, piece.end, piece.sep) if piece.sep else None
         f.seek(begin)
         return f.read() if stop is None else f.read(max(0, stop - begin))
