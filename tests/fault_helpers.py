@@ -126,3 +126,20 @@ if __name__ == "__main__":
     sys.argv = ["amtrain", *cli]
     with installed(fault):
         main()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, size: str):
+    """A real tmpfs of `size` (e.g. "1m") mounted on `folder` (made here) and unmounted after;
+    pytest.skip where mounting is not allowed."""
+    import subprocess
+
+    import pytest
+
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.fault_helpers import mounted_tmpfs
 from tests.train_helpers import LAUNCHER, argv, env, tiny
 
 pytestmark = pytest.mark.slow
@@ -15,12 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    with mounted_tmpfs(tmp_path / "mnt", "64m") as mnt:
+        yield mnt
 
 
 def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(kjv_ascii, tmpfs):

@@ -40,7 +40,7 @@ from amtrain.prep.text import prep_text
 from amtrain.store import Dataset
 from amtrain.store.dataset import dataset_lock, read_inputs, validate_dataset
 from tests.conftest import KJV, REPO
-from tests.fault_helpers import FullDisk, ReadOnly, installed, temp_files
+from tests.fault_helpers import FullDisk, ReadOnly, installed, mounted_tmpfs, temp_files
 from tests.midi_helpers import SMALL_FILES
 
 MIDI_CFG = MidiPrepConfig(split="ratio", val_fraction=0.0, test_fraction=0.0)
@@ -267,14 +267,8 @@ def test_write_errors_name_path_cause_and_fix(tmp_path, monkeypatch):
 @pytest.fixture
 def tmpfs(tmp_path):
     """A real 1 MiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_real_tmpfs_full_and_read_only(tmpfs, tmp_path):
