@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from amtrain.config import DEFAULT_DATA, DEFAULT_TEXT, BatchPlan, RunConfig
 from amtrain.errors import UserError
-from amtrain.registry import family, modality_of
+from amtrain.registry import family, family_of, modality_of
 from amtrain.store import Dataset
 from amtrain.train.checkpoint import ResumePoint, find_resume
 from amtrain.train.engine import DistInfo, load_ds_config, resolve_ds_config, zero_stage
@@ -45,6 +46,13 @@ def build_model(cfg: RunConfig, dataset: Dataset):
     model_cfg = fam.config(cfg.model.size, **{**data_fields, **cfg.model.overrides})
     fam.objective_cls().check_model(cfg, model_cfg)
     return fam.build(model_cfg)
+
+
+def build_shape(model):
+    """The model again on the meta device (no memory, no draws from the RNG): parameter counts
+    and FLOPs come from it, since ZeRO-3 leaves the real model's tensors empty on every rank."""
+    with torch.device("meta"):
+        return family_of(model).build(model.cfg)
 
 
 def build_objective(cfg: RunConfig, dataset: Dataset, d: DistInfo) -> Objective:

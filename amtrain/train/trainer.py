@@ -37,6 +37,7 @@ from amtrain.train.builders import (
     build_objective,
     build_resume,
     build_rollout_prompts,
+    build_shape,
 )
 from amtrain.train.checkpoint import RunState
 from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision
@@ -89,6 +90,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and world size
         self.dataset = build_dataset(cfg, d)
         self.model = build_model(cfg, self.dataset)
+        self.shape = build_shape(self.model)  # counts parameters and FLOPs (ZeRO-3 empties self.model's tensors)
         self.objective = build_objective(cfg, self.dataset, d)
         self.plan = self.objective.plan
         self.resume = build_resume(cfg, d, self.model)
@@ -117,7 +119,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         record_run(run_dir, self.cfg, self.ds_config, {
             "world_size": self.d.world_size, "backend": self.d.backend, "device": str(self.d.device),
-            "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.model.num_params(),
+            "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.shape.num_params(),
             "tokens_per_step": self.plan.tokens_per_step,
             "resumed_from": str(self.resume.folder) if self.resume else None})
 
@@ -208,7 +210,7 @@ class Trainer:
         """The train record: metrics.jsonl and TensorBoard, and a console line (rank 0)."""
         seconds, tok_s = self.throughput.lap()
         self.state.elapsed_s += seconds
-        mfu = tok_s / self.d.world_size * self.objective.flops_per_token(self.model, step.seq_len) / self.peak_flops
+        mfu = tok_s / self.d.world_size * self.objective.flops_per_token(self.shape, step.seq_len) / self.peak_flops
         values = {"loss": step.loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm(self.engine),
                   "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": memory_gb(self.d.device),
                   "tokens_seen": self.state.tokens_seen, "seq_len": step.seq_len,
