@@ -155,10 +155,10 @@ class Modality:
                             f"prompt files ({self.prompt_files})")
         return path
 
-    def hook_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig) -> tuple[Any, int]:
+    def hook_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig, codec=None) -> tuple[Any, int]:
         """A training-time prompt -> (tape to continue, ids put before the prompt's own)."""
         if isinstance(prompt, (str, Path)):
-            return self.continuation_tape(rm, self.read_prompt(rm, Path(prompt), cfg)), 0
+            return self.continuation_tape(rm, self.read_prompt(rm, Path(prompt), cfg, codec)), 0
         return prompt, 0
 
     # -- prompts and outputs -------------------------------------------------------------

@@ -40,7 +40,7 @@ class TextModality(Modality):
             return np.load(path).astype(np.int64)
         return path.read_text() if path.suffix == ".txt" and path.is_file() else text
 
-    def hook_tape(self, rm: RolloutModel, prompt, cfg):
+    def hook_tape(self, rm: RolloutModel, prompt, cfg, codec=None):
         if isinstance(prompt, str):
             assert isinstance(rm.tokenizer, TextTokenizer), rm.tokenizer
             prefix = self.document_prefix(rm.tokenizer) if rm.family.left_to_right else []

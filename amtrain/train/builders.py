@@ -91,6 +91,25 @@ def build_meta(cfg: RunConfig, model, dataset: Dataset, ds_config: dict, objecti
             "config": cfg.to_dict(), **objective.run_meta()}
 
 
+def build_codec(cfg: RunConfig, dataset: Dataset):
+    """The audio codec of rollouts during training (train.codec_path), at the data's sample rate
+    and checked to be the one the data was prepped with; None when unset or the modality has no
+    codec."""
+    if not (cfg.train.codec_path and modality_of(dataset.manifest.tokenizer).needs_codec):
+        return None
+    from amtrain.codec import load_codec
+
+    extra = dataset.manifest.extra
+    try:
+        codec = load_codec(cfg.train.codec_path, f"{extra.get('sample_rate', 24000) // 1000}khz")
+    except UserError as e:
+        raise UserError(f"train.codec_path: {e}") from None
+    if extra.get("codec_id", codec.codec_id) != codec.codec_id:
+        raise UserError(f"train.codec_path {cfg.train.codec_path} is codec {codec.codec_id}, but {dataset.folder} was "
+                        f"prepped with {extra['codec_id']}; point train.codec_path at that codec's weights")
+    return codec
+
+
 def build_rollout_prompts(cfg: RunConfig, dataset: Dataset) -> tuple[object, list]:
     """(tokenizer, prompts) of the rollouts during training, as the dataset's modality reads
     `train.rollout_prompts`."""

@@ -28,8 +28,10 @@ import torch.distributed as dist
 
 from amtrain.config import RunConfig
 from amtrain.errors import UserError
+from amtrain.registry import modality_of
 from amtrain.train import checkpoint
 from amtrain.train.builders import (
+    build_codec,
     build_dataset,
     build_ds_config,
     build_meta,
@@ -109,6 +111,7 @@ class Trainer:
         self.bar = Progress(cfg.train.progress and d.is_main, cfg.train.max_steps, self.state.step)
         if cfg.train.rollout_every:
             self.tokenizer, self.rollout_prompts = build_rollout_prompts(cfg, self.dataset)
+            self.codec = build_codec(cfg, self.dataset)
         self.saved_at = self.state.step if self.resume is not None else -1
         self.last_save = time.perf_counter()
         self.throughput = Throughput()
@@ -240,7 +243,7 @@ class Trainer:
         with gathered(self.engine):
             if self.d.is_main:
                 out = rollout_hook(self.engine.module, self.rollout_prompts, tokenizer=self.tokenizer, step=step,
-                                   run_dir=t.out_dir, length=t.rollout_length, seed=t.seed)
+                                   run_dir=t.out_dir, length=t.rollout_length, seed=t.seed, codec=self.codec)
                 values = {"prompts": [str(p) if not hasattr(p, "tolist") else "<tokens>" for p in self.rollout_prompts]}
                 values |= {k: v for k, v in out.items() if k != "step"}
                 self.metrics.write("rollout", step, values)
