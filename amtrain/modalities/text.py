@@ -7,6 +7,7 @@ left-to-right model's prompt does too, and it is cut off again when the result i
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,9 @@ class TextModality(Modality):
         body = ids[1:] if ids.size and ids[0] == tok.eot_id else ids  # the document-start header
         write_bytes_atomic(stem.with_suffix(".txt"), tok.decode(body.tolist()).encode())
         return [stem.with_suffix(".txt"), save_npy(ids, stem)]
+
+    def sample_command(self, run_dir: str, dataset, split: str, codec_path: str) -> str:
+        return f'python -m amtrain sample {shlex.quote(run_dir)} --prompt "In the beginning"'
 
 
 TEXT = register_modality(TextModality())

@@ -132,6 +132,8 @@ class Trainer:
         t = self.cfg.train
         if self.d.is_main:
             self.bar.print(describe_start(self))
+            if self.resume is not None and (note := describe_schedule_change(self)):
+                self.bar.print(note)
         result = RunResult(Path(t.out_dir), self.resume.folder if self.resume else self.ckpt_dir, self.state)
         self.last_save = time.perf_counter()  # the clocks start with the loop
         self.throughput.restart()
@@ -271,7 +273,10 @@ class Trainer:
         self.bar.close()
         if self.d.is_main:
             self.metrics.close()
-            print(describe_end(result), flush=True)
+            t = self.cfg.train
+            modality = modality_of(self.dataset.manifest.tokenizer)
+            command = modality.sample_command(t.out_dir, self.dataset, self.cfg.data.split, t.codec_path)
+            print(describe_end(result, command), flush=True)
         result.state = self.state
 
 
@@ -286,14 +291,31 @@ def describe_start(tr: Trainer) -> str:
     if resume is not None:
         where = f"resuming from {resume.folder} at step {tr.state.step}" + (
             " (universal: world size changed)" if resume.universal else "")
-    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {tr.model.num_params():,} params; {d.world_size} rank(s) on "
+    data = f"{tr.dataset.folder} ({tr.dataset.manifest.tokenizer})"
+    if not cfg.data.path:
+        data = f"the bundled KJV corpus (data.path is empty) in {data}"
+    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {tr.shape.num_params():,} params; data {data}; "
+            f"{d.world_size} rank(s) on "
             f"{d.device} ({d.backend}); batch {plan.micro_batch} x {plan.grad_accum} accum x {plan.world_size} ranks x "
             f"{plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step; {cfg.train.max_steps} steps; "
             f"run dir {cfg.train.out_dir}; {where}")
 
 
-def describe_end(result: RunResult) -> str:
+def describe_schedule_change(tr: Trainer) -> str | None:
+    """A notice when a resumed run's train.max_steps differs from the checkpoint's run: the LR
+    schedule (warm-up, cosine to optim.min_lr at train.max_steps) is recomputed for the new end."""
+    saved = tr.resume.meta.get("config", {}).get("train", {}).get("max_steps")
+    now, step, optim = tr.cfg.train.max_steps, tr.state.step, tr.cfg.optim
+    if saved is None or saved == now:
+        return None
+    return (f"note: train.max_steps is {now}, the checkpoint's run had {saved}: the LR schedule now ends at step "
+            f"{now}, so the LR at step {step + 1} is {optim.lr_at(step, now):.2e} instead of {optim.lr_at(step, saved):.2e}")
+
+
+def describe_end(result: RunResult, sample_command: str) -> str:
+    """The last lines of a run: where it ended, its checkpoint, and the modality's command to
+    sample from it (`Modality.sample_command`)."""
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     return (f"done: step {result.state.step}, {result.state.tokens_seen:,} tokens{val}\n"
             f"checkpoint: {result.checkpoint}\n"
-            f"sample from it: python -m amtrain sample {result.run_dir} --prompt \"In the beginning\"")
+            f"sample from it: {sample_command}")
