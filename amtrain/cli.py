@@ -2,7 +2,7 @@
 `register(app)`; heavy imports stay inside the command bodies so `amtrain --help` is instant.
 
 User errors (`amtrain.errors.UserError`) print one line `error: ...` and exit 1; the traceback
-is shown only under `--debug`.
+is shown only under `--debug`. Ctrl-C prints `interrupted` and exits 130.
 """
 
 from __future__ import annotations
@@ -63,3 +63,8 @@ def main() -> None:
             raise
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(1)
+    except SystemExit as e:  # typer ends a command interrupted by Ctrl-C with a silent exit 130
+        if e.code != 130:
+            raise
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -215,6 +215,10 @@ class TrainConfig:
     (.txt text, .npy token ids, .mid MIDI, .npz audio codes)."""
     rollout_length: int = 64
     """Tokens generated per prompt and rollout."""
+    codec_path: str = ""
+    """Audio runs: the EnCodec weights the data was prepped with (as `amtrain rollout
+    --codec-path`); rollouts during training are then written as .wav beside the codes, and
+    the command printed after training names it. Empty: rollouts write the codes (.npy) only."""
 
     def __post_init__(self):
         _check(self.rollout_every >= 0, "train.rollout_every", "must be >= 0 (0 = off)")

@@ -4,7 +4,8 @@ Every file amtrain writes goes through `atomic_target` (or the `write_*_atomic` 
 top of it): the content goes to a temporary name beside the target (`.NAME.tmpPID`), is
 fsynced, and is renamed into place (`os.replace`, atomic on POSIX). A crash leaves either the
 old file or the new one, never a torn one under the final name; on an error the temporary
-file is removed. (audiocraft's `flashy.utils.write_and_rename` does the same.)
+file is removed. The file gets the mode a plain `open()` gives (0666 less the umask: 0644
+under umask 022), whatever the writer used (safetensors writes 0600). (audiocraft's `flashy.utils.write_and_rename` does the same.)
 
 Operating-system errors that stop a write (disk full, quota, read-only file system, no
 permission) become one `UserError` line naming the path, the cause and the fix, raised from one
@@ -76,6 +77,7 @@ def atomic_target(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             yield tmp
+            os.chmod(tmp, 0o666 & ~umask())  # what open() gives; writers that make 0600 files (safetensors) too
             if fsync:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
@@ -88,6 +90,17 @@ def is_temp_name(name: str) -> bool:
     """Whether `name` is an `atomic_path` temporary (`.NAME.tmpPID`)."""
     head, sep, pid = name.rpartition(".tmp")
     return name.startswith(".") and bool(sep) and len(head) > 1 and pid.isdigit()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux /proc; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> None:

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 launchers/train.py --ds_config ds_configs/zero2.json ...
     python launchers/train.py                      # one process, defaults
 
-Arguments: see `amtrain.config.parse_args`. User errors print one line `error: ...` and exit 1.
+Arguments: see `amtrain.config.parse_args`. User errors print one line `error: ...` and exit 1;
+Ctrl-C prints one line and exits 130.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def _run_as_script() -> NoReturn:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
+    except KeyboardInterrupt:  # Ctrl-C: one line (rank 0), no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted; the same command resumes from the latest checkpoint, if any (train.resume auto)",
+                  file=sys.stderr, flush=True)
         code = 130
     except BaseException:  # a crash: the traceback as Python prints it, exit 1
         traceback.print_exc()

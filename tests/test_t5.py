@@ -72,6 +72,23 @@ def test_flops_per_token_is_about_six_times_params_for_short_sequences():
     assert model.flops_per_token(512, 128) > model.flops_per_token(64, 16)
 
 
+@pytest.mark.parametrize("inputs, targets", [(24, 10), (10, 24)])
+def test_flops_per_example_equals_the_measured_count(inputs, targets):
+    """flops_per_example(S, T) is the matmul FLOPs torch counts in one forward + backward (math
+    SDPA kernel), encoder and decoder lengths apart; a model on the meta device counts the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = family("t5").config("debug", vocab_size=500)
+    model = T5(cfg)
+    x, y = torch.randint(0, 500, (2, inputs)), torch.randint(0, 500, (2, targets))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, labels=y)[1].backward()
+    assert counter.get_total_flops() / 2 == model.flops_per_example(inputs, targets)
+    with torch.device("meta"):
+        assert T5(cfg).flops_per_example(inputs, targets) == model.flops_per_example(inputs, targets)
+
+
 # --- attention directions by gradient -----------------------------------------------------------
 
 

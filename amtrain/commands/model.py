@@ -66,7 +66,7 @@ def sample(
 
     from amtrain.errors import UserError
     from amtrain.generate.loop import generate
-    from amtrain.registry import family_of
+    from amtrain.registry import family_of, modality_of
     from amtrain.tokens import TextTokenizer, get_tokenizer
     from amtrain.train.export import load_any
 
@@ -74,7 +74,7 @@ def sample(
     if "tokenizer" not in meta:
         raise UserError(f"{model_path}: no tokenizer recorded; it was not made by amtrain training or export")
     tok = get_tokenizer(meta["tokenizer"], **meta.get("tokenizer_params", {}))
-    if not isinstance(tok, TextTokenizer):
+    if not (modality_of(tok.name).text_output and isinstance(tok, TextTokenizer)):  # (MIDI encodes event text)
         raise UserError(f"{model_path}: a {meta['tokenizer']} model; `amtrain sample` continues text prompts, "
                         f"`amtrain rollout {model_path} --prompt FILE --out DIR` continues MIDI and audio")
     if not family_of(model).left_to_right:  # a denoiser: prefix-LM continuation through amtrain.rollout

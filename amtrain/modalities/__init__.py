@@ -13,7 +13,8 @@ A `Modality` answers, for its datasets and checkpoints:
 - rollouts: how a prompt file becomes a tape (`read_prompt`) and a tape becomes files
   (`write_tape`), and the generation strategies on top of `amtrain.generate`: `continue_tape`,
   `infill_tape`, and for `alternate` the region an in-fill takes (`random_region`,
-  `infill_prompt`, `after_infill`).
+  `infill_prompt`, `after_infill`);
+- after training: the command that samples from the run (`sample_command`).
 
 What differs between left-to-right families (decoder, LSTM) and the T5 denoiser is asked of the
 family spec (`rm.family.left_to_right`), never of its name. The base class is the plain-ids

@@ -13,6 +13,7 @@ cannot in-fill audio).
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,20 @@ class AudioModality(Modality):
 
     def infill_prompt(self, codes: np.ndarray, region):
         return codes  # the region travels as cfg.infill_range
+
+    # -- after training ------------------------------------------------------------------
+    def sample_command(self, run_dir: str, dataset, split: str, codec_path: str) -> str:
+        """`amtrain rollout` prompted by the dataset's highest-priority chunk (prep-audio's
+        scores), through the codec the run names (train.codec_path; else amtrain's default
+        place, $AMTRAIN_CODEC_DIR), at the data's sample rate."""
+        cmd = ["python", "-m", "amtrain", "rollout", run_dir, "--prompt-from-priority", str(dataset.folder),
+               "--out", str(Path(run_dir) / "samples")]
+        if codec_path:
+            cmd += ["--codec-path", codec_path]
+        rate = dataset.manifest.extra.get("sample_rate", 24000)
+        if rate != 24000:
+            cmd += ["--codec-model", f"{rate // 1000}khz"]
+        return shlex.join(cmd)
 
 
 def audio_frames(cfg, seconds: float) -> int:

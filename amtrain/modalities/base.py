@@ -7,6 +7,7 @@ markers for in-filling (`-1` in a .npy, the word `<gap>` in an id file).
 from __future__ import annotations
 
 import io
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from amtrain.models.base import SequenceModel
 
 if TYPE_CHECKING:
     from amtrain.registry import ModelFamily
+    from amtrain.store import Dataset
     from amtrain.tokens import Tokenizer
 
 GAP = -1
@@ -155,10 +157,10 @@ class Modality:
                             f"prompt files ({self.prompt_files})")
         return path
 
-    def hook_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig) -> tuple[Any, int]:
+    def hook_tape(self, rm: RolloutModel, prompt, cfg: RolloutConfig, codec=None) -> tuple[Any, int]:
         """A training-time prompt -> (tape to continue, ids put before the prompt's own)."""
         if isinstance(prompt, (str, Path)):
-            return self.continuation_tape(rm, self.read_prompt(rm, Path(prompt), cfg)), 0
+            return self.continuation_tape(rm, self.read_prompt(rm, Path(prompt), cfg, codec)), 0
         return prompt, 0
 
     # -- prompts and outputs -------------------------------------------------------------
@@ -236,6 +238,22 @@ class Modality:
     def after_infill(self, rm: RolloutModel, tape):
         """The tape an in-fill returned, as the next iteration of `alternate` reads it."""
         return tape
+
+    # -- after training ------------------------------------------------------------------
+    def sample_command(self, run_dir: str, dataset: Dataset, split: str, codec_path: str) -> str:
+        """The command that samples from a finished run, printed after training: `amtrain
+        rollout` on the run, prompted by the opening of the split's first document (`offset` and
+        16 units of the span layout, so whole events or frames), written as RUN/prompt.txt (ids;
+        a modality whose `read_prompt` takes no id files overrides this)."""
+        from amtrain.tokens import get_tokenizer
+
+        manifest = dataset.manifest
+        layout = self.span_layout(get_tokenizer(manifest.tokenizer, **manifest.tokenizer_params))
+        ids = np.asarray(next(dataset.documents(split))[: layout.offset + 16 * layout.unit], np.int64)
+        prompt = Path(run_dir) / "prompt.txt"
+        write_bytes_atomic(prompt, (" ".join(map(str, ids.tolist())) + "\n").encode())
+        return shlex.join(["python", "-m", "amtrain", "rollout", run_dir, "--prompt", str(prompt),
+                           "--out", str(Path(run_dir) / "samples")])
 
 
 # ---------------------------------------------------------------- the two decoding paths

@@ -7,6 +7,7 @@ left-to-right model's prompt does too, and it is cut off again when the result i
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ class TextModality(Modality):
             return np.load(path).astype(np.int64)
         return path.read_text() if path.suffix == ".txt" and path.is_file() else text
 
-    def hook_tape(self, rm: RolloutModel, prompt, cfg):
+    def hook_tape(self, rm: RolloutModel, prompt, cfg, codec=None):
         if isinstance(prompt, str):
             assert isinstance(rm.tokenizer, TextTokenizer), rm.tokenizer
             prefix = self.document_prefix(rm.tokenizer) if rm.family.left_to_right else []
@@ -61,6 +62,9 @@ class TextModality(Modality):
         body = ids[1:] if ids.size and ids[0] == tok.eot_id else ids  # the document-start header
         write_bytes_atomic(stem.with_suffix(".txt"), tok.decode(body.tolist()).encode())
         return [stem.with_suffix(".txt"), save_npy(ids, stem)]
+
+    def sample_command(self, run_dir: str, dataset, split: str, codec_path: str) -> str:
+        return f'python -m amtrain sample {shlex.quote(run_dir)} --prompt "In the beginning"'
 
 
 TEXT = register_modality(TextModality())

@@ -366,19 +366,28 @@ class T5(SequenceModel):
             n -= self.embed.weight.numel() + self.lm_head.weight.numel()
         return n
 
+    def flops_per_example(self, inputs, targets):
+        """Training FLOPs (forward + backward = 3 x forward) of one example of `inputs` encoder
+        tokens and `targets` decoder tokens (ints, or arrays of them for many examples), from the
+        config alone: a ZeRO-3-partitioned model counts the same. Matmuls cost 2 FLOPs per weight
+        per token (PaLM appendix B): an encoder token passes self-attention (q, k, v, o) and the
+        FFN of every encoder layer; a decoder token self-attention, cross-attention's q and o,
+        the FFN and the LM head; cross-attention's k and v project each encoder token once per
+        decoder layer. Attention scores and the weighted sum cost 2 x 2 x context x (H*Dh) per
+        layer per token (encoder S x S, decoder T x T as a full square, cross T x S). Norms,
+        softmax and the position-bias gathers are left out."""
+        c = self.cfg
+        S, T, D, A = inputs, targets, c.d_model, c.inner_dim
+        attn, ffn = 4 * D * A, 3 * D * c.d_ff  # (q, k, v, o), (wi_0, wi_1, wo) weights
+        encoder = c.num_encoder_layers * S * (2 * (attn + ffn) + 4 * S * A)
+        decoder = c.num_decoder_layers * (T * (2 * (attn + 2 * D * A + ffn) + 4 * T * A + 4 * S * A)
+                                          + S * 2 * (2 * D * A))
+        head = T * 2 * D * c.padded_vocab_size
+        return 3.0 * (encoder + decoder + head)
+
     def flops_per_token(self, inputs_length: int, targets_length: int) -> float:
-        """Training FLOPs (forward + backward = 3 x forward) per token, counting input and target
-        tokens, for batches of (inputs_length, targets_length). Matmuls cost 2 FLOPs per weight
-        per token (PaLM appendix B), attention 2 x 2 x context x (H*Dh) per layer per token;
-        norms, softmax and the position-bias gathers are left out."""
-        cfg = self.cfg
-        enc_layer = sum(p.numel() for p in self.encoder.layers[0].parameters())
-        dec_layer = sum(p.numel() for p in self.decoder.layers[0].parameters())
-        S, T, inner = inputs_length, targets_length, cfg.inner_dim
-        encoder = S * cfg.num_encoder_layers * (2 * enc_layer + 4 * S * inner)
-        decoder = T * cfg.num_decoder_layers * (2 * dec_layer + 4 * T * inner + 4 * S * inner)
-        head = T * 2 * self.lm_head.weight.numel()
-        return 3.0 * (encoder + decoder + head) / (S + T)
+        """`flops_per_example` per input-or-target token of full-length examples."""
+        return self.flops_per_example(inputs_length, targets_length) / (inputs_length + targets_length)
 
     # -- forward ----------------------------------------------------------------------------
 

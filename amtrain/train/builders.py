@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from amtrain.config import DEFAULT_DATA, DEFAULT_TEXT, BatchPlan, RunConfig
 from amtrain.errors import UserError
-from amtrain.registry import family, modality_of
+from amtrain.registry import family, family_of, modality_of
 from amtrain.store import Dataset
 from amtrain.train.checkpoint import ResumePoint, find_resume
 from amtrain.train.engine import DistInfo, load_ds_config, resolve_ds_config, zero_stage
@@ -45,6 +46,13 @@ def build_model(cfg: RunConfig, dataset: Dataset):
     model_cfg = fam.config(cfg.model.size, **{**data_fields, **cfg.model.overrides})
     fam.objective_cls().check_model(cfg, model_cfg)
     return fam.build(model_cfg)
+
+
+def build_shape(model):
+    """The model again on the meta device (no memory, no draws from the RNG): parameter counts
+    and FLOPs come from it, since ZeRO-3 leaves the real model's tensors empty on every rank."""
+    with torch.device("meta"):
+        return family_of(model).build(model.cfg)
 
 
 def build_objective(cfg: RunConfig, dataset: Dataset, d: DistInfo) -> Objective:
@@ -81,6 +89,25 @@ def build_meta(cfg: RunConfig, model, dataset: Dataset, ds_config: dict, objecti
     return {"zero_stage": zero_stage(ds_config), "model": asdict(model.cfg), "data": str(dataset.folder),
             "tokenizer": dataset.manifest.tokenizer, "tokenizer_params": dataset.manifest.tokenizer_params,
             "config": cfg.to_dict(), **objective.run_meta()}
+
+
+def build_codec(cfg: RunConfig, dataset: Dataset):
+    """The audio codec of rollouts during training (train.codec_path), at the data's sample rate
+    and checked to be the one the data was prepped with; None when unset or the modality has no
+    codec."""
+    if not (cfg.train.codec_path and modality_of(dataset.manifest.tokenizer).needs_codec):
+        return None
+    from amtrain.codec import load_codec
+
+    extra = dataset.manifest.extra
+    try:
+        codec = load_codec(cfg.train.codec_path, f"{extra.get('sample_rate', 24000) // 1000}khz")
+    except UserError as e:
+        raise UserError(f"train.codec_path: {e}") from None
+    if extra.get("codec_id", codec.codec_id) != codec.codec_id:
+        raise UserError(f"train.codec_path {cfg.train.codec_path} is codec {codec.codec_id}, but {dataset.folder} was "
+                        f"prepped with {extra['codec_id']}; point train.codec_path at that codec's weights")
+    return codec
 
 
 def build_rollout_prompts(cfg: RunConfig, dataset: Dataset) -> tuple[object, list]:

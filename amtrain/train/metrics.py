@@ -116,11 +116,13 @@ class MetricsLog:
 
 
 class Progress:
-    """A rich progress bar (rank 0) with the latest loss, or nothing."""
+    """A rich progress bar (rank 0) with the latest loss on a terminal, or nothing. Lines go
+    through its console on a terminal, else (a pipe, a log file, a SLURM log) are printed as
+    they are: nothing wraps them at 80 columns."""
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.bar = None
-        if enabled:
+        if enabled and sys.stdout.isatty():
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,

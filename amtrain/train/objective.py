@@ -120,7 +120,8 @@ class Objective(Protocol):
         ...
 
     def flops_per_token(self, model, seq_len: int) -> float:
-        """Model FLOPs per trained token (forward + backward), for MFU."""
+        """Model FLOPs per trained token (forward + backward), for MFU; `model` is the run's model
+        on the meta device (`amtrain.train.builders.build_shape`): shapes, no values."""
         ...
 
     def run_meta(self) -> dict:
@@ -336,6 +337,7 @@ class DenoiseObjective:
         self.inputs_length, self.targets_length = meta["inputs_length"], meta["targets_length"]
         self.unit, self.unit_offset = meta["unit"], meta["unit_offset"]
         self.decision: Decision | None = None
+        self.lengths: list[np.ndarray] = []  # (B, 2) real inputs, labelled targets of each micro-batch since flops_per_token
 
     # -- training --------------------------------------------------------------------------
 
@@ -358,6 +360,7 @@ class DenoiseObjective:
                 "labels": torch.from_numpy(batch.labels).to(device)}
 
     def loss(self, engine, micro: DenoisingBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.lengths.append(np.stack([micro.attention_mask.sum(1), (micro.labels != IGNORE_INDEX).sum(1)], 1))
         t = self.tensors(micro, device)
         _, token_nll = engine(**t, return_logits=False, reduction="none")  # (B, T), 0 where ignored
         labelled = (t["labels"] != IGNORE_INDEX).sum()
@@ -382,7 +385,12 @@ class DenoiseObjective:
         return {"curriculum": record}
 
     def flops_per_token(self, model, seq_len: int) -> float:
-        return model.flops_per_token(self.inputs_length, self.targets_length)
+        """Useful FLOPs per token slot (inputs_length + targets_length) of the examples this rank
+        trained since the last call: each example's real inputs and labelled targets
+        (`T5.flops_per_example`); padded slots are no work (the LM head skips them too)."""
+        lengths = np.concatenate(self.lengths).astype(np.float64)  # (N, 2)
+        self.lengths = []
+        return float(model.flops_per_example(lengths[:, 0], lengths[:, 1]).sum()) / (len(lengths) * seq_len)
 
     def run_meta(self) -> dict:
         return {"denoise": dict(self.meta)}

@@ -3,8 +3,9 @@ steps with a fixed set of prompts.
 
 Modalities with text output (`Modality.text_output`: text, plain ids) return the continuations
 as strings (for the metrics log); the others (MIDI, audio) write
-`run_dir/rollouts/step_<step>/prompt_<i>.mid` (or .wav, through `codec`; the codes .npy
-without one) plus each token sequence, and return the paths. Sampling is seeded (`seed + i` per
+`run_dir/rollouts/step_<step>/prompt_<i>.mid` (or .wav, through `codec`: the trainer loads
+`train.codec_path`; the codes .npy alone without one) plus each token sequence, and return the
+paths. Sampling is seeded (`seed + i` per
 prompt) so the same prompts give comparable rollouts across steps; the model is put back in
 training mode afterwards (`generate` restores it).
 """
@@ -33,7 +34,7 @@ def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_d
     out: dict = {"step": step}
     tapes, results, added = [], [], []
     for i, prompt in enumerate(prompts):
-        tape, n = modality.hook_tape(rm, prompt, cfg)
+        tape, n = modality.hook_tape(rm, prompt, cfg, codec)
         results.append(modality.continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
         tapes.append(tape)
         added.append(n)

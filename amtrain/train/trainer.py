@@ -28,8 +28,10 @@ import torch.distributed as dist
 
 from amtrain.config import RunConfig
 from amtrain.errors import UserError
+from amtrain.registry import modality_of
 from amtrain.train import checkpoint
 from amtrain.train.builders import (
+    build_codec,
     build_dataset,
     build_ds_config,
     build_meta,
@@ -37,6 +39,7 @@ from amtrain.train.builders import (
     build_objective,
     build_resume,
     build_rollout_prompts,
+    build_shape,
 )
 from amtrain.train.checkpoint import RunState
 from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision
@@ -89,6 +92,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and world size
         self.dataset = build_dataset(cfg, d)
         self.model = build_model(cfg, self.dataset)
+        self.shape = build_shape(self.model)  # counts parameters and FLOPs (ZeRO-3 empties self.model's tensors)
         self.objective = build_objective(cfg, self.dataset, d)
         self.plan = self.objective.plan
         self.resume = build_resume(cfg, d, self.model)
@@ -107,6 +111,7 @@ class Trainer:
         self.bar = Progress(cfg.train.progress and d.is_main, cfg.train.max_steps, self.state.step)
         if cfg.train.rollout_every:
             self.tokenizer, self.rollout_prompts = build_rollout_prompts(cfg, self.dataset)
+            self.codec = build_codec(cfg, self.dataset)
         self.saved_at = self.state.step if self.resume is not None else -1
         self.last_save = time.perf_counter()
         self.throughput = Throughput()
@@ -117,7 +122,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         record_run(run_dir, self.cfg, self.ds_config, {
             "world_size": self.d.world_size, "backend": self.d.backend, "device": str(self.d.device),
-            "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.model.num_params(),
+            "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.shape.num_params(),
             "tokens_per_step": self.plan.tokens_per_step,
             "resumed_from": str(self.resume.folder) if self.resume else None})
 
@@ -127,6 +132,8 @@ class Trainer:
         t = self.cfg.train
         if self.d.is_main:
             self.bar.print(describe_start(self))
+            if self.resume is not None and (note := describe_schedule_change(self)):
+                self.bar.print(note)
         result = RunResult(Path(t.out_dir), self.resume.folder if self.resume else self.ckpt_dir, self.state)
         self.last_save = time.perf_counter()  # the clocks start with the loop
         self.throughput.restart()
@@ -208,7 +215,7 @@ class Trainer:
         """The train record: metrics.jsonl and TensorBoard, and a console line (rank 0)."""
         seconds, tok_s = self.throughput.lap()
         self.state.elapsed_s += seconds
-        mfu = tok_s / self.d.world_size * self.objective.flops_per_token(self.model, step.seq_len) / self.peak_flops
+        mfu = tok_s / self.d.world_size * self.objective.flops_per_token(self.shape, step.seq_len) / self.peak_flops
         values = {"loss": step.loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm(self.engine),
                   "tokens_per_s": tok_s, "mfu": mfu, "mem_gb": memory_gb(self.d.device),
                   "tokens_seen": self.state.tokens_seen, "seq_len": step.seq_len,
@@ -238,7 +245,7 @@ class Trainer:
         with gathered(self.engine):
             if self.d.is_main:
                 out = rollout_hook(self.engine.module, self.rollout_prompts, tokenizer=self.tokenizer, step=step,
-                                   run_dir=t.out_dir, length=t.rollout_length, seed=t.seed)
+                                   run_dir=t.out_dir, length=t.rollout_length, seed=t.seed, codec=self.codec)
                 values = {"prompts": [str(p) if not hasattr(p, "tolist") else "<tokens>" for p in self.rollout_prompts]}
                 values |= {k: v for k, v in out.items() if k != "step"}
                 self.metrics.write("rollout", step, values)
@@ -266,7 +273,10 @@ class Trainer:
         self.bar.close()
         if self.d.is_main:
             self.metrics.close()
-            print(describe_end(result), flush=True)
+            t = self.cfg.train
+            modality = modality_of(self.dataset.manifest.tokenizer)
+            command = modality.sample_command(t.out_dir, self.dataset, self.cfg.data.split, t.codec_path)
+            print(describe_end(result, command), flush=True)
         result.state = self.state
 
 
@@ -281,14 +291,31 @@ def describe_start(tr: Trainer) -> str:
     if resume is not None:
         where = f"resuming from {resume.folder} at step {tr.state.step}" + (
             " (universal: world size changed)" if resume.universal else "")
-    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {tr.model.num_params():,} params; {d.world_size} rank(s) on "
+    data = f"{tr.dataset.folder} ({tr.dataset.manifest.tokenizer})"
+    if not cfg.data.path:
+        data = f"the bundled KJV corpus (data.path is empty) in {data}"
+    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {tr.shape.num_params():,} params; data {data}; "
+            f"{d.world_size} rank(s) on "
             f"{d.device} ({d.backend}); batch {plan.micro_batch} x {plan.grad_accum} accum x {plan.world_size} ranks x "
             f"{plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step; {cfg.train.max_steps} steps; "
             f"run dir {cfg.train.out_dir}; {where}")
 
 
-def describe_end(result: RunResult) -> str:
+def describe_schedule_change(tr: Trainer) -> str | None:
+    """A notice when a resumed run's train.max_steps differs from the checkpoint's run: the LR
+    schedule (warm-up, cosine to optim.min_lr at train.max_steps) is recomputed for the new end."""
+    saved = tr.resume.meta.get("config", {}).get("train", {}).get("max_steps")
+    now, step, optim = tr.cfg.train.max_steps, tr.state.step, tr.cfg.optim
+    if saved is None or saved == now:
+        return None
+    return (f"note: train.max_steps is {now}, the checkpoint's run had {saved}: the LR schedule now ends at step "
+            f"{now}, so the LR at step {step + 1} is {optim.lr_at(step, now):.2e} instead of {optim.lr_at(step, saved):.2e}")
+
+
+def describe_end(result: RunResult, sample_command: str) -> str:
+    """The last lines of a run: where it ended, its checkpoint, and the modality's command to
+    sample from it (`Modality.sample_command`)."""
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     return (f"done: step {result.state.step}, {result.state.tokens_seen:,} tokens{val}\n"
             f"checkpoint: {result.checkpoint}\n"
-            f"sample from it: python -m amtrain sample {result.run_dir} --prompt \"In the beginning\"")
+            f"sample from it: {sample_command}")
