@@ -16,7 +16,9 @@ inside the gaps go through `ForcedTokens`. The spans are put back between the se
 
 Continuation (`t5_continue`): the UL2 S-denoiser, input `[S] prefix EOS`, target = the next
 tokens; beyond `context` input tokens the prefix is the tape's last window (header + aligned
-tail, as the decoder's sliding window) and each round adds up to `stride` tokens.
+tail, as the decoder's sliding window) and each round adds up to `stride` tokens. One round is
+`t5_prefix_round`; MIDI's continuation (`amtrain.generate.amt.amt_t5_continue`) runs the same
+rounds over time-shifted windows.
 """
 
 from __future__ import annotations
@@ -89,21 +91,26 @@ def t5_continue(model: nn.Module, vocab, prompt: np.ndarray, max_new_tokens: int
     remaining, r = max_new_tokens, 0
     while remaining > 0:
         start = window_start(tape.shape[1], keep, header, unit) if tape.shape[1] > keep else header
-        prefix = np.concatenate([tape[:, :header], tape[:, start:]], 1)
-        x = np.concatenate([np.full((num_samples, 1), vocab.mode_id("S")), prefix,
-                            np.full((num_samples, 1), vocab.eos_id)], 1)
         n = min(remaining, stride)
-        processors = LogitsProcessorList([IdsBelow(vocab.base_vocab_size)])  # no sentinel, EOS or mode id
-        if inner_for is not None:
-            processors.append(inner_for(tape))
+        processors = [] if inner_for is None else [inner_for(tape)]
         if forced:
             processors.append(ForcedTokens(forced, start=-(max_new_tokens - remaining)))
-        new = t5_generate(model, torch.tensor(x, device=_device(model)), n, logits_processor=processors,
-                          seed=None if seed is None else seed + r, **sampling).cpu().numpy()
+        new = t5_prefix_round(model, vocab, np.concatenate([tape[:, :header], tape[:, start:]], 1), n, processors,
+                              seed=None if seed is None else seed + r, **sampling)
         tape = np.concatenate([tape, new], 1)
         remaining -= n
         r += 1
     return tape
+
+
+def t5_prefix_round(model: nn.Module, vocab, prefix: np.ndarray, n: int, processors: list, **sampling) -> np.ndarray:
+    """One S-denoiser round: the encoder sees `[S] prefix EOS` (N, p + 2), the decoder samples n
+    base-vocabulary ids (no sentinel, EOS or mode id) under `processors`; returns them (N, n)."""
+    N = prefix.shape[0]
+    x = np.concatenate([np.full((N, 1), vocab.mode_id("S")), prefix, np.full((N, 1), vocab.eos_id)], 1)
+    rules = LogitsProcessorList([IdsBelow(vocab.base_vocab_size), *processors])
+    return t5_generate(model, torch.tensor(x, device=_device(model)), n, logits_processor=rules,
+                       **sampling).cpu().numpy()
 
 
 def _device(model: nn.Module) -> torch.device:

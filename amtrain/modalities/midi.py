@@ -30,9 +30,9 @@ from amtrain.modalities.base import (
     RolloutModel,
     SpanLayout,
     check_ids,
+    note,
     read_ids,
     save_npy,
-    seq2seq_continue,
 )
 from amtrain.registry import register_modality
 from amtrain.tokens.midi import (
@@ -109,7 +109,8 @@ class MidiModality(Modality):
     # -- prompts and outputs -------------------------------------------------------------
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> MidiTape:
         """.mid -> events (no controls; padding happens at generation); id file -> the triples as
-        given (flags dropped, SEPARATOR triples dropped, controls kept)."""
+        given (flags dropped, SEPARATOR triples dropped, controls kept; time ids may run past the
+        vocabulary: a rollout's .npy of a long piece holds absolute times)."""
         if path.suffix.lower() in MIDI_SUFFIXES:
             from amtrain.midi.events import MidiReadError, notes_to_events, read_notes
 
@@ -118,7 +119,7 @@ class MidiModality(Modality):
             except MidiReadError as e:
                 raise UserError(f"{path}: {e}") from None
             return MidiTape(AUTOREGRESS, events[np.argsort(events[:, 0], kind="stable")])
-        ids = check_ids(read_ids(path), VOCAB_SIZE, path)
+        ids = read_ids(path)
         if (ids == GAP).any():
             raise UserError(f"{path}: MIDI prompts mark gaps by time (--infill-range), not by <gap>")
         flag = AUTOREGRESS
@@ -127,6 +128,7 @@ class MidiModality(Modality):
         if ids.size % 3:
             raise UserError(f"{path}: {ids.size} ids after the flag is not a whole number of (time, dur, note) triples")
         tri = ids.reshape(-1, 3)
+        check_ids(np.concatenate([tri[:, 1:].ravel(), np.minimum(tri[:, 0], 0)]), VOCAB_SIZE, path)  # times: >= 0
         return MidiTape(flag, tri[tri[:, 2] != SEPARATOR])
 
     def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None, prompt=None) -> list[Path]:
@@ -190,18 +192,19 @@ class MidiModality(Modality):
         return [MidiTape(flag, t) for t in tapes]
 
     def _seq2seq_continue(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
-        import torch
+        """S-denoiser rounds over time-shifted windows (`amt_t5_continue`): `--length` tokens,
+        whole events."""
+        from amtrain.generate.amt import amt_t5_continue, fit_window, t5_window_triples
 
-        from amtrain.generate.grammar import MidiConstraint, current_time
-
-        n = max(3, int(cfg.length) // 3 * 3)
-
-        def inner_for(t: np.ndarray):
-            body = torch.tensor(t[:, 1:1 + (t.shape[1] - 1) // 3 * 3])
-            return MidiConstraint(header=0, floor=current_time(body, 0))
-
-        out = seq2seq_continue(rm, tape.ids(), n, num_samples, cfg, seed_offset, header=1, unit=3, inner_for=inner_for)
-        return [MidiTape(int(t[0]), t[1:].reshape(-1, 3)) for t in out]
+        stride = cfg.t5_stride(unit=3)
+        keep = fit_window(tape.triples, t5_window_triples(cfg.t5_context, stride), MAX_TIME // 2)
+        if keep < len(tape.triples):
+            note(f"T5 continuation: each round's encoder sees at most the last {keep} of the prompt's "
+                  f"{len(tape.triples)} events (--t5-context {cfg.t5_context}, windows under "
+                  f"{MAX_TIME // 2 // TIME_RESOLUTION} s, times re-based to 0)")
+        out = amt_t5_continue(rm.model, rm.t5_vocab(), tape.flag, tape.triples, max(1, int(cfg.length) // 3),
+                              num_samples, context=cfg.t5_context, stride=stride, **cfg.sampling(seed_offset))
+        return [MidiTape(tape.flag, t) for t in out]
 
     def infill_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
         if cfg.infill_range is None and not cfg.control_instruments:

@@ -1,0 +1,115 @@
+"""Long prompts through T5: MIDI continuation past AMT's 100 s (windows re-based like the
+decoder's; the written .npy decodes to the notes of the written .mid) and the encoder input
+bounded by --t5-context whatever the prompt's length (audio in-filling and continuation), with a
+one-line note saying what was left out. Tiny random checkpoints (tests/rollout_helpers.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from amtrain.generate.amt import triple_times
+from amtrain.midi.decode import ids_to_notes
+from amtrain.rollout.load import load_rollout_model
+from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
+from amtrain.tokens.midi import (
+    AUTOREGRESS,
+    DUR_OFFSET,
+    MAX_DUR,
+    MAX_TIME,
+    NOTE_OFFSET,
+    REST,
+    TIME_OFFSET,
+)
+from tests.rollout_helpers import REPO, decoder_ckpt, t5_ckpt
+
+LONG_MIDI = REPO / "data" / "midi" / "music21_test03_soprano_piano.mid"  # 1391 notes, 160 s
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    return {"t5_midi": t5_ckpt(d / "t5_midi", "midi"), "midi": decoder_ckpt(d / "midi", "midi", max_seq_len=64)}
+
+
+def encoder_inputs(rm, monkeypatch) -> list:
+    """Every input_ids (B, S) the T5 encoder is given from now on."""
+    seen, encode = [], rm.model.encode
+
+    def spy(input_ids, attention_mask=None):
+        seen.append(input_ids.cpu().numpy())
+        return encode(input_ids, attention_mask)
+
+    monkeypatch.setattr(rm.model, "encode", spy)
+    return seen
+
+
+def mid_notes(path) -> Counter:
+    """(time, duration, pitch, instrument) of every note in a written .mid, track by track (one
+    track per instrument, 1 tick = 10 ms): what the file holds, whatever its channels."""
+    import symusic
+
+    score = symusic.Score(str(path))
+    return Counter((n.time, n.duration, n.pitch, 128 if t.is_drum else t.program) for t in score.tracks for n in t.notes)
+
+
+def npy_notes(path) -> Counter:
+    notes, rep = ids_to_notes(np.load(path))
+    assert rep.num_invalid == rep.num_malformed == 0, rep.summary()
+    return Counter(zip(notes.time.tolist(), notes.dur.tolist(), notes.pitch.tolist(), notes.instr.tolist(), strict=True))
+
+
+def test_t5_midi_continuation_past_100_s_and_npy_decodes_to_the_mid(ckpts, tmp_path, monkeypatch, capsys):
+    rm = load_rollout_model(ckpts["t5_midi"])
+    cfg = RolloutConfig(length=150, seed=0, t5_context=96, stride=30, num_samples=2)
+    tape = read_prompt(rm, LONG_MIDI, cfg)
+    last = int(tape.triples[:, 0].max()) - TIME_OFFSET
+    assert last > 1.5 * MAX_TIME
+    inputs = encoder_inputs(rm, monkeypatch)
+    out = rollout(rm, tape, cfg)
+    assert "note: T5 continuation: each round's encoder sees at most the last" in capsys.readouterr().err
+    assert len(inputs) == 5  # 50 events, 10 a round
+    vocab = rm.t5_vocab()
+    for x in inputs:  # [S] flag triples EOS: a window within the context, times re-based to 0, < 100 s
+        assert x.shape[1] <= cfg.t5_context and (x[:, 1] == AUTOREGRESS).all() and (x[:, -1] == vocab.eos_id).all()
+        times = x[:, 2:-1].reshape(len(x), -1, 3)[:, :, 0]
+        assert (times.min(1) == 0).all() and times.max() < MAX_TIME // 2
+    for res in out:
+        assert np.array_equal(res.triples[:len(tape.triples)], tape.triples) and len(res.triples) == len(tape.triples) + 50
+        new = res.triples[len(tape.triples):]
+        onsets = new[:, 0] - TIME_OFFSET
+        assert (onsets >= last).all() and (np.diff(onsets) >= 0).all()  # after the prompt, in order
+        assert ((new[:, 1] >= DUR_OFFSET) & (new[:, 1] < DUR_OFFSET + MAX_DUR)).all()
+        assert ((new[:, 2] >= NOTE_OFFSET) & (new[:, 2] <= REST)).all()
+    files = write_tapes(rm, out, tmp_path)
+    for i, res in enumerate(out):
+        mid, npy = tmp_path / f"sample_{i}.mid", tmp_path / f"sample_{i}.npy"
+        assert mid in files and npy in files
+        assert npy_notes(npy) == mid_notes(mid)
+        assert sum(mid_notes(mid).values()) == int((res.triples[:, 2] != REST).sum())
+        again = read_prompt(rm, npy, cfg)  # the .npy is a prompt again, times and all
+        assert again.flag == res.flag and np.array_equal(again.triples, res.triples)
+
+
+def test_decoder_midi_continuation_npy_of_a_long_piece_decodes_to_the_mid(ckpts, tmp_path):
+    rm = load_rollout_model(ckpts["midi"])
+    cfg = RolloutConfig(length=2.0, seconds=True, seed=0)
+    tape = read_prompt(rm, LONG_MIDI, cfg)
+    out = rollout(rm, tape, cfg)
+    assert triple_times(out[0].triples).max() > MAX_TIME
+    write_tapes(rm, out, tmp_path)
+    assert npy_notes(tmp_path / "sample_0.npy") == mid_notes(tmp_path / "sample_0.mid")
+
+
+def test_t5_context_too_small_for_the_range_is_a_clear_error(ckpts, tmp_path):
+    from typer.testing import CliRunner
+
+    from amtrain.cli import app
+
+    np.save(tmp_path / "p.npy", np.concatenate([[AUTOREGRESS], read_prompt(load_rollout_model(ckpts["t5_midi"]),
+                                                                           LONG_MIDI, RolloutConfig()).triples[:200].ravel()]))
+    r = CliRunner().invoke(app, ["rollout", str(ckpts["t5_midi"]), "--prompt", str(tmp_path / "p.npy"), "--out",
+                                 str(tmp_path / "o"), "--length", "30", "--t5-context", "6", "--stride", "3"])
+    assert r.exit_code != 0 and "--t5-context 6" in str(r.exception)
