@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from amtrain.errors import UserError
 from amtrain.generate.amt import triple_times
 from amtrain.midi.decode import ids_to_notes
 from amtrain.rollout.load import load_rollout_model
@@ -31,7 +32,8 @@ LONG_MIDI = REPO / "data" / "midi" / "music21_test03_soprano_piano.mid"  # 1391 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("long")
-    return {"t5_midi": t5_ckpt(d / "t5_midi", "midi"), "midi": decoder_ckpt(d / "midi", "midi", max_seq_len=64)}
+    return {"t5_midi": t5_ckpt(d / "t5_midi", "midi"), "midi": decoder_ckpt(d / "midi", "midi", max_seq_len=64),
+            "t5_audio": t5_ckpt(d / "t5_audio", "audio", {"num_codebooks": 2, "layout": "delay"})}
 
 
 def encoder_inputs(rm, monkeypatch) -> list:
@@ -103,6 +105,43 @@ def test_decoder_midi_continuation_npy_of_a_long_piece_decodes_to_the_mid(ckpts,
     assert npy_notes(tmp_path / "sample_0.npy") == mid_notes(tmp_path / "sample_0.mid")
 
 
+@pytest.mark.parametrize("seconds", [2, 20])
+def test_t5_audio_encoder_input_never_exceeds_t5_context(ckpts, monkeypatch, capsys, seconds):
+    """Memory: the encoder is shown at most --t5-context tokens however long the prompt (its
+    attention and position bias grow with the square); the note says how much was left out;
+    in-filling still keeps every frame outside the range exactly."""
+    rm = load_rollout_model(ckpts["t5_audio"])
+    rate, K = 75.0, 2
+    codes = np.random.default_rng(seconds).integers(0, 1024, (K, int(seconds * rate)))
+    inputs = encoder_inputs(rm, monkeypatch)
+    cfg = RolloutConfig(mode="infill", infill_range=(0.8, 1.2), seed=0, frame_rate=rate, t5_context=64)
+    (res,) = rollout(rm, codes, cfg)
+    a, b = 60, 90
+    assert res.shape == codes.shape and np.array_equal(res[:, :a], codes[:, :a]) and np.array_equal(res[:, b:], codes[:, b:])
+    assert not np.array_equal(res[:, a:b], codes[:, a:b])
+    err = capsys.readouterr().err.strip().splitlines()
+    n = codes.shape[1]
+    assert err == [f"note: T5 in-fill: the encoder sees 15 frames (0.20 s) before the range and 15 frames (0.20 s) "
+                   f"after it; {n - 60} frames ({(n - 60) / rate:.2f} s) of the prompt's {n} frames "
+                   f"({n / rate:.2f} s) are not shown to it (--t5-context 64) and are kept as they are"]
+    cfg = RolloutConfig(length=0.2, seconds=True, seed=0, frame_rate=rate, t5_context=64)
+    (res,) = rollout(rm, codes, cfg)
+    assert res.shape == (K, n + 15) and np.array_equal(res[:, :n], codes)
+    assert "note: T5 continuation: each round's encoder sees the last 16 frames (0.21 s)" in capsys.readouterr().err
+    assert inputs and max(x.shape[1] for x in inputs) <= 64
+
+
+def test_t5_audio_short_prompt_is_shown_whole_without_a_note(ckpts, monkeypatch, capsys):
+    rm = load_rollout_model(ckpts["t5_audio"])
+    codes = np.random.default_rng(0).integers(0, 1024, (2, 20))
+    inputs = encoder_inputs(rm, monkeypatch)
+    cfg = RolloutConfig(mode="infill", infill_range=(0.08, 0.16), seed=0, frame_rate=75.0, t5_context=64)
+    rollout(rm, codes, cfg)
+    stream = rm.tokenizer.encode(codes)
+    assert inputs[0].shape[1] == 2 + 1 + len(stream) - (12 + 1 - 6) * 2  # [X] prefix <s_0> suffix EOS: all of it
+    assert capsys.readouterr().err == ""
+
+
 def test_t5_context_too_small_for_the_range_is_a_clear_error(ckpts, tmp_path):
     from typer.testing import CliRunner
 
@@ -113,3 +152,7 @@ def test_t5_context_too_small_for_the_range_is_a_clear_error(ckpts, tmp_path):
     r = CliRunner().invoke(app, ["rollout", str(ckpts["t5_midi"]), "--prompt", str(tmp_path / "p.npy"), "--out",
                                  str(tmp_path / "o"), "--length", "30", "--t5-context", "6", "--stride", "3"])
     assert r.exit_code != 0 and "--t5-context 6" in str(r.exception)
+    rm = load_rollout_model(ckpts["t5_audio"])
+    cfg = RolloutConfig(mode="infill", infill_range=(0.1, 0.2), frame_rate=75.0, t5_context=6)
+    with pytest.raises(UserError, match="--t5-context 6: too small"):
+        rollout(rm, np.zeros((2, 100), np.int64), cfg)

@@ -19,9 +19,17 @@ tokens; beyond `context` input tokens the prefix is the tape's last window (head
 tail, as the decoder's sliding window) and each round adds up to `stride` tokens. One round is
 `t5_prefix_round`; MIDI's continuation (`amtrain.generate.amt.amt_t5_continue`) runs the same
 rounds over time-shifted windows.
+
+The encoder's memory grows with the square of its input (attention scores and the relative
+position bias are (B, H, S, S)), so no path feeds it the whole prompt: continuation shows it one
+window a round, and in-filling shows it `InfillWindow` - the segments with the first one's head
+and the last one's tail cut so the input fits `context` tokens; the cut ids go back on the tape
+unchanged (`InfillWindow.restore`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -111,6 +119,46 @@ def t5_prefix_round(model: nn.Module, vocab, prefix: np.ndarray, n: int, process
     rules = LogitsProcessorList([IdsBelow(vocab.base_vocab_size), *processors])
     return t5_generate(model, torch.tensor(x, device=_device(model)), n, logits_processor=rules,
                        **sampling).cpu().numpy()
+
+
+@dataclass
+class InfillWindow:
+    """The part of in-fill segments the encoder sees: `segments` with the first one's ids
+    [header, header + cut_head) and the last one's final cut_tail ids left out."""
+
+    segments: list[np.ndarray]
+    header: int
+    cut_head: np.ndarray
+    cut_tail: np.ndarray
+
+    def restore(self, tape: np.ndarray) -> np.ndarray:
+        """A merged tape of the windowed segments -> the tape of the whole segments."""
+        h = self.header
+        return np.concatenate([tape[:h], self.cut_head, tape[h:], self.cut_tail]).astype(np.int64)
+
+    @property
+    def num_cut(self) -> int:
+        return len(self.cut_head) + len(self.cut_tail)
+
+
+def infill_window(segments: list[np.ndarray], context: int, *, header: int = 0, unit: int = 1) -> InfillWindow:
+    """Fit the in-fill input `[X] s_0 <s_0> ... s_n EOS` into `context` tokens by cutting s_0's
+    head (after its first `header` ids) and s_n's tail, in whole units, half of the room on each
+    side of the gaps (a side shorter than its half gives the rest to the other). The segments
+    between gaps are kept whole."""
+    first, last = segments[0], segments[-1]
+    if 2 + len(segments) - 1 + sum(len(s) for s in segments) <= context:
+        return InfillWindow(list(segments), header, first[:0], last[:0])
+    middle = sum(len(s) for s in segments[1:-1])
+    room = context - 2 - (len(segments) - 1) - header - middle  # mode id, EOS, one sentinel per gap
+    if room < 2 * unit:
+        raise UserError(f"--t5-context {context}: too small for the {middle} tokens between the gaps "
+                        f"(and {2 * unit} of context on either side); raise it")
+    body = len(first) - header
+    cut = -(-(body - min(body, max(room // 2, room - len(last)))) // unit) * unit  # whole units
+    right = len(last) if len(last) <= room - (body - cut) else (room - (body - cut)) // unit * unit
+    return InfillWindow([np.concatenate([first[:header], first[header + cut:]]), *segments[1:-1], last[:right]],
+                        header, first[header:header + cut], last[right:])
 
 
 def _device(model: nn.Module) -> torch.device:
