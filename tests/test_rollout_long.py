@@ -24,7 +24,7 @@ from amtrain.tokens.midi import (
     REST,
     TIME_OFFSET,
 )
-from tests.rollout_helpers import REPO, decoder_ckpt, t5_ckpt
+from tests.rollout_helpers import MIDI, REPO, decoder_ckpt, t5_ckpt
 
 LONG_MIDI = REPO / "data" / "midi" / "music21_test03_soprano_piano.mid"  # 1391 notes, 160 s
 
@@ -129,6 +129,25 @@ def test_t5_audio_encoder_input_never_exceeds_t5_context(ckpts, monkeypatch, cap
     assert res.shape == (K, n + 15) and np.array_equal(res[:, :n], codes)
     assert "note: T5 continuation: each round's encoder sees the last 16 frames (0.21 s)" in capsys.readouterr().err
     assert inputs and max(x.shape[1] for x in inputs) <= 64
+
+
+def test_t5_midi_infill_encoder_input_never_exceeds_t5_context(ckpts, monkeypatch, capsys):
+    from amtrain.midi.tokenize import pad
+
+    rm = load_rollout_model(ckpts["t5_midi"])
+    cfg = RolloutConfig(mode="infill", infill_range=(8.0, 12.0), seed=0, max_span=30, t5_context=64)
+    tape = read_prompt(rm, MIDI, cfg)  # 22 s, 163 notes
+    inputs = encoder_inputs(rm, monkeypatch)
+    tri = rollout(rm, tape, cfg)[0].triples
+    assert len(inputs) == 1 and inputs[0].shape[1] <= 64
+    src = pad(tape.triples, int(tape.triples[:, 0].max()))  # T5 sees the REST-padded sequence
+    head, tail = src[src[:, 0] < 800], src[src[:, 0] >= 1200]
+    assert np.array_equal(tri[:len(head)], head) and np.array_equal(tri[len(tri) - len(tail):], tail)
+    gap = tri[len(head):len(tri) - len(tail)]
+    assert len(gap) >= 1 and ((gap[:, 0] >= 800) & (gap[:, 0] < 1200)).all()
+    err = capsys.readouterr().err
+    assert err.startswith("note: T5 in-fill: the encoder sees 10 events before the range and 10 after it; ")
+    assert f"of the prompt's {len(src)} events are not shown to it (--t5-context 64)" in err
 
 
 def test_t5_audio_short_prompt_is_shown_whole_without_a_note(ckpts, monkeypatch, capsys):

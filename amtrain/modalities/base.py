@@ -60,7 +60,7 @@ class RolloutConfig:
     iterations: int = 4
     t5_context: int = 512
     """T5: most tokens the encoder sees (its memory grows with their square): continuation, each
-    round's prefix window; audio in-filling, the prompt nearest the range."""
+    round's prefix window; MIDI and audio in-filling, the prompt nearest the range."""
     priorities: list[tuple[int, int, float]] = field(default_factory=list)
     """Alternate, audio: (start_frame, end_frame, priority) chunks of the prompt."""
     frame_rate: float | None = None

@@ -7,8 +7,10 @@ than 100 s the time ids run past the TIME block. Prompts: .mid files or id files
 
 Strategies: a left-to-right model continues with AMT's anticipatory loop (`amt_generate`) and
 in-fills by anticipation (events after the range, and the control instruments' events inside it,
-become controls); a denoiser continues by S-mode rounds and in-fills a time range as one
-sentinel span, both under the AMT grammar (`MidiConstraint`).
+become controls); a denoiser continues by S-mode rounds over windows re-based to start at 0 like
+the decoder's (`amt_t5_continue`: any length) and in-fills a time range of a piece under 100 s
+as one sentinel span, its encoder seeing at most `t5_context` tokens nearest the range; both
+under the AMT grammar (`MidiConstraint`).
 
 Validation metrics: AMT's event perplexity and bits per event (arXiv 2306.08620, Sec. 5). An
 event is three tokens (time, duration, note), so a mean per-token cross-entropy `ce` (nats)
@@ -234,7 +236,7 @@ class MidiModality(Modality):
     def _seq2seq_infill(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
         from amtrain.generate.amt import is_control, triple_times
         from amtrain.generate.grammar import MidiConstraint
-        from amtrain.generate.t5 import t5_infill
+        from amtrain.generate.t5 import infill_window, t5_infill
         from amtrain.midi.tokenize import pad
 
         tri = tape.triples
@@ -246,10 +248,16 @@ class MidiModality(Modality):
         t = triple_times(tri)
         prefix = np.concatenate([[tape.flag], tri[t < a].ravel()])
         suffix = tri[t >= b].ravel()
-        out = t5_infill(rm.model, rm.t5_vocab(), [prefix, suffix], num_samples, mode=cfg.denoiser, unit=3,
+        window = infill_window([prefix, suffix], cfg.t5_context, header=1, unit=3)  # the encoder's memory
+        if window.num_cut:
+            before, after = (len(window.segments[0]) - 1) // 3, len(window.segments[1]) // 3
+            note(f"T5 in-fill: the encoder sees {before} events before the range and {after} after it; "
+                 f"{window.num_cut // 3} of the prompt's {len(tri)} events are not shown to it "
+                 f"(--t5-context {cfg.t5_context}) and are kept as they are")
+        out = t5_infill(rm.model, rm.t5_vocab(), window.segments, num_samples, mode=cfg.denoiser, unit=3,
                         inner=MidiConstraint(header=0, floor=a, ceiling=b), max_span=cfg.max_span // 3 * 3,
                         **cfg.sampling(seed_offset))
-        return [MidiTape(int(ids[0]), ids[1:].reshape(-1, 3)) for ids in out]
+        return [MidiTape(int(ids[0]), window.restore(ids)[1:].reshape(-1, 3)) for ids in out]
 
     # -- alternate -----------------------------------------------------------------------
     def random_region(self, rm: RolloutModel, tape: MidiTape, cfg, rng: np.random.Generator):
