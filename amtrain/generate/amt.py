@@ -220,8 +220,8 @@ def t5_window_triples(context: int, stride: int) -> int:
     """Most triples of a T5 continuation window: flag + triples fill context - stride ids."""
     keep = (context - stride - 1) // 3
     if stride < 3 or keep < 1:
-        raise UserError(f"--stride {stride}: T5 MIDI continuation needs 3 <= stride <= {context - 4} "
-                        f"for --t5-context {context}")
+        raise UserError(f"--stride {stride} with --t5-context {context}: T5 MIDI continuation needs "
+                        "3 <= stride <= t5_context - 4 (each round's window holds the flag and one event)")
     return keep
 
 
