@@ -201,7 +201,7 @@ def amt_t5_continue(model: nn.Module, vocab, flag: int, prompt: np.ndarray, max_
     now = np.full(num_samples, int(ev[:, 0].max()) - TIME_OFFSET if len(ev) else 0, np.int64)
     remaining, r = max_new_events, 0
     while remaining > 0:
-        num = min(fit_window(t, keep, MAX_TIME // 2) for t in tapes) if len(prompt) else 0
+        num = min(fit_window(t, keep, MAX_TIME // 2) for t in tapes) if len(tapes[0]) else 0
         rows, offsets = window_rows(tapes, num, flag)
         n = min(remaining, stride // 3)
         rule = MidiConstraint(header=0, floor=torch.as_tensor(now - offsets, device=next(model.parameters()).device))
