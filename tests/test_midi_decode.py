@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amtrain.midi.decode import ids_to_midi, ids_to_notes
+from amtrain.midi.decode import events_to_notes, ids_to_midi, ids_to_notes
 from amtrain.midi.events import notes_to_events, read_notes
 from amtrain.midi.tokenize import tokenize_pieces
 from amtrain.tokens.midi import (
@@ -58,6 +58,30 @@ def test_model_like_ids_count_invalid():
     notes, rep = ids_to_notes(bad)
     assert len(notes) == 2 and notes.time.tolist() == [100, 150]
     assert rep.num_invalid == 3 + 1 and rep.num_malformed == 2  # 2 stray DUR, 1 >= vocab; times 200 and 7 broken
+
+
+def _rows(notes):
+    return sorted(zip(notes.time.tolist(), notes.dur.tolist(), notes.pitch.tolist(), notes.instr.tolist(), strict=True))
+
+
+def test_absolute_times_past_100_s_decode_where_a_triple_is_due():
+    """AMT's generate and amtrain's rollouts write a long piece as flag + triples of absolute
+    times: the time ids run into the DUR / NOTE / control blocks and past the vocabulary."""
+    ev, _ = notes_to_events(read_notes(MIDI_DIR / "music21_test03_soprano_piano.mid"))  # 160 s
+    ev = ev[np.argsort(ev[:, 0], kind="stable")]
+    ids = np.concatenate([[AUTOREGRESS], ev.ravel()])
+    notes, rep = ids_to_notes(ids)
+    assert rep.num_invalid == rep.num_malformed == 0 and rep.num_notes == len(ev) and ev[:, 0].max() > MAX_TIME
+    comp = ref.events_to_compound(ids[1:].tolist())  # AMT reads times by position (right below 275 s)
+    assert _rows(notes) == sorted(zip(comp[0::5], comp[1::5], comp[2::5], comp[3::5], strict=True))
+    far = ev[-3:] + [[60_000, 0, 0]]  # 600 s: time ids past the vocabulary
+    control = np.array([[CONTROL_OFFSET + 30_000, CONTROL_OFFSET + DUR_OFFSET + 7, CONTROL_OFFSET + NOTE_OFFSET + 60]])
+    tape = np.concatenate([ev, far, control])
+    notes, rep = ids_to_notes(np.concatenate([[ANTICIPATE], tape.ravel()]))
+    assert _rows(notes) == _rows(events_to_notes(tape)) and rep.num_controls == 1 and notes.time.max() == 60_000 + ev[-1, 0]
+    # where no triple is due (after a stray id) only in-block times count: an absolute triple is skipped
+    _, rep = ids_to_notes([AUTOREGRESS, DUR_OFFSET + 1, *far[0].tolist(), 100, DUR_OFFSET + 3, NOTE_OFFSET + 60])
+    assert rep.num_notes == 1 and rep.num_invalid == 4
 
 
 def test_valid_sequences_decode_like_amt():

@@ -351,8 +351,8 @@ def test_t5_midi_continuation_keeps_prompt_and_obeys_grammar(ckpts):
     for res, other in zip(out, nocache, strict=True):
         assert np.array_equal(res.triples, other.triples)
         assert np.array_equal(res.triples[:40], tape.triples) and len(res.triples) == 60
-        new = res.triples[40:]
-        assert _valid_event_triples(new) and np.all(np.diff(res.triples[39:, 0]) >= 0)
+        new = res.triples[40:]  # windows re-based each round: absolute onsets may pass 100 s
+        assert _valid_event_triples(new, absolute=True) and np.all(np.diff(res.triples[39:, 0]) >= 0)
 
 
 def test_midi_id_file_prompt_and_bad_prompts(ckpts, tmp_path):

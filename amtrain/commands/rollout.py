@@ -49,6 +49,8 @@ def rollout(
     denoiser: str = typer.Option("X", help="T5 in-filling mode token: R or X."),
     schedule: str = typer.Option("ci", help="Alternate: c/i letters, cycled (c = continue, i = in-fill)."),
     iterations: int = typer.Option(4, help="Alternate: iterations."),
+    t5_context: int = typer.Option(512, "--t5-context",
+                                   help="T5: most prompt tokens the encoder sees (continuation: each round's window; in-filling: around the range)."),
     codec_path: Path = typer.Option(None, "--codec-path", help="EnCodec weights (audio); else $AMTRAIN_CODEC_DIR."),
     codec_model: str = typer.Option("24khz", "--codec-model", help="24khz | 48khz."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
@@ -75,7 +77,8 @@ def rollout(
                         infill_range=_range(infill_range), control_instruments=instruments, gap_marker=gap_marker,
                         postfix_repeat=postfix_repeat,
                         denoiser=denoiser, schedule=schedule, iterations=iterations,
-                        frame_rate=codec.frame_rate if codec is not None else None)
+                        frame_rate=codec.frame_rate if codec is not None else None,
+                        t5_context=t5_context)
     if (prompt is None) == (prompt_from_priority is None):
         raise UserError("give exactly one of --prompt FILE and --prompt-from-priority DIR")
     if prompt_from_priority is not None:

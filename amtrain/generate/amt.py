@@ -1,4 +1,5 @@
-"""Anticipatory generation for MIDI decoders: continuation and AMT-style in-filling.
+"""MIDI generation in AMT's time windows: the anticipatory loop for decoders (continuation and
+AMT-style in-filling) and T5 continuation of pieces of any length (`amt_t5_continue`).
 
 After jthickstun/anticipation `sample.py` `generate` (Apache-2.0), rewritten for batches, a KV
 cache and windows longer than the context:
@@ -34,6 +35,7 @@ from amtrain.errors import UserError
 from amtrain.generate.grammar import MidiConstraint
 from amtrain.generate.loop import Sampler
 from amtrain.generate.steps import LMStep
+from amtrain.generate.t5 import t5_prefix_round
 from amtrain.tokens.midi import (
     ANTICIPATE,
     ATIME_OFFSET,
@@ -83,6 +85,18 @@ def fit_window(tri: np.ndarray, max_triples: int, max_span: int = MAX_TIME) -> i
     return n
 
 
+def window_rows(fed: list[np.ndarray], num_triples: int, flag: int) -> tuple[np.ndarray, np.ndarray]:
+    """flag + the last num_triples of each row's triples, times shifted so each row's window
+    starts at 0 (AMT's translate(-min_time)): (B, 1 + 3n) ids and the (B,) offsets shifted away."""
+    rows, offsets = [], []
+    for tri in fed:
+        tail = tri[len(tri) - num_triples:]
+        off = int(triple_times(tail).min()) if len(tail) else 0
+        offsets.append(off)
+        rows.append(np.concatenate([[flag], shift_times(tail, -off).ravel()]))
+    return np.stack(rows).astype(np.int64), np.array(offsets, np.int64)
+
+
 class _Window:
     """The model's view of all rows: flag + relativized triples, with an optional KV cache."""
 
@@ -92,14 +106,9 @@ class _Window:
 
     def reset(self, fed: list[np.ndarray], num_triples: int) -> torch.Tensor:
         """Rebuild from the last num_triples of each row's fed triples; returns next logits."""
-        rows, offsets = [], []
-        for tri in fed:
-            tail = tri[len(tri) - num_triples:]
-            off = int(triple_times(tail).min()) if len(tail) else 0
-            offsets.append(off)
-            rows.append(np.concatenate([[self.flag], shift_times(tail, -off).ravel()]))
+        rows, offsets = window_rows(fed, num_triples, self.flag)
         dev = next(self.model.parameters()).device
-        self.seq = torch.tensor(np.stack(rows), dtype=torch.long, device=dev)  # (B, 1 + 3n)
+        self.seq = torch.tensor(rows, dtype=torch.long, device=dev)  # (B, 1 + 3n)
         self.offset = torch.tensor(offsets, dtype=torch.long, device=dev)  # (B,)
         return self.step.prefill(self.seq, self.context)  # (B, V)
 
@@ -175,6 +184,45 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
             if max_new_events is not None and num_new[b] >= max_new_events:
                 done[b] = True
     return flag, [np.concatenate(tp + [controls[pending[b]:]]) for b, tp in enumerate(tapes)]
+
+
+@torch.no_grad()
+def amt_t5_continue(model: nn.Module, vocab, flag: int, prompt: np.ndarray, max_new_events: int, num_samples: int,
+                    *, context: int, stride: int, seed: int | None = None, **sampling) -> list[np.ndarray]:
+    """T5 continuation of prompt triples (L, 3) (absolute times) by max_new_events events: the
+    rounds of `amtrain.generate.t5.t5_continue` (`stride` new ids a round), each over the
+    window the decoder's loop would rebuild - flag + the last triples (at most context - stride
+    ids, spanning < 50 s), times shifted to start at 0 - so any piece, however long, is seen as
+    training sequences are. New onsets are never before a row's latest onset, nor past the
+    TIME block of the window; they are shifted back to absolute times. One tape (L', 3) per sample."""
+    keep = t5_window_triples(context, stride)
+    tapes = [prompt.astype(np.int64)] * num_samples
+    ev = prompt[~is_control(prompt)]
+    now = np.full(num_samples, int(ev[:, 0].max()) - TIME_OFFSET if len(ev) else 0, np.int64)
+    remaining, r = max_new_events, 0
+    while remaining > 0:
+        num = min(fit_window(t, keep, MAX_TIME // 2) for t in tapes) if len(tapes[0]) else 0
+        rows, offsets = window_rows(tapes, num, flag)
+        n = min(remaining, stride // 3)
+        rule = MidiConstraint(header=0, floor=torch.as_tensor(now - offsets, device=next(model.parameters()).device))
+        new = t5_prefix_round(model, vocab, rows, 3 * n, [rule], seed=None if seed is None else seed + r,
+                              **sampling).reshape(num_samples, n, 3)
+        for b in range(num_samples):
+            tri = shift_times(new[b], int(offsets[b]))
+            tapes[b] = np.concatenate([tapes[b], tri])
+            now[b] = max(now[b], int(tri[:, 0].max()) - TIME_OFFSET)
+        remaining -= n
+        r += 1
+    return tapes
+
+
+def t5_window_triples(context: int, stride: int) -> int:
+    """Most triples of a T5 continuation window: flag + triples fill context - stride ids."""
+    keep = (context - stride - 1) // 3
+    if stride < 3 or keep < 1:
+        raise UserError(f"--stride {stride} with --t5-context {context}: T5 MIDI continuation needs "
+                        "3 <= stride <= t5_context - 4 (each round's window holds the flag and one event)")
+    return keep
 
 
 def _due(controls: np.ndarray, i: int, now: int, delta: int) -> np.ndarray | None:

@@ -16,10 +16,20 @@ inside the gaps go through `ForcedTokens`. The spans are put back between the se
 
 Continuation (`t5_continue`): the UL2 S-denoiser, input `[S] prefix EOS`, target = the next
 tokens; beyond `context` input tokens the prefix is the tape's last window (header + aligned
-tail, as the decoder's sliding window) and each round adds up to `stride` tokens.
+tail, as the decoder's sliding window) and each round adds up to `stride` tokens. One round is
+`t5_prefix_round`; MIDI's continuation (`amtrain.generate.amt.amt_t5_continue`) runs the same
+rounds over time-shifted windows.
+
+The encoder's memory grows with the square of its input (attention scores and the relative
+position bias are (B, H, S, S)), so no path feeds it the whole prompt: continuation shows it one
+window a round, and in-filling shows it `InfillWindow` - the segments with the first one's head
+and the last one's tail cut so the input fits `context` tokens; the cut ids go back on the tape
+unchanged (`InfillWindow.restore`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -89,21 +99,66 @@ def t5_continue(model: nn.Module, vocab, prompt: np.ndarray, max_new_tokens: int
     remaining, r = max_new_tokens, 0
     while remaining > 0:
         start = window_start(tape.shape[1], keep, header, unit) if tape.shape[1] > keep else header
-        prefix = np.concatenate([tape[:, :header], tape[:, start:]], 1)
-        x = np.concatenate([np.full((num_samples, 1), vocab.mode_id("S")), prefix,
-                            np.full((num_samples, 1), vocab.eos_id)], 1)
         n = min(remaining, stride)
-        processors = LogitsProcessorList([IdsBelow(vocab.base_vocab_size)])  # no sentinel, EOS or mode id
-        if inner_for is not None:
-            processors.append(inner_for(tape))
+        processors = [] if inner_for is None else [inner_for(tape)]
         if forced:
             processors.append(ForcedTokens(forced, start=-(max_new_tokens - remaining)))
-        new = t5_generate(model, torch.tensor(x, device=_device(model)), n, logits_processor=processors,
-                          seed=None if seed is None else seed + r, **sampling).cpu().numpy()
+        new = t5_prefix_round(model, vocab, np.concatenate([tape[:, :header], tape[:, start:]], 1), n, processors,
+                              seed=None if seed is None else seed + r, **sampling)
         tape = np.concatenate([tape, new], 1)
         remaining -= n
         r += 1
     return tape
+
+
+def t5_prefix_round(model: nn.Module, vocab, prefix: np.ndarray, n: int, processors: list, **sampling) -> np.ndarray:
+    """One S-denoiser round: the encoder sees `[S] prefix EOS` (N, p + 2), the decoder samples n
+    base-vocabulary ids (no sentinel, EOS or mode id) under `processors`; returns them (N, n)."""
+    N = prefix.shape[0]
+    x = np.concatenate([np.full((N, 1), vocab.mode_id("S")), prefix, np.full((N, 1), vocab.eos_id)], 1)
+    rules = LogitsProcessorList([IdsBelow(vocab.base_vocab_size), *processors])
+    return t5_generate(model, torch.tensor(x, device=_device(model)), n, logits_processor=rules,
+                       **sampling).cpu().numpy()
+
+
+@dataclass
+class InfillWindow:
+    """The part of in-fill segments the encoder sees: `segments` with the first one's ids
+    [header, header + cut_head) and the last one's final cut_tail ids left out."""
+
+    segments: list[np.ndarray]
+    header: int
+    cut_head: np.ndarray
+    cut_tail: np.ndarray
+
+    def restore(self, tape: np.ndarray) -> np.ndarray:
+        """A merged tape of the windowed segments -> the tape of the whole segments."""
+        h = self.header
+        return np.concatenate([tape[:h], self.cut_head, tape[h:], self.cut_tail]).astype(np.int64)
+
+    @property
+    def num_cut(self) -> int:
+        return len(self.cut_head) + len(self.cut_tail)
+
+
+def infill_window(segments: list[np.ndarray], context: int, *, header: int = 0, unit: int = 1) -> InfillWindow:
+    """Fit the in-fill input `[X] s_0 <s_0> ... s_n EOS` into `context` tokens by cutting s_0's
+    head (after its first `header` ids) and s_n's tail, in whole units, half of the room on each
+    side of the gaps (a side shorter than its half gives the rest to the other). The segments
+    between gaps are kept whole."""
+    first, last = segments[0], segments[-1]
+    if 2 + len(segments) - 1 + sum(len(s) for s in segments) <= context:
+        return InfillWindow(list(segments), header, first[:0], last[:0])
+    middle = sum(len(s) for s in segments[1:-1])
+    room = context - 2 - (len(segments) - 1) - header - middle  # mode id, EOS, one sentinel per gap
+    if room < 2 * unit:
+        raise UserError(f"--t5-context {context}: too small for the {middle} tokens between the gaps "
+                        f"(and {2 * unit} of context on either side); raise it")
+    body = len(first) - header
+    cut = -(-(body - min(body, max(room // 2, room - len(last)))) // unit) * unit  # whole units
+    right = len(last) if len(last) <= room - (body - cut) else (room - (body - cut)) // unit * unit
+    return InfillWindow([np.concatenate([first[:header], first[header + cut:]]), *segments[1:-1], last[:right]],
+                        header, first[header:header + cut], last[right:])
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -10,6 +10,13 @@ previous track for synthesis"). Where AMT asserts, this decoder counts and goes 
 - a time id whose next two ids are not a duration and a note of the same block is a
   *malformed* triple: the time id is skipped and reading resynchronises on the next id.
 
+Times past the TIME block: AMT's `generate`, and amtrain's rollouts (`.npy`), write a piece
+longer than 100 s as the flag and triples of absolute times, whose time ids run on past the
+block (into the DUR, NOTE, control ids and beyond the vocabulary); AMT reads them by position
+(`tokens[0::3]`). So does this decoder where a triple is due - at the start, after a flag, a
+separator or a well-formed triple: there any id >= the block's start followed by a duration and
+a note of one block is that block's triple at that time. Elsewhere only in-block times count.
+
 MIDI is written with symusic at 50 ticks per quarter and 120 bpm, so one tick is one 10 ms bin
 (as AMT's compound_to_midi), one track per instrument in order of first appearance, drums on
 channel 10. Velocity is AMT's default 72 (events carry none).
@@ -62,10 +69,11 @@ class DecodeReport:
                 f"{self.num_invalid} invalid ids and {self.num_malformed} malformed triples skipped")
 
 
-def _triple_block(t: int, d: int, n: int) -> int | None:
-    """Base offset (0 events, CONTROL_OFFSET controls) if (t, d, n) is a valid triple."""
+def _triple_block(t: int, d: int, n: int, due: bool = False) -> int | None:
+    """Base offset (0 events, CONTROL_OFFSET controls) if (t, d, n) is a valid triple; where a
+    triple is `due`, a time past its block (an absolute time > 100 s) is valid too."""
     for base in (0, CONTROL_OFFSET):
-        if (base <= t < base + MAX_TIME and base + DUR_OFFSET <= d < base + DUR_OFFSET + MAX_DUR
+        if (base <= t and (due or t < base + MAX_TIME) and base + DUR_OFFSET <= d < base + DUR_OFFSET + MAX_DUR
                 and (base + NOTE_OFFSET <= n < base + NOTE_OFFSET + MAX_NOTE or (base == 0 and n == REST))):
             return base
     return None
@@ -77,32 +85,31 @@ def ids_to_notes(ids) -> tuple[Notes, DecodeReport]:
     rep = DecodeReport(num_ids=len(ids))
     rows: list[tuple[int, int, int, int, int]] = []  # time, duration, pitch, instrument, is control
     offset = track_max = 0
-    i = 0
+    i, due = 0, True  # due: a triple may start here (absolute times allowed)
     while i < len(ids):
         x = ids[i]
-        if x in (AUTOREGRESS, ANTICIPATE):
-            rep.num_flags += 1
-            i += 1
-            continue
         if x == SEPARATOR and ids[i + 1:i + 3] == [SEPARATOR, SEPARATOR]:
             rep.num_separators += 1
             offset += track_max
             track_max = 0
             rep.boundaries.append(offset)
-            i += 3
+            i, due = i + 3, True
             continue
-        is_time = 0 <= x < MAX_TIME or CONTROL_OFFSET <= x < CONTROL_OFFSET + MAX_TIME
-        if not is_time:
-            rep.num_invalid += 1
-            i += 1
-            continue
-        base = _triple_block(*ids[i:i + 3]) if i + 3 <= len(ids) else None
+        base = _triple_block(*ids[i:i + 3], due=due) if i + 3 <= len(ids) else None
         if base is None:
-            rep.num_malformed += 1
+            if x in (AUTOREGRESS, ANTICIPATE):
+                rep.num_flags += 1
+                due = True
+            elif 0 <= x < MAX_TIME or CONTROL_OFFSET <= x < CONTROL_OFFSET + MAX_TIME:
+                rep.num_malformed += 1
+                due = False
+            else:
+                rep.num_invalid += 1
+                due = False
             i += 1
             continue
         t, d, n = ids[i] - base, ids[i + 1] - base - DUR_OFFSET, ids[i + 2] - base
-        i += 3
+        i, due = i + 3, True
         if n == REST:
             rep.num_rests += 1
             continue

@@ -8,7 +8,10 @@ codec's frame rate.
 Strategies: continuation keeps codebook k at position k of each frame (`CodebookConstraint`)
 and, for the delay layout, forces the prompt's last K-1 frames' later codebooks so the prompt
 is kept exactly; a denoiser in-fills a frame range as one sentinel span (left-to-right models
-cannot in-fill audio).
+cannot in-fill audio). A denoiser's encoder never sees more than `t5_context` tokens of the
+prompt (its memory grows with the square of its input): a continuation round shows it the
+prompt's last window, an in-fill the frames nearest the range (`infill_window`); a note on
+stderr says how much was left out.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from amtrain.modalities.base import (
     SpanLayout,
     check_ids,
     left_to_right_continue,
+    note,
     read_ids,
     save_npy,
     seq2seq_continue,
@@ -122,6 +126,10 @@ class AudioModality(Modality):
         n = (frames + (K - 1 if tok.layout == "delay" else 0)) * K
         stream, forced = delay_prefix(codes, tok), delay_forced(codes, tok)
         if not rm.family.left_to_right:
+            seen = (cfg.t5_context - cfg.t5_stride(K)) // K
+            if seen < codes.shape[1]:
+                note(f"T5 continuation: each round's encoder sees the last {_frames(cfg, seen)} of the "
+                     f"prompt's {_frames(cfg, codes.shape[1])} (--t5-context {cfg.t5_context})")
             tapes = seq2seq_continue(rm, stream, n, num_samples, cfg, seed_offset, unit=K,
                                      inner_for=lambda t: CodebookConstraint(K, tok.codebook_size), forced=forced)
             return [stream_codes(t, tok) for t in tapes]
@@ -132,7 +140,7 @@ class AudioModality(Modality):
 
     def infill_tape(self, rm: RolloutModel, codes: np.ndarray, cfg, num_samples: int, seed_offset: int = 0) -> list:
         from amtrain.generate.grammar import CodebookConstraint
-        from amtrain.generate.t5 import t5_infill
+        from amtrain.generate.t5 import infill_window, t5_infill
 
         tok = audio_tokenizer(rm)
         K = tok.num_codebooks
@@ -149,10 +157,16 @@ class AudioModality(Modality):
         lo, hi = a * K, (b + ext) * K
         frame = np.arange(lo, hi) // K - np.arange(lo, hi) % K * (ext > 0)
         forced = {j: int(stream[lo + j]) for j in np.flatnonzero((frame < a) | (frame >= b)).tolist()}
-        out = t5_infill(rm.model, rm.t5_vocab(), [stream[:lo], stream[hi:]], num_samples, mode=cfg.denoiser,
+        window = infill_window([stream[:lo], stream[hi:]], cfg.t5_context, unit=K)  # the encoder's memory
+        if window.num_cut:
+            before, after = (len(x) // K for x in window.segments)
+            note(f"T5 in-fill: the encoder sees {_frames(cfg, before)} before the range and {_frames(cfg, after)} "
+                 f"after it; {_frames(cfg, window.num_cut // K)} of the prompt's {_frames(cfg, codes.shape[1])} "
+                 f"are not shown to it (--t5-context {cfg.t5_context}) and are kept as they are")
+        out = t5_infill(rm.model, rm.t5_vocab(), window.segments, num_samples, mode=cfg.denoiser,
                         unit=K, inner=CodebookConstraint(K, tok.codebook_size), lengths=[hi - lo], forced=forced,
                         **cfg.sampling(seed_offset))
-        return [tok.codes(s) for s in out]
+        return [tok.codes(window.restore(s)) for s in out]
 
     # -- alternate -----------------------------------------------------------------------
     def random_region(self, rm: RolloutModel, codes: np.ndarray, cfg, rng: np.random.Generator):
@@ -179,6 +193,11 @@ class AudioModality(Modality):
         if rate != 24000:
             cmd += ["--codec-model", f"{rate // 1000}khz"]
         return shlex.join(cmd)
+
+
+def _frames(cfg, num: int) -> str:
+    """'75 frames (1.00 s)', or '75 frames' without the codec's frame rate."""
+    return f"{num} frames" + (f" ({num / cfg.frame_rate:.2f} s)" if cfg.frame_rate else "")
 
 
 def audio_frames(cfg, seconds: float) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,8 @@ class RolloutConfig:
     """Alternate: c = continue, i = in-fill, cycled over the iterations."""
     iterations: int = 4
     t5_context: int = 512
-    """T5 continuation: encoder input tokens per round (the prefix window)."""
+    """T5: most tokens the encoder sees (its memory grows with their square): continuation, each
+    round's prefix window; MIDI and audio in-filling, the prompt nearest the range."""
     priorities: list[tuple[int, int, float]] = field(default_factory=list)
     """Alternate, audio: (start_frame, end_frame, priority) chunks of the prompt."""
     frame_rate: float | None = None
@@ -80,6 +82,11 @@ class RolloutConfig:
         seed = None if self.seed is None else self.seed + seed_offset
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": seed,
                 "use_cache": self.use_cache}
+
+    def t5_stride(self, unit: int = 1) -> int:
+        """T5 continuation: new tokens a round, whole units (`stride`, default t5_context // 2)."""
+        stride = self.stride if self.stride is not None else self.t5_context // 2
+        return max(unit, stride // unit * unit)
 
 
 @dataclass(frozen=True)
@@ -272,10 +279,15 @@ def seq2seq_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: Rollo
     """Continue ids by n tokens with a denoiser: the S mode by rounds over a prefix window."""
     from amtrain.generate.t5 import t5_continue
 
-    stride = cfg.stride if cfg.stride is not None else cfg.t5_context // 2
-    stride = max(unit, stride // unit * unit)
-    return t5_continue(rm.model, rm.t5_vocab(), ids, n, num_samples, context=cfg.t5_context, stride=stride,
-                       header=header, unit=unit, inner_for=inner_for, forced=forced, **cfg.sampling(seed_offset))
+    return t5_continue(rm.model, rm.t5_vocab(), ids, n, num_samples, context=cfg.t5_context,
+                       stride=cfg.t5_stride(unit), header=header, unit=unit, inner_for=inner_for, forced=forced,
+                       **cfg.sampling(seed_offset))
+
+
+def note(line: str) -> None:
+    """One line on stderr about what a rollout did to fit the model (not a fault), e.g. how much
+    of a long prompt a T5 encoder was shown."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- id files

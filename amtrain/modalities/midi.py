@@ -7,8 +7,10 @@ than 100 s the time ids run past the TIME block. Prompts: .mid files or id files
 
 Strategies: a left-to-right model continues with AMT's anticipatory loop (`amt_generate`) and
 in-fills by anticipation (events after the range, and the control instruments' events inside it,
-become controls); a denoiser continues by S-mode rounds and in-fills a time range as one
-sentinel span, both under the AMT grammar (`MidiConstraint`).
+become controls); a denoiser continues by S-mode rounds over windows re-based to start at 0 like
+the decoder's (`amt_t5_continue`: any length) and in-fills a time range of a piece under 100 s
+as one sentinel span, its encoder seeing at most `t5_context` tokens nearest the range; both
+under the AMT grammar (`MidiConstraint`).
 
 Validation metrics: AMT's event perplexity and bits per event (arXiv 2306.08620, Sec. 5). An
 event is three tokens (time, duration, note), so a mean per-token cross-entropy `ce` (nats)
@@ -30,9 +32,9 @@ from amtrain.modalities.base import (
     RolloutModel,
     SpanLayout,
     check_ids,
+    note,
     read_ids,
     save_npy,
-    seq2seq_continue,
 )
 from amtrain.registry import register_modality
 from amtrain.tokens.midi import (
@@ -109,7 +111,8 @@ class MidiModality(Modality):
     # -- prompts and outputs -------------------------------------------------------------
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> MidiTape:
         """.mid -> events (no controls; padding happens at generation); id file -> the triples as
-        given (flags dropped, SEPARATOR triples dropped, controls kept)."""
+        given (flags dropped, SEPARATOR triples dropped, controls kept; time ids may run past the
+        vocabulary: a rollout's .npy of a long piece holds absolute times)."""
         if path.suffix.lower() in MIDI_SUFFIXES:
             from amtrain.midi.events import MidiReadError, notes_to_events, read_notes
 
@@ -118,7 +121,7 @@ class MidiModality(Modality):
             except MidiReadError as e:
                 raise UserError(f"{path}: {e}") from None
             return MidiTape(AUTOREGRESS, events[np.argsort(events[:, 0], kind="stable")])
-        ids = check_ids(read_ids(path), VOCAB_SIZE, path)
+        ids = read_ids(path)
         if (ids == GAP).any():
             raise UserError(f"{path}: MIDI prompts mark gaps by time (--infill-range), not by <gap>")
         flag = AUTOREGRESS
@@ -127,6 +130,7 @@ class MidiModality(Modality):
         if ids.size % 3:
             raise UserError(f"{path}: {ids.size} ids after the flag is not a whole number of (time, dur, note) triples")
         tri = ids.reshape(-1, 3)
+        check_ids(np.concatenate([tri[:, 1:].ravel(), np.minimum(tri[:, 0], 0)]), VOCAB_SIZE, path)  # times: >= 0
         return MidiTape(flag, tri[tri[:, 2] != SEPARATOR])
 
     def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None, prompt=None) -> list[Path]:
@@ -190,18 +194,19 @@ class MidiModality(Modality):
         return [MidiTape(flag, t) for t in tapes]
 
     def _seq2seq_continue(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
-        import torch
+        """S-denoiser rounds over time-shifted windows (`amt_t5_continue`): `--length` tokens,
+        whole events."""
+        from amtrain.generate.amt import amt_t5_continue, fit_window, t5_window_triples
 
-        from amtrain.generate.grammar import MidiConstraint, current_time
-
-        n = max(3, int(cfg.length) // 3 * 3)
-
-        def inner_for(t: np.ndarray):
-            body = torch.tensor(t[:, 1:1 + (t.shape[1] - 1) // 3 * 3])
-            return MidiConstraint(header=0, floor=current_time(body, 0))
-
-        out = seq2seq_continue(rm, tape.ids(), n, num_samples, cfg, seed_offset, header=1, unit=3, inner_for=inner_for)
-        return [MidiTape(int(t[0]), t[1:].reshape(-1, 3)) for t in out]
+        stride = cfg.t5_stride(unit=3)
+        keep = fit_window(tape.triples, t5_window_triples(cfg.t5_context, stride), MAX_TIME // 2)
+        if keep < len(tape.triples):
+            note(f"T5 continuation: each round's encoder sees at most the last {keep} of the prompt's "
+                  f"{len(tape.triples)} events (--t5-context {cfg.t5_context}, windows under "
+                  f"{MAX_TIME // 2 // TIME_RESOLUTION} s, times re-based to 0)")
+        out = amt_t5_continue(rm.model, rm.t5_vocab(), tape.flag, tape.triples, max(1, int(cfg.length) // 3),
+                              num_samples, context=cfg.t5_context, stride=stride, **cfg.sampling(seed_offset))
+        return [MidiTape(tape.flag, t) for t in out]
 
     def infill_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
         if cfg.infill_range is None and not cfg.control_instruments:
@@ -231,7 +236,7 @@ class MidiModality(Modality):
     def _seq2seq_infill(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples, seed_offset):
         from amtrain.generate.amt import is_control, triple_times
         from amtrain.generate.grammar import MidiConstraint
-        from amtrain.generate.t5 import t5_infill
+        from amtrain.generate.t5 import infill_window, t5_infill
         from amtrain.midi.tokenize import pad
 
         tri = tape.triples
@@ -243,10 +248,16 @@ class MidiModality(Modality):
         t = triple_times(tri)
         prefix = np.concatenate([[tape.flag], tri[t < a].ravel()])
         suffix = tri[t >= b].ravel()
-        out = t5_infill(rm.model, rm.t5_vocab(), [prefix, suffix], num_samples, mode=cfg.denoiser, unit=3,
+        window = infill_window([prefix, suffix], cfg.t5_context, header=1, unit=3)  # the encoder's memory
+        if window.num_cut:
+            before, after = (len(window.segments[0]) - 1) // 3, len(window.segments[1]) // 3
+            note(f"T5 in-fill: the encoder sees {before} events before the range and {after} after it; "
+                 f"{window.num_cut // 3} of the prompt's {len(tri)} events are not shown to it "
+                 f"(--t5-context {cfg.t5_context}) and are kept as they are")
+        out = t5_infill(rm.model, rm.t5_vocab(), window.segments, num_samples, mode=cfg.denoiser, unit=3,
                         inner=MidiConstraint(header=0, floor=a, ceiling=b), max_span=cfg.max_span // 3 * 3,
                         **cfg.sampling(seed_offset))
-        return [MidiTape(int(ids[0]), ids[1:].reshape(-1, 3)) for ids in out]
+        return [MidiTape(int(ids[0]), window.restore(ids)[1:].reshape(-1, 3)) for ids in out]
 
     # -- alternate -----------------------------------------------------------------------
     def random_region(self, rm: RolloutModel, tape: MidiTape, cfg, rng: np.random.Generator):
