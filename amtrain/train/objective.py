@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from amtrain.config import BatchPlan, RunConfig, batch_plan
+from amtrain.data.checks import checked_tokens
 from amtrain.data.curriculum import Curriculum, CurriculumConfig, Decision
 from amtrain.data.loader import TrainLoader, check_vocab, val_batches
 from amtrain.data.span_corruption import (
@@ -256,7 +257,7 @@ def denoising_batcher(dataset: Dataset, split: str, vocab: T5Vocab, inputs_lengt
         sampler = None
         if priority_temperature is not None:
             sampler = PrioritySampler(chunk_priorities(dataset.folder, split), priority_temperature)
-        return DenoisingBatcher(dataset.tokens(split), vocab, inputs_length, targets_length, unit=unit,
+        return DenoisingBatcher(checked_tokens(dataset, split), vocab, inputs_length, targets_length, unit=unit,
                                 doc_starts=starts, unit_offset=unit_offset, document_sampler=sampler)
     except ValueError as e:
         raise UserError(f"{dataset.folder} ({split}): {e}") from None
