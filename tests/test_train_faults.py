@@ -1,6 +1,8 @@
 """Faults a training run meets, each reproduced and met with one line or a correct recovery
 (the [hardening] issue, training side; docs/reliability_train.md lists what each test proves):
 
+* a run killed between checkpoints and resumed: one metrics.jsonl row per step, TensorBoard
+  agrees; a second run into the same out_dir refuses while the first holds it;
 * damaged shards (a flipped byte, an id in [vocab, padded vocab), an id past the padded vocab)
   stop training at start with one line naming the shard (and the offset), for both loaders;
 """
@@ -22,8 +24,10 @@ import pytest
 from amtrain.errors import ShardError
 from amtrain.store import Dataset, write_shard
 from amtrain.store.format import HEADER_BYTES
+from amtrain.train import checkpoint
 from amtrain.train.loop import train
-from tests.train_helpers import LAUNCHER, REPO, argv, env, from_args, tiny
+from amtrain.train.metrics import MetricsLog
+from tests.train_helpers import LAUNCHER, REPO, argv, env, from_args, metrics, tiny
 
 PADDED_GPT2 = 50304  # the decoder pads gpt2's 50257 ids to a multiple of 64
 
@@ -66,6 +70,70 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def _error_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith("error:")]
+
+
+# ---------------------------------------------------------------- metrics after a kill; the run lock
+
+
+def test_killed_between_checkpoints_then_resumed_has_one_row_per_step(kjv_gpt2, tmp_path):
+    out = tmp_path / "run"
+    args = tiny(kjv_gpt2, out, **{"train.max_steps": 12, "train.checkpoint_every": 4})
+    first = _launch(args)
+    try:  # SIGKILL once step 6 (or 10) is logged: two steps past a checkpoint, far from the next
+        _wait_for(lambda: any(r["step"] > 4 and r["step"] % 4 == 2 for r in _rows(out)), first)
+    finally:
+        first.kill()
+        first.communicate()
+    at = max(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*")
+             if (p / checkpoint.STATE_FILE).is_file())  # the newest complete checkpoint: resume starts there
+    killed_rows = [r["step"] for r in _rows(out) if r["kind"] == "train"]
+    assert max(killed_rows) > at  # the fault: rows past the checkpoint, which the resumed run logs again
+    assert max(_tb_scalars(out, "train/loss")) > at  # TensorBoard holds some too (flushed with each row)
+
+    resumed = train(from_args(args))  # the killed run's lock died with it
+
+    assert sorted(resumed.losses) == list(range(at + 1, 13))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(r["loss"] == resumed.losses[r["step"]] for r in rows if r["step"] > at)
+    assert [r["step"] for r in metrics(out, "val")] == [12]
+    tb = _tb_scalars(out, "train/loss")
+    assert sorted(tb) == list(range(1, 13))
+    assert all(tb[r["step"]] == pytest.approx(r["loss"], rel=1e-6) for r in rows)
+
+
+def test_resumed_metrics_drop_rows_past_the_checkpoint_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s, "loss": 10.0 - s} for s in range(1, 7)] + [{"kind": "val", "step": 4, "val_loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')  # killed mid-write
+    log = MetricsLog(tmp_path, start_step=4)
+    assert [(r["kind"], r["step"]) for r in _rows(tmp_path)] == [("train", s) for s in range(1, 5)] + [("val", 4)]
+    log.write("val", 4, {"val_loss": 2.0})  # written again at the checkpoint's step: replaces the old one
+    log.write("train", 5, {"loss": 5.5})
+    log.close()
+    assert [(r["kind"], r["step"]) for r in _rows(tmp_path)] == [("train", s) for s in range(1, 5)] + [("val", 4), ("train", 5)]
+    assert [r["val_loss"] for r in _rows(tmp_path) if r["kind"] == "val"] == [2.0]
+
+
+def test_a_second_run_into_the_same_out_dir_refuses_in_one_line(kjv_gpt2, tmp_path):
+    out = tmp_path / "run"
+    first = _launch(tiny(kjv_gpt2, out, **{"train.max_steps": 10_000}))
+    try:
+        _wait_for(lambda: len(_rows(out)) >= 1, first)
+        info = (out / "run_info.json").read_text()
+        second = subprocess.run([sys.executable, LAUNCHER, *argv(tiny(kjv_gpt2, out))], cwd=REPO, env=env(),
+                                capture_output=True, text=True, timeout=240)
+        assert second.returncode == 1
+        [line] = _error_lines(second.stderr)
+        assert f"{out}: another training run is writing to this train.out_dir (pid {first.pid} " in line
+        assert "choose another train.out_dir" in line and "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on, alone
+        assert (out / "run_info.json").read_text() == info
+        steps = [r["step"] for r in _rows(out)]
+        assert steps == list(range(1, len(steps) + 1))
+    finally:
+        first.kill()
+        first.communicate()
 
 
 # ---------------------------------------------------------------- damaged shards
