@@ -5,6 +5,7 @@
   agrees; a second run into the same out_dir refuses while the first holds it;
 * damaged shards (a flipped byte, an id in [vocab, padded vocab), an id past the padded vocab)
   stop training at start with one line naming the shard (and the offset), for both loaders;
+* DeepSpeed / run config mistakes are one line each; a missing or empty val split is said;
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amtrain.errors import ShardError
+from amtrain.config import parse_args
+from amtrain.errors import ShardError, UserError
 from amtrain.store import Dataset, write_shard
 from amtrain.store.format import HEADER_BYTES
 from amtrain.train import checkpoint
@@ -184,3 +186,77 @@ def test_a_replaced_shard_is_named(kjv_gpt2, tmp_path):
     write_shard(tmp_path / "ds" / record.file, np.arange(record.num_tokens) % 50257, 50257)
     with pytest.raises(ShardError, match=r"val/.*\.bin: checksum 0x[0-9a-f]{8} differs from manifest\.json's"):
         train(from_args(tiny(tmp_path / "ds", tmp_path / "run")))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"zero_optimisation": {"stage": 2}}, "unknown DeepSpeed key 'zero_optimisation' (DeepSpeed would ignore it); "
+                                          "did you mean 'zero_optimization'?"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage = 7 is not a ZeRO stage; use one of 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": "two"}}, "zero_optimization.stage = 'two' is not a ZeRO stage"),
+    ({"steps_per_print": "x"}, "steps_per_print = 'x' is not an int"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": False}},
+     "unknown key zero_optimization.overlap_com; did you mean 'overlap_comm'?"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+     "zero_optimization.offload_param.device = 'gpu': Input should be 'none', 'cpu' or 'nvme'"),
+    ({"gradient_clipping": "high"}, "gradient_clipping = 'high' is not a float"),
+])
+def test_deepspeed_config_mistakes_are_one_line(ds, message, kjv_gpt2, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(UserError) as e:
+        train(from_args(tiny(kjv_gpt2, tmp_path / "run", ds_config=str(path))))
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
+
+
+def test_every_shipped_deepspeed_config_passes_the_check(repo_root):
+    from amtrain.train.engine import load_ds_config
+
+    for path in sorted((repo_root / "ds_configs").glob("*.json")):
+        load_ds_config(path)
+
+
+def test_a_misspelled_deepspeed_key_is_one_line_from_the_launcher(kjv_gpt2, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    p = subprocess.run([sys.executable, LAUNCHER, *argv(tiny(kjv_gpt2, tmp_path / "run", ds_config=str(path)))],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert _error_lines(p.stderr) == [f"error: {path}: unknown DeepSpeed key 'zero_optimisation' (DeepSpeed would "
+                                      f"ignore it); did you mean 'zero_optimization'?"]
+
+
+@pytest.mark.parametrize("text, kind", [("- model\n- train\n", "list"), ("7\n", "int")])
+def test_a_yaml_that_is_not_a_mapping_is_one_line(text, kind, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=rf"^{path}: a run config is a mapping of sections .*this YAML is a {kind}$"):
+        parse_args(["--config", str(path), "--train.max_steps", "3"])
+
+
+def _without_val(src: Path, dst: Path, empty: bool) -> None:
+    """A copy of the dataset with no val split, or (empty) one whose only shard holds no tokens."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    val = next(s for s in manifest["shards"] if s["split"] == "val")
+    manifest["shards"].remove(val)
+    if empty:
+        header = write_shard(dst / val["file"], np.zeros(0, np.uint16), manifest["vocab_size"])
+        np.save(dst / val["file"].replace(".bin", ".idx.npy"), np.zeros(0, np.uint64))
+        manifest["shards"].append({**val, "num_tokens": 0, "num_docs": 0, "crc32": header.crc32})
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["missing", "empty"])
+def test_a_missing_or_empty_val_split_is_said_at_start(empty, kjv_gpt2, tmp_path, capfd):
+    _without_val(kjv_gpt2, tmp_path / "ds", empty)
+    res = train(from_args(tiny(tmp_path / "ds", tmp_path / "run", **{"train.max_steps": 1})))
+    why = f"{tmp_path / 'ds'}'s 'val' split holds no tokens" if empty else f"{tmp_path / 'ds'} has no 'val' split (it has: train)"
+    warnings = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("warning: no validation")]
+    assert warnings == [f"warning: no validation: {why}; prep the data with a validation share, or set "
+                        f"data.val_split '' to train without one"]
+    assert res.val_loss is None and not metrics(tmp_path / "run", "val")
+    train(from_args(tiny(tmp_path / "ds", tmp_path / "quiet", **{"train.max_steps": 1, "data.val_split": '""'})))
+    assert "no validation" not in capfd.readouterr().err  # said only when validation was asked for

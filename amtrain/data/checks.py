@@ -11,7 +11,7 @@ pass over each shard that recomputes its CRC32 and finds its largest id:
     be known from a checksum) or a header checksum that differs from manifest.json's (the
     shard was replaced) stops the run naming the shard.
 
-Each is one `ShardError` line. `Dataset` already checked every header against its file and
+Each is one `ShardError` line. `unusable_split` says why a split has nothing to read. `Dataset` already checked every header against its file and
 the manifest (magic, version, dtype, size) on open; this is the full scan `amtrain inspect
 --validate` does, made cheap enough for every start: zlib's CRC32 and numpy's max run at
 memory speed, in chunks, without copying the memmap. Every rank scans the shards of the
@@ -65,3 +65,13 @@ def check_shard(path: Path, vocab_size: int, manifest_crc32: int) -> None:
         raise ShardError(f"{path}: checksum {header.crc32:#010x} differs from manifest.json's {manifest_crc32:#010x}: "
                          f"the shard was replaced after prep; re-run prep for this dataset")
 
+
+def unusable_split(dataset: Dataset, split: str) -> str | None:
+    """Why `split` has nothing to read: missing from the dataset, or holding no tokens (None:
+    it has some). Training says so at start for the validation split instead of skipping it."""
+    shards = dataset.shards(split)
+    if not shards:
+        return f"{dataset.folder} has no '{split}' split (it has: {', '.join(sorted(dataset.manifest.splits)) or 'none'})"
+    if not sum(s.num_tokens for s in shards):
+        return f"{dataset.folder}'s '{split}' split holds no tokens"
+    return None

@@ -3,6 +3,8 @@
 * `init_distributed`: ranks from the launcher's environment (deepspeed, torchrun) or a single
   process when none is set; gloo on CPU, nccl on CUDA; a timeout on every collective so a dead
   or hung rank ends the run with an error instead of a hang.
+* `load_ds_config`: the user's DeepSpeed JSON, checked against DeepSpeed's own schema
+  (`amtrain.train.ds_check`).
 * `resolve_ds_config`: the user's DeepSpeed JSON + what the run config decides (batch
   arithmetic, clipping, precision). A DeepSpeed key that contradicts the run config is one
   `UserError` naming both keys.
@@ -25,6 +27,7 @@ import torch
 
 from amtrain.config import BatchPlan, OptimConfig, RunConfig, apply_batch_plan
 from amtrain.errors import UserError
+from amtrain.train.ds_check import check_ds_config
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ def load_ds_config(path: Path) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in d:
             raise UserError(f"{path}: `{key}` belongs in the run config (optim.*), not the DeepSpeed config; remove it")
+    check_ds_config(d, str(path))
     return d
 
 
