@@ -6,12 +6,15 @@
 * damaged shards (a flipped byte, an id in [vocab, padded vocab), an id past the padded vocab)
   stop training at start with one line naming the shard (and the offset), for both loaders;
 * DeepSpeed / run config mistakes are one line each; a missing or empty val split is said;
+* a taken master port: one rank moves to a free one, several ranks stop at once in one line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -27,9 +30,10 @@ from amtrain.errors import ShardError, UserError
 from amtrain.store import Dataset, write_shard
 from amtrain.store.format import HEADER_BYTES
 from amtrain.train import checkpoint
+from amtrain.train.engine import check_master_port
 from amtrain.train.loop import train
 from amtrain.train.metrics import MetricsLog
-from tests.train_helpers import LAUNCHER, REPO, argv, env, from_args, metrics, tiny
+from tests.train_helpers import LAUNCHER, REPO, argv, env, from_args, metrics, run, tiny
 
 PADDED_GPT2 = 50304  # the decoder pads gpt2's 50257 ids to a multiple of 64
 
@@ -260,3 +264,58 @@ def test_a_missing_or_empty_val_split_is_said_at_start(empty, kjv_gpt2, tmp_path
     assert res.val_loss is None and not metrics(tmp_path / "run", "val")
     train(from_args(tiny(tmp_path / "ds", tmp_path / "quiet", **{"train.max_steps": 1, "data.val_split": '""'})))
     assert "no validation" not in capfd.readouterr().err  # said only when validation was asked for
+
+
+# ---------------------------------------------------------------- a taken master port
+
+
+def _held_port() -> socket.socket:
+    """A listening socket on a free port: another job holding the master port."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_master_port_check_moves_one_rank_and_stops_several(monkeypatch):
+    with _held_port() as s:
+        port = str(s.getsockname()[1])
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("MASTER_PORT", port)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(UserError, match=rf"^master port {port} \(MASTER_PORT\) is taken by another process.*--master_port N"):
+            check_master_port()
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # torchrun's agent holds it for us
+        check_master_port()
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        check_master_port()
+        moved = int(os.environ["MASTER_PORT"])
+        assert moved != int(port)
+        with socket.socket() as free:
+            free.bind(("", moved))  # the port it moved to is free
+
+
+@pytest.mark.slow
+def test_single_rank_run_trains_with_the_master_port_taken(kjv_gpt2, tmp_path):
+    """The quickstart's launcher with its master port held by another job (29500 by default)."""
+    with _held_port() as s:
+        run(["deepspeed", "--num_accelerators", "1", "--master_port", str(s.getsockname()[1]), LAUNCHER,
+             *argv(tiny(kjv_gpt2, tmp_path / "run", **{"train.max_steps": 2}))])
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_multi_rank_run_with_the_master_port_taken_fails_at_once_in_one_line(kjv_gpt2, tmp_path):
+    with _held_port() as s:
+        port = s.getsockname()[1]
+        t0 = time.time()
+        p = subprocess.run(["deepspeed", "--num_accelerators", "2", "--master_port", str(port), LAUNCHER,
+                            *argv(tiny(kjv_gpt2, tmp_path / "run", **{"train.dist_timeout_s": 300}))],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+        seconds = time.time() - t0
+    assert p.returncode != 0 and seconds < 120  # not the 300 s rendezvous timeout
+    assert _error_lines(p.stderr) == [f"error: master port {port} (MASTER_PORT) is taken by another process, maybe "
+                                      f"another training run; pass a free one: deepspeed --master_port N ... "
+                                      f"(torchrun --master_port N ...)"]
+    assert "Traceback" not in p.stderr + p.stdout and "EADDRINUSE" not in p.stderr + p.stdout
