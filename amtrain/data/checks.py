@@ -47,7 +47,7 @@ def check_shard(path: Path, vocab_size: int, manifest_crc32: int) -> None:
     crc, first_bad = 0, None
     for lo in range(0, tokens.size, CHUNK_TOKENS):
         chunk = tokens[lo: lo + CHUNK_TOKENS]
-        crc = zlib.crc32(chunk, crc)
+        crc = zlib.crc32(chunk.data, crc)
         if first_bad is None and int(chunk.max()) >= vocab_size:
             first_bad = lo + int(np.argmax(chunk >= vocab_size))
     damaged = crc != header.crc32
