@@ -415,10 +415,13 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: run config not found; pass an existing YAML with --config")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return d
+    if d is not None and not isinstance(d, dict):
+        raise UserError(f"{path}: a run config is a mapping of sections (model:, data:, optim:, batch:, train:, "
+                        f"denoise:), this YAML is a {type(d).__name__}")
+    return d or {}
 
 
 def set_dotted(d: dict, key: str, value) -> None:

@@ -13,7 +13,7 @@ perm[s*G : (s+1)*G] (G = micro x accum x world); rank r takes the contiguous sli
     ranks, continues exactly where the interrupted one stopped.
 
 An epoch's tail shorter than a global batch is dropped. Tokens are read only through
-`amtrain.store.Dataset` (memory maps).
+`amtrain.store.Dataset` (memory maps), each shard checked once first (`amtrain.data.checks`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from amtrain.data.checks import checked_tokens
 from amtrain.errors import UserError
 from amtrain.store import Dataset
 
@@ -37,7 +38,7 @@ class WindowIndex:
     """(shard, start) of every window of a split."""
 
     def __init__(self, dataset: Dataset, split: str, seq_len: int):
-        self.shards = dataset.tokens(split)  # memmaps, manifest order
+        self.shards = checked_tokens(dataset, split)  # memmaps, manifest order; CRC and ids checked
         counts = [max(0, (s.size - 1) // seq_len) for s in self.shards]
         self.shard_of = np.repeat(np.arange(len(self.shards)), counts)  # (N,)
         self.start_of = np.concatenate([np.arange(c, dtype=np.int64) * seq_len for c in counts]) if counts else np.zeros(0, np.int64)

@@ -8,6 +8,7 @@ found through the registry (`family(cfg.model.arch).objective_cls()`); modality 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from amtrain.config import DEFAULT_DATA, DEFAULT_TEXT, BatchPlan, RunConfig
+from amtrain.data.checks import unusable_split
 from amtrain.errors import UserError
 from amtrain.registry import family, family_of, modality_of
 from amtrain.store import Dataset
@@ -56,7 +58,13 @@ def build_shape(model):
 
 
 def build_objective(cfg: RunConfig, dataset: Dataset, d: DistInfo) -> Objective:
-    """The family's objective for this rank; it fixes the example length, hence the batch plan."""
+    """The family's objective for this rank; it fixes the example length, hence the batch plan.
+    A validation split it cannot evaluate on (missing or empty) is said in one line (rank 0)."""
+    split = cfg.data.val_split
+    why = unusable_split(dataset, split) if split and cfg.train.eval_batches else None
+    if why and d.is_main:
+        print(f"warning: no validation: {why}; prep the data with a validation share, or set data.val_split '' "
+              f"to train without one", file=sys.stderr, flush=True)
     return family(cfg.model.arch).objective_cls().build(cfg, dataset, d.rank, d.world_size)
 
 

@@ -2,7 +2,10 @@
 
 * `init_distributed`: ranks from the launcher's environment (deepspeed, torchrun) or a single
   process when none is set; gloo on CPU, nccl on CUDA; a timeout on every collective so a dead
-  or hung rank ends the run with an error instead of a hang.
+  or hung rank ends the run with an error instead of a hang; a taken master port moved (one
+  rank) or named in one line (several: `check_master_port`).
+* `load_ds_config`: the user's DeepSpeed JSON, checked against DeepSpeed's own schema
+  (`amtrain.train.ds_check`).
 * `resolve_ds_config`: the user's DeepSpeed JSON + what the run config decides (batch
   arithmetic, clipping, precision). A DeepSpeed key that contradicts the run config is one
   `UserError` naming both keys.
@@ -29,6 +32,7 @@ import torch
 
 from amtrain.config import BatchPlan, OptimConfig, RunConfig, apply_batch_plan
 from amtrain.errors import UserError
+from amtrain.train.ds_check import check_ds_config
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_taken(port: int) -> bool:
+    """Whether rank 0's TCPStore could not listen on `port` (it binds every interface, with
+    SO_REUSEADDR, so a port in TIME_WAIT is not taken)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_master_port() -> None:
+    """Rank 0's rendezvous port (MASTER_PORT), before the process group is made: taken by
+    another process, a run of one rank moves to a free port (nobody else connects to it); a run
+    of several ranks stops with one line naming the port and `--master_port`, instead of
+    `DistNetworkError: EADDRINUSE` after the op build. Not checked where torchrun's agent holds
+    the store on that port itself (TORCHELASTIC_USE_AGENT_STORE) or without a MASTER_PORT."""
+    port = os.environ.get("MASTER_PORT")
+    if (os.environ.get("RANK") != "0" or port is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            or not _port_taken(int(port))):
+        return
+    if os.environ.get("WORLD_SIZE") == "1":
+        os.environ["MASTER_PORT"] = str(_free_port())
+        return
+    raise UserError(f"master port {port} (MASTER_PORT) is taken by another process, maybe another training run; "
+                    f"pass a free one: deepspeed --master_port N ... (torchrun --master_port N ...)")
+
+
 def init_distributed(timeout_s: float) -> DistInfo:
     """Join (or, run as a plain single process, create) the process group."""
     import deepspeed
@@ -64,6 +97,7 @@ def init_distributed(timeout_s: float) -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        check_master_port()
         with cpu_comm_op(cuda, int(os.environ.get("WORLD_SIZE", "1")), local_rank):
             deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -122,6 +156,7 @@ def load_ds_config(path: Path) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in d:
             raise UserError(f"{path}: `{key}` belongs in the run config (optim.*), not the DeepSpeed config; remove it")
+    check_ds_config(d, str(path))
     return d
 
 

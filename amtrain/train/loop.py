@@ -1,7 +1,8 @@
 """`train(cfg)`: the training entry point of every launcher and test.
 
     d = init_distributed(...)            # the process group (a group of one without a launcher)
-    Trainer(cfg, d).fit() -> RunResult   # amtrain.train.trainer: builders, loop, cadences
+    with run_dir_lock(out_dir, d):       # one run per train.out_dir at a time (amtrain.train.lock)
+        Trainer(cfg, d).fit() -> RunResult   # amtrain.train.trainer: builders, loop, cadences
 
 A rank that loses contact with another (a dead or hung peer: a collective raises or times out
 after train.dist_timeout_s) ends with one `UserError` line instead of a traceback or a hang.
@@ -16,13 +17,15 @@ import torch.distributed as dist
 from amtrain.config import RunConfig
 from amtrain.errors import UserError
 from amtrain.train.engine import init_distributed
+from amtrain.train.lock import run_dir_lock
 from amtrain.train.trainer import RunResult, Trainer
 
 
 def train(cfg: RunConfig) -> RunResult:
     d = init_distributed(cfg.train.dist_timeout_s)
     try:
-        return Trainer(cfg, d).fit()
+        with run_dir_lock(cfg.train.out_dir, d):
+            return Trainer(cfg, d).fit()
     except RuntimeError as e:  # gloo/nccl report a dead peer or a timeout as RuntimeError
         if not _raised_in_collective(e):
             raise

@@ -95,24 +95,65 @@ def record_run(run_dir: Path, cfg: RunConfig, ds_config: dict, info: dict) -> No
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard (rank 0), appended across resumed segments."""
+    """metrics.jsonl + TensorBoard (rank 0), appended across resumed segments, one record per
+    (kind, step) whatever was killed where.
 
-    def __init__(self, run_dir: Path):
+    A segment starting at step S (the checkpoint it resumed from; 0 when fresh) first drops the
+    records past S that a killed segment wrote after its last checkpoint (an atomic rewrite;
+    a torn last line goes too), and opens TensorBoard with `purge_step` S+1, which hides that
+    segment's events from S+1 on. A record it writes again at S itself (the final validation of
+    a finished run started again) replaces the old one. TensorBoard is flushed with every record,
+    so both files hold the same steps when a run is killed."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        self.path, self.start_step = run_dir / "metrics.jsonl", start_step
+        kept = rewrite_records(self.path, lambda r: r["step"] <= start_step)
+        self.at_start = {r["kind"] for r in kept if r["step"] == start_step}  # kinds S already has
+        self.file = open(self.path, "a")
+        tb_dir = run_dir / "tb"
+        purge = start_step + 1 if any(tb_dir.glob("events.out.tfevents.*")) else None
+        self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
 
     def write(self, kind: str, step: int, values: dict) -> None:
+        if step == self.start_step and kind in self.at_start:
+            self.file.close()
+            rewrite_records(self.path, lambda r: (r["kind"], r["step"]) != (kind, step))
+            self.file = open(self.path, "a")
+            self.at_start.discard(kind)
         self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self.file.flush()
         for k, v in values.items():
             if isinstance(v, int | float):
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.tb.flush()
 
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+def rewrite_records(path: Path, keep) -> list[dict]:
+    """Keep the records of metrics.jsonl that `keep(record)` accepts, dropping lines that are
+    not a whole record (a write torn by a kill); the file is rewritten atomically, and only if
+    something goes. -> the records kept."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.splitlines()
+    kept = [(line, r) for line in lines if (r := _record(line)) is not None and keep(r)]
+    if len(kept) != len(lines) or not data.endswith(b"\n"):
+        write_bytes_atomic(path, b"".join(line + b"\n" for line, _ in kept))
+    return [r for _, r in kept]
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) and isinstance(r.get("step"), int) and "kind" in r else None
 
 
 class Progress:

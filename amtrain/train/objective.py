@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from amtrain.config import BatchPlan, RunConfig, batch_plan
+from amtrain.data.checks import checked_tokens, unusable_split
 from amtrain.data.curriculum import Curriculum, CurriculumConfig, Decision
 from amtrain.data.loader import TrainLoader, check_vocab, val_batches
 from amtrain.data.span_corruption import (
@@ -172,7 +173,7 @@ class LMObjective:
         loader = TrainLoader(dataset, data.split, data.seq_len, plan.micro_batch, plan.grad_accum, rank, world_size,
                              cfg.train.seed)
         val = []
-        if data.val_split and dataset.shards(data.val_split) and cfg.train.eval_batches:
+        if data.val_split and cfg.train.eval_batches and unusable_split(dataset, data.val_split) is None:
             val = val_batches(dataset, data.val_split, data.seq_len, plan.micro_batch, cfg.train.eval_batches,
                               rank, world_size)
         return cls(plan, loader, val, modality_of(dataset.manifest.tokenizer), data.seq_len_at)
@@ -257,7 +258,7 @@ def denoising_batcher(dataset: Dataset, split: str, vocab: T5Vocab, inputs_lengt
         sampler = None
         if priority_temperature is not None:
             sampler = PrioritySampler(chunk_priorities(dataset.folder, split), priority_temperature)
-        return DenoisingBatcher(dataset.tokens(split), vocab, inputs_length, targets_length, unit=unit,
+        return DenoisingBatcher(checked_tokens(dataset, split), vocab, inputs_length, targets_length, unit=unit,
                                 doc_starts=starts, unit_offset=unit_offset, document_sampler=sampler)
     except ValueError as e:
         raise UserError(f"{dataset.folder} ({split}): {e}") from None
@@ -315,7 +316,7 @@ class DenoiseObjective:
         loader = DenoisingLoader(train, plan.micro_batch, plan.grad_accum, cfg.train.seed, rank)
         val = {}
         split = cfg.data.val_split
-        if split and dataset.shards(split) and cfg.train.eval_batches:
+        if split and cfg.train.eval_batches and unusable_split(dataset, split) is None:
             held_out = batcher(split)
             try:
                 val = fixed_val_batches(held_out, curriculum, plan.micro_batch, cfg.train.eval_batches,

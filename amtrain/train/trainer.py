@@ -107,7 +107,7 @@ class Trainer:
         self.meta = build_meta(cfg, self.model, self.dataset, self.ds_config, self.objective)
         if d.is_main:
             self.record()
-        self.metrics = MetricsLog(Path(cfg.train.out_dir)) if d.is_main else None
+        self.metrics = MetricsLog(Path(cfg.train.out_dir), self.state.step) if d.is_main else None
         self.bar = Progress(cfg.train.progress and d.is_main, cfg.train.max_steps, self.state.step)
         if cfg.train.rollout_every:
             self.tokenizer, self.rollout_prompts = build_rollout_prompts(cfg, self.dataset)
