@@ -88,7 +88,7 @@ class ModelFamily:
                             "was it written by a newer amtrain?")
         return self.config_cls(**d)
 
-    def objective_cls(self) -> type:
+    def objective_cls(self) -> Any:
         return load_attr(self.objective)
 
     def adapter(self, fmt: str):

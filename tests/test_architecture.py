@@ -23,6 +23,13 @@ def test_imports_follow_the_layers():
     assert "Contracts: 1 kept, 0 broken." in p.stdout
 
 
+def test_type_checker_passes():
+    """mypy over amtrain/ (settings in pyproject.toml): the Tokenizer protocol, the SequenceModel
+    contract and the registry's specs are checked where they are used."""
+    p = subprocess.run([str(BIN / "mypy"), "amtrain"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:]
+
+
 def test_registry_lists_the_builtin_families_and_modalities():
     from amtrain.registry import family, family_names, modality_of, study_families
 

@@ -79,7 +79,8 @@ class TrainLoader:
                             f"fewer than one global batch ({self.global_batch}); use more data, a shorter "
                             f"data.seq_len or a smaller batch")
         self.state = LoaderState()
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch = -1
+        self._perm: np.ndarray = np.zeros(0, np.int64)
         self._pending: list[np.ndarray] = []
 
     def _permutation(self, epoch: int) -> np.ndarray:

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.generate.grammar import MidiConstraint
 from amtrain.generate.loop import Sampler
 from amtrain.generate.steps import LMStep
 from amtrain.generate.t5 import t5_prefix_round
+from amtrain.models.base import SequenceModel
 from amtrain.tokens.midi import (
     ANTICIPATE,
     ATIME_OFFSET,
@@ -100,7 +100,7 @@ def window_rows(fed: list[np.ndarray], num_triples: int, flag: int) -> tuple[np.
 class _Window:
     """The model's view of all rows: flag + relativized triples, with an optional KV cache."""
 
-    def __init__(self, model: nn.Module, flag: int, use_cache: bool):
+    def __init__(self, model: SequenceModel, flag: int, use_cache: bool):
         self.model, self.flag, self.step = model, flag, LMStep(model, use_cache)
         self.context = model.cfg.max_seq_len
 
@@ -122,7 +122,7 @@ class _Window:
 
 
 @torch.no_grad()
-def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num_samples: int,
+def amt_generate(model: SequenceModel, prompt: np.ndarray, controls: np.ndarray, num_samples: int,
                  sampling: AmtSampling, floor_time: int = 0, end_time: int | None = None,
                  max_new_events: int | None = None) -> tuple[int, list[np.ndarray]]:
     """prompt (L, 3) triples (absolute times, controls interleaved), controls (M, 3) in the
@@ -160,8 +160,9 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
             logits = constraint(logits, win.seq)
             tok = sampler(logits, win.seq)  # (B, 1)
             for b in range(B):
-                if forced[b] is not None:
-                    tok[b, 0] = int(forced[b][p]) - (win.offset[b] if p == 0 else 0)
+                due = forced[b]
+                if due is not None:
+                    tok[b, 0] = int(due[p]) - (win.offset[b] if p == 0 else 0)
             triple.append(tok)
             logits = win.push(tok)
         tri = torch.cat(triple, 1).cpu().numpy()  # (B, 3) window-relative
@@ -187,7 +188,7 @@ def amt_generate(model: nn.Module, prompt: np.ndarray, controls: np.ndarray, num
 
 
 @torch.no_grad()
-def amt_t5_continue(model: nn.Module, vocab, flag: int, prompt: np.ndarray, max_new_events: int, num_samples: int,
+def amt_t5_continue(model: SequenceModel, vocab, flag: int, prompt: np.ndarray, max_new_events: int, num_samples: int,
                     *, context: int, stride: int, seed: int | None = None, **sampling) -> list[np.ndarray]:
     """T5 continuation of prompt triples (L, 3) (absolute times) by max_new_events events: the
     rounds of `amtrain.generate.t5.t5_continue` (`stride` new ids a round), each over the

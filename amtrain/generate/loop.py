@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
-from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.generate.processors import LogitsProcessor, sampling_processors
 from amtrain.generate.steps import LMStep, ModelStep, T5Step
+from amtrain.models.base import SequenceModel
+from amtrain.models.t5 import T5
 
 
 class Sampler:
@@ -48,7 +50,7 @@ class Sampler:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """The model in eval mode inside the block, back in its previous mode after."""
     was_training = model.training
     model.eval()
@@ -84,7 +86,7 @@ def decode(step: ModelStep, prompt: torch.Tensor, max_new_tokens: int, sampler: 
     return seq
 
 
-def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: SequenceModel, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              use_cache: bool = True, logits_processor: LogitsProcessor | None = None,
              eos_id: int | None = None) -> torch.Tensor:
@@ -97,7 +99,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, temper
     return decode(LMStep(model, use_cache), prompt, max_new_tokens, sampler, logits_processor, eos_id)
 
 
-def t5_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def t5_generate(model: SequenceModel, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 use_cache: bool = True, logits_processor: LogitsProcessor | None = None,
                 eos_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,11 +108,11 @@ def t5_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
     targets so far (B, t). Temperature 0 is the greedy decode of exact-match evaluation."""
     sampler = Sampler(temperature, top_k, top_p, seed, input_ids.device)
     targets = input_ids.new_empty((input_ids.shape[0], 0))
-    return decode(T5Step(model, input_ids, attention_mask, use_cache), targets, max_new_tokens, sampler,
+    return decode(T5Step(cast(T5, model), input_ids, attention_mask, use_cache), targets, max_new_tokens, sampler,
                   logits_processor, eos_id)
 
 
-def _check_prompt(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> None:
+def _check_prompt(model: SequenceModel, prompt: torch.Tensor, max_new_tokens: int) -> None:
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise UserError(f"prompt: expected token ids of shape (batch, length >= 1), got {tuple(prompt.shape)}")
     total = prompt.shape[1] + max_new_tokens

@@ -19,11 +19,14 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from torch import nn
+
+from amtrain.models.base import SequenceModel
+from amtrain.models.t5 import T5
 
 
 class ModelStep(Protocol):
-    model: nn.Module
+    @property
+    def model(self) -> SequenceModel: ...
 
     def prefill(self, ids: torch.Tensor, max_len: int) -> torch.Tensor: ...
 
@@ -35,7 +38,7 @@ class LMStep:
     the vocabulary (nanoGPT's `lm_head(x[:, [-1]])`), so a long prompt's prefill never builds its
     (B, t0, V) logits."""
 
-    def __init__(self, model: nn.Module, use_cache: bool = True):
+    def __init__(self, model: SequenceModel, use_cache: bool = True):
         self.model, self.use_cache, self.cache = model, use_cache, None
 
     def prefill(self, ids: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -54,7 +57,7 @@ class T5Step:
     """T5: the decoder over one encoder output, computed at prefill. The cache's cross-attention
     keys/values are computed once; its self-attention keys/values are written in place."""
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def __init__(self, model: T5, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  use_cache: bool = True):
         self.model, self.input_ids, self.attention_mask, self.use_cache = model, input_ids, attention_mask, use_cache
 

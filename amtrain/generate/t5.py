@@ -33,16 +33,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.generate.grammar import Constraint, IdsBelow, SpanGrammar
 from amtrain.generate.loop import t5_generate
 from amtrain.generate.processors import ForcedTokens, LogitsProcessorList
 from amtrain.generate.window import window_start
+from amtrain.models.base import SequenceModel
 
 
-def t5_infill(model: nn.Module, vocab, segments: list[np.ndarray], num_samples: int = 1, *, mode: str = "X",
+def t5_infill(model: SequenceModel, vocab, segments: list[np.ndarray], num_samples: int = 1, *, mode: str = "X",
               unit: int = 1, inner: Constraint | None = None, lengths: list[int] | None = None,
               forced: dict[int, int] | None = None, max_span: int = 256, **sampling) -> list[np.ndarray]:
     """Fill the gaps between segments; returns one merged tape per sample (segments kept).
@@ -63,6 +63,8 @@ def t5_infill(model: nn.Module, vocab, segments: list[np.ndarray], num_samples: 
     grammar = SpanGrammar(vocab, num_gaps, unit, inner, lengths, None if lengths else max_span)
     processors = LogitsProcessorList([grammar])
     if forced:
+        if lengths is None:
+            raise ValueError("forced ids in a gap need exact span lengths")
         processors.append(ForcedTokens(_target_positions(forced, lengths)))
     budget = (sum(lengths) if lengths else num_gaps * max_span) + num_gaps + 1
     out = t5_generate(model, x, budget, logits_processor=processors, eos_id=vocab.eos_id, **sampling).cpu().numpy()
@@ -78,15 +80,15 @@ def t5_infill(model: nn.Module, vocab, segments: list[np.ndarray], num_samples: 
 def _target_positions(forced: dict[int, int], lengths: list[int]) -> dict[int, int]:
     """Gap-id index -> target position: target 0 is <s_0>, gap i's ids follow the sentinel
     that opens it."""
-    assert lengths is not None, "forced ids in a gap need exact span lengths"
-    positions, start = [], 1
+    positions: list[int] = []
+    start = 1
     for length in lengths:
         positions += range(start, start + length)
         start += length + 1
     return {positions[k]: v for k, v in forced.items()}
 
 
-def t5_continue(model: nn.Module, vocab, prompt: np.ndarray, max_new_tokens: int, num_samples: int = 1, *,
+def t5_continue(model: SequenceModel, vocab, prompt: np.ndarray, max_new_tokens: int, num_samples: int = 1, *,
                 context: int = 512, stride: int | None = None, header: int = 0, unit: int = 1,
                 inner_for=None, forced: dict[int, int] | None = None, seed: int | None = None,
                 **sampling) -> np.ndarray:
@@ -111,7 +113,7 @@ def t5_continue(model: nn.Module, vocab, prompt: np.ndarray, max_new_tokens: int
     return tape
 
 
-def t5_prefix_round(model: nn.Module, vocab, prefix: np.ndarray, n: int, processors: list, **sampling) -> np.ndarray:
+def t5_prefix_round(model: SequenceModel, vocab, prefix: np.ndarray, n: int, processors: list, **sampling) -> np.ndarray:
     """One S-denoiser round: the encoder sees `[S] prefix EOS` (N, p + 2), the decoder samples n
     base-vocabulary ids (no sentinel, EOS or mode id) under `processors`; returns them (N, n)."""
     N = prefix.shape[0]
@@ -161,5 +163,5 @@ def infill_window(segments: list[np.ndarray], context: int, *, header: int = 0, 
                         header, first[header:header + cut], last[right:])
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: SequenceModel) -> torch.device:
     return next(model.parameters()).device

@@ -21,11 +21,11 @@ tape, with or without the KV cache (the cache is rebuilt by one prefill per roun
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.generate.loop import generate
 from amtrain.generate.processors import ForcedTokens, LogitsProcessor, LogitsProcessorList
+from amtrain.models.base import SequenceModel
 
 
 def window_start(length: int, keep: int, header: int, unit: int) -> int:
@@ -45,7 +45,7 @@ def resolve_stride(context: int, stride: int | None, header: int, unit: int) -> 
 
 
 @torch.no_grad()
-def generate_long(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, stride: int | None = None,
+def generate_long(model: SequenceModel, prompt: torch.Tensor, max_new_tokens: int, *, stride: int | None = None,
                   header: int = 0, unit: int = 1, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
                   logits_processor: LogitsProcessor | None = None,

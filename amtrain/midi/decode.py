@@ -95,7 +95,7 @@ def ids_to_notes(ids) -> tuple[Notes, DecodeReport]:
             rep.boundaries.append(offset)
             i, due = i + 3, True
             continue
-        base = _triple_block(*ids[i:i + 3], due=due) if i + 3 <= len(ids) else None
+        base = _triple_block(ids[i], ids[i + 1], ids[i + 2], due=due) if i + 3 <= len(ids) else None
         if base is None:
             if x in (AUTOREGRESS, ANTICIPATE):
                 rep.num_flags += 1

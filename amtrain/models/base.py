@@ -2,9 +2,8 @@
 
 The trainer, exports, scaling studies and the decode loop rely on it: the config dataclass the
 model was built from as `model.cfg` (saved in exports and checkpoints, so `config_cls(**cfg)`
-rebuilds the same shapes), and `num_params`. Left-to-right families also take
-`forward(idx, targets=None, cache=None, last_only=False) -> (logits, loss)` and
-`new_cache(batch, max_len)`; `flops_per_token` takes the lengths its objective knows (one
+rebuilds the same shapes), `num_params` and `new_cache(batch, max_len)`. Left-to-right families
+take `forward(idx, targets=None, cache=None, last_only=False) -> (logits, loss)`; `flops_per_token` takes the lengths its objective knows (one
 window length for LMs; inputs and targets lengths for T5).
 """
 
@@ -22,4 +21,9 @@ class SequenceModel(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied one counted once); `non_embedding` leaves out the (V, D)
         token embedding (Kaplan et al. 2020)."""
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> Any:
+        """An empty generation cache for `batch_size` sequences of up to `max_len` positions
+        (decoder: KV cache; LSTM: recurrent state; T5: the decoder's KV cache)."""
         raise NotImplementedError

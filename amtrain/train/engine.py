@@ -116,11 +116,11 @@ def cpu_comm_op(cuda: bool, world_size: int, local_rank: int) -> Iterator[None]:
     if cuda:
         yield
     elif world_size == 1:
-        build, ds_comm.build_shm_op = ds_comm.build_shm_op, lambda: None
+        build, ds_comm.build_shm_op = ds_comm.build_shm_op, lambda: None  # type: ignore[attr-defined]
         try:
             yield
         finally:
-            ds_comm.build_shm_op = build
+            ds_comm.build_shm_op = build  # type: ignore[attr-defined]
     else:
         folder = shm_op_build_folder()
         if folder is not None and local_rank == 0:
@@ -222,7 +222,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
             import bitsandbytes as bnb
         except ImportError:
             raise UserError("optim.optimizer = adamw8bit needs bitsandbytes: pip install 'amtrain[bnb]'") from None
-        base = bnb.optim.AdamW8bit
+        base: type[torch.optim.Optimizer] = bnb.optim.AdamW8bit
     else:
         base = torch.optim.AdamW
     cls = type(f"Skipping{base.__name__}", (SkipStepMixin, base), {})

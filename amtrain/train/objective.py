@@ -280,7 +280,7 @@ class DenoiseObjective:
     extra_size = 2 * len(TASKS)  # per task (R, X, S): sum of per-example mean losses, number of examples
 
     @staticmethod
-    def vocab(cfg: RunConfig, dataset: Dataset) -> T5Vocab:
+    def t5_vocab(cfg: RunConfig, dataset: Dataset) -> T5Vocab:
         """The T5 id layout of a run: specials and sentinels above the dataset's vocabulary."""
         if cfg.model.vocab_size is not None:
             raise UserError("config model.vocab_size: a t5 model's vocabulary is the dataset's plus the T5 specials "
@@ -289,7 +289,7 @@ class DenoiseObjective:
 
     @classmethod
     def model_fields(cls, cfg: RunConfig, dataset: Dataset) -> dict:
-        v = cls.vocab(cfg, dataset)
+        v = cls.t5_vocab(cfg, dataset)
         return {"vocab_size": v.size, "pad_token_id": v.pad_id, "decoder_start_token_id": v.pad_id}
 
     @classmethod
@@ -299,7 +299,7 @@ class DenoiseObjective:
     @classmethod
     def build(cls, cfg: RunConfig, dataset: Dataset, rank: int, world_size: int) -> DenoiseObjective:
         den, manifest = cfg.denoise, dataset.manifest
-        vocab = cls.vocab(cfg, dataset)
+        vocab = cls.t5_vocab(cfg, dataset)
         curriculum = den.curriculum_config()
         unit, unit_offset, inside = denoise_unit(manifest.tokenizer, manifest.tokenizer_params, den.unit, den.unit_offset)
         try:
@@ -381,6 +381,7 @@ class DenoiseObjective:
         losses = {task: float(extra[k] / extra[n + k]) for k, task in enumerate(TASKS) if extra[n + k] > 0}
         if not bad:
             self.curriculum.observe(step, losses)
+        assert self.decision is not None  # micro_batches(step) decided before the step ran
         record = {k: v for k, v in self.decision.as_dict().items() if k != "step"}
         record.update({f"{task}/loss": v for task, v in losses.items()})
         return {"curriculum": record}

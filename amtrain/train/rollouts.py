@@ -15,13 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
 from amtrain.modalities import RolloutConfig, RolloutModel
+from amtrain.models.base import SequenceModel
 from amtrain.registry import family_of, modality_of
 
 
-def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_dir: str | Path | None = None,
+def rollout_hook(model: SequenceModel, prompts: list, *, tokenizer, step: int, run_dir: str | Path | None = None,
                  length: int = 64, temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
                  seed: int = 0, codec=None) -> dict:
     """Continue each prompt (what `Modality.training_prompt` made: a text string, ids, or a
@@ -41,7 +41,7 @@ def rollout_hook(model: nn.Module, prompts: list, *, tokenizer, step: int, run_d
     if modality.text_output:  # without the ids hook_tape put before the prompt
         out["texts"] = [tokenizer.decode(np.asarray(r)[n:].tolist()) for r, n in zip(results, added, strict=True)]
         return out
-    folder = Path(run_dir) / "rollouts" / f"step_{step}"
+    folder = Path(run_dir or ".") / "rollouts" / f"step_{step}"
     out["files"] = [str(p) for i, (tape, prompt) in enumerate(zip(results, tapes, strict=True))
                     for p in modality.write_tape(rm, tape, folder / f"prompt_{i}", codec, prompt)]
     return out

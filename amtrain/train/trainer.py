@@ -180,7 +180,7 @@ class Trainer:
         self.advance(seq_len, bad)
         if d.is_main:
             for kind, values in records.items():
-                self.metrics.write(kind, self.state.step, values)
+                self.log_out.write(kind, self.state.step, values)
         if self.state.bad_streak >= self.cfg.train.max_bad_steps:
             raise UserError(f"{self.state.bad_streak} steps in a row had a NaN/inf loss (last at step {self.state.step}); "
                             f"stopping. Lower optim.lr, check the data, or resume from {self.ckpt_dir}")
@@ -211,6 +211,12 @@ class Trainer:
         s.num_bad_steps += bad
         s.bad_streak = s.bad_streak + 1 if bad else 0
 
+    @property
+    def log_out(self) -> MetricsLog:
+        """The run's metrics log: rank 0 writes it (every call site is under `d.is_main`)."""
+        assert self.metrics is not None, "only rank 0 writes metrics"
+        return self.metrics
+
     def log(self, step: StepResult) -> None:
         """The train record: metrics.jsonl and TensorBoard, and a console line (rank 0)."""
         seconds, tok_s = self.throughput.lap()
@@ -221,7 +227,7 @@ class Trainer:
                   "tokens_seen": self.state.tokens_seen, "seq_len": step.seq_len,
                   "bad_steps": self.state.num_bad_steps, "elapsed_s": self.state.elapsed_s}
         if self.d.is_main:
-            self.metrics.write("train", self.state.step, values)
+            self.log_out.write("train", self.state.step, values)
             self.bar.print(f"step {self.state.step:>6}  loss {step.loss:.4f}  lr {values['lr']:.2e}  "
                            f"tok/s {tok_s:,.0f}  mfu {mfu:.1%}")
         self.throughput.restart()
@@ -230,7 +236,7 @@ class Trainer:
         """The objective's validation (all ranks); the val record on rank 0. -> val loss."""
         values = self.objective.evaluate(self.engine, self.d.device)
         if self.d.is_main:
-            self.metrics.write("val", self.state.step, values)
+            self.log_out.write("val", self.state.step, values)
             self.bar.print(f"step {self.state.step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
         self.throughput.restart()
         return values["val_loss"]
@@ -248,9 +254,9 @@ class Trainer:
                                    run_dir=t.out_dir, length=t.rollout_length, seed=t.seed, codec=self.codec)
                 values = {"prompts": [str(p) if not hasattr(p, "tolist") else "<tokens>" for p in self.rollout_prompts]}
                 values |= {k: v for k, v in out.items() if k != "step"}
-                self.metrics.write("rollout", step, values)
+                self.log_out.write("rollout", step, values)
                 for i, text in enumerate(out.get("texts", [])):
-                    self.metrics.tb.add_text(f"rollout/prompt_{i}", text, step)
+                    self.log_out.tb.add_text(f"rollout/prompt_{i}", text, step)
                 self.bar.print(f"step {step:>6}  rollout: " + "; ".join(out.get("texts", out.get("files", [])))[:300])
         self.throughput.restart()
 
@@ -272,7 +278,7 @@ class Trainer:
     def close(self, result: RunResult) -> None:
         self.bar.close()
         if self.d.is_main:
-            self.metrics.close()
+            self.log_out.close()
             t = self.cfg.train
             modality = modality_of(self.dataset.manifest.tokenizer)
             command = modality.sample_command(t.out_dir, self.dataset, self.cfg.data.split, t.codec_path)
@@ -304,6 +310,7 @@ def describe_start(tr: Trainer) -> str:
 def describe_schedule_change(tr: Trainer) -> str | None:
     """A notice when a resumed run's train.max_steps differs from the checkpoint's run: the LR
     schedule (warm-up, cosine to optim.min_lr at train.max_steps) is recomputed for the new end."""
+    assert tr.resume is not None
     saved = tr.resume.meta.get("config", {}).get("train", {}).get("max_steps")
     now, step, optim = tr.cfg.train.max_steps, tr.state.step, tr.cfg.optim
     if saved is None or saved == now:
