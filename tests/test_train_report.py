@@ -274,3 +274,10 @@ def test_lines_are_whole_in_a_pipe_and_ctrl_c_is_one_line(kjv_gpt2, tmp_path):
     assert [ln for ln in err.splitlines() if "interrupted" in ln] == [
         "interrupted; the same command resumes from the latest checkpoint, if any (train.resume auto)"]
     assert not ext.exists() or not any(ext.iterdir())
+
+
+def test_large_metrics_print_in_e_notation():
+    from amtrain.train.trainer import format_value
+
+    assert format_value(29572289882.0293) == "2.957e+10"
+    assert format_value(5.04281) == "5.0428" and format_value(-0.5) == "-0.5000"

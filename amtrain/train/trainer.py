@@ -237,7 +237,7 @@ class Trainer:
         values = self.objective.evaluate(self.engine, self.d.device)
         if self.d.is_main:
             self.log_out.write("val", self.state.step, values)
-            self.bar.print(f"step {self.state.step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+            self.bar.print(f"step {self.state.step:>6}  " + "  ".join(f"{k} {format_value(v)}" for k, v in values.items()))
         self.throughput.restart()
         return values["val_loss"]
 
@@ -305,6 +305,12 @@ def describe_start(tr: Trainer) -> str:
             f"{d.device} ({d.backend}); batch {plan.micro_batch} x {plan.grad_accum} accum x {plan.world_size} ranks x "
             f"{plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step; {cfg.train.max_steps} steps; "
             f"run dir {cfg.train.out_dir}; {where}")
+
+
+def format_value(v: float) -> str:
+    """A metric for the console: 4 decimals, or 4 significant digits in e-notation when large
+    (AMT's event perplexity of an untrained model is 2.96e+10, not 29572289882.0293)."""
+    return f"{v:.4g}" if abs(v) >= 1e5 else f"{v:.4f}"
 
 
 def describe_schedule_change(tr: Trainer) -> str | None:
