@@ -1,4 +1,5 @@
-"""In-filling with a left-to-right model trained to fill in the middle (`amtrain.data.fim`).
+"""In-filling with a left-to-right model trained to fill in the middle (the layout of
+`amtrain.data.fim.FimSpec`, passed in: generate imports nothing above models and tokens).
 
 The model sees a prompt in the format it was trained on and writes the middle after it:
 
@@ -17,14 +18,34 @@ goes to the other), so the ids nearest the gap are the ones the model sees.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 from torch import nn
 
-from amtrain.data.fim import FimSpec
 from amtrain.errors import UserError
 from amtrain.generate.loop import generate
 from amtrain.generate.processors import ForcedTokens, LogitsProcessor, LogitsProcessorList
+
+
+class FimIds(Protocol):
+    """The ids of a FIM layout (`amtrain.data.fim.FimSpec` is one)."""
+
+    @property
+    def prefix_id(self) -> int: ...
+
+    @property
+    def suffix_id(self) -> int: ...
+
+    @property
+    def middle_id(self) -> int: ...
+
+    @property
+    def end_id(self) -> int: ...
+
+    @property
+    def spm_at_inference(self) -> bool: ...
 
 
 def fit_views(prefix_len: int, suffix_len: int, room: int, unit: int = 1) -> tuple[int, int]:
@@ -47,7 +68,7 @@ class OnMiddle:
         return self.inner(logits, generated[:, self.start:])
 
 
-def fim_prompt(spec: FimSpec, prefix: np.ndarray, suffix: np.ndarray, spm: bool) -> np.ndarray:
+def fim_prompt(spec: FimIds, prefix: np.ndarray, suffix: np.ndarray, spm: bool) -> np.ndarray:
     """The ids before the middle, in PSM or SPM order (module doc)."""
     pre, suf, mid = [spec.prefix_id], [spec.suffix_id], [spec.middle_id]
     parts = [pre, suf, suffix, mid, prefix] if spm else [pre, prefix, suf, suffix, mid]
@@ -63,7 +84,7 @@ def middle_budget(context: int, length: int, prompt_len: int) -> int:
 
 
 @torch.no_grad()
-def fim_generate(model: nn.Module, spec: FimSpec, prefixes: np.ndarray, suffix: np.ndarray, n: int, *,
+def fim_generate(model: nn.Module, spec: FimIds, prefixes: np.ndarray, suffix: np.ndarray, n: int, *,
                  unit: int = 1, spm: bool | None = None, stop: bool = True,
                  processor: LogitsProcessor | None = None, forced: dict[int, int] | None = None,
                  **sampling) -> list[np.ndarray]:
