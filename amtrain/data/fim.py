@@ -152,9 +152,11 @@ class FimWindows:
     def __init__(self, spec: FimSpec, seed: int, doc_starts: list[np.ndarray] | None = None):
         """`doc_starts`: per shard, its documents' start offsets (needed when
         `spec.needs_documents`)."""
-        assert doc_starts is not None or not spec.needs_documents, spec
         self.spec, self.seed = spec, seed
-        self.doc_starts = [np.asarray(d, np.int64) for d in doc_starts] if spec.needs_documents else None
+        self.doc_starts: list[np.ndarray] | None = None
+        if spec.needs_documents:
+            assert doc_starts is not None, spec
+            self.doc_starts = [np.asarray(d, np.int64) for d in doc_starts]
 
     def draw(self, n: int, epoch: int, window_id: int, shard: int, start: int) -> tuple[int, int, int, bool] | None:
         """The cuts (a, b, e) and order (SPM?) of a window whose n content ids start at `start` of
@@ -166,7 +168,10 @@ class FimWindows:
         cuts = legal_cuts(n, start, docs, self.spec.unit, self.spec.offset)
         if cuts.size == 0:
             return None
-        bounds = docs[(docs > start) & (docs < start + n)] - start if self.spec.inside_documents else None
+        bounds = None
+        if self.spec.inside_documents:
+            assert docs is not None
+            bounds = docs[(docs > start) & (docs < start + n)] - start
         return (*draw_cuts(rng, cuts, bounds), bool(rng.random() < self.spec.spm_rate))
 
     def window(self, w: np.ndarray, epoch: int, window_id: int, shard: int, start: int) -> np.ndarray:

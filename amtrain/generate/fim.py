@@ -22,11 +22,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from amtrain.errors import UserError
 from amtrain.generate.loop import generate
 from amtrain.generate.processors import ForcedTokens, LogitsProcessor, LogitsProcessorList
+from amtrain.models.base import SequenceModel
 
 
 class FimIds(Protocol):
@@ -84,7 +84,7 @@ def middle_budget(context: int, length: int, prompt_len: int) -> int:
 
 
 @torch.no_grad()
-def fim_generate(model: nn.Module, spec: FimIds, prefixes: np.ndarray, suffix: np.ndarray, n: int, *,
+def fim_generate(model: SequenceModel, spec: FimIds, prefixes: np.ndarray, suffix: np.ndarray, n: int, *,
                  unit: int = 1, spm: bool | None = None, stop: bool = True,
                  processor: LogitsProcessor | None = None, forced: dict[int, int] | None = None,
                  **sampling) -> list[np.ndarray]:

@@ -160,8 +160,10 @@ class AudioModality(Modality):
         if rm.family.left_to_right:  # FIM: prefix = <eot> + the stream before the gap, as documents start
             from amtrain.generate.fim import fim_generate
 
+            spec = rm.fim
+            assert spec is not None, "rollout checks can_infill first"
             prefixes = np.tile(np.concatenate([[tok.eot_id], stream[:lo]]), (num_samples, 1))
-            mids = fim_generate(rm.model, rm.fim, prefixes, stream[hi:], hi - lo, unit=K, stop=False,
+            mids = fim_generate(rm.model, spec, prefixes, stream[hi:], hi - lo, unit=K, stop=False,
                                 processor=CodebookConstraint(K, tok.codebook_size), forced=forced,
                                 **cfg.sampling(seed_offset))
             return [tok.codes(np.concatenate([stream[:lo], m, stream[hi:]])) for m in mids]

@@ -309,13 +309,15 @@ def fim_infill(rm: RolloutModel, segments: list[np.ndarray], cfg: RolloutConfig,
 
     if len(segments) < 2:
         raise UserError("in-filling needs a gap: give a prefix and a suffix (a gap marker in the prompt)")
+    spec = rm.fim
+    assert spec is not None, "rollout checks can_infill first"
     head = np.asarray(header, np.int64)
     tapes = [np.concatenate([head, segments[0]]).astype(np.int64)] * num_samples
     for i, suffix in enumerate(segments[1:]):
         shortest = min(len(t) for t in tapes)  # rows see equally long prefixes: one batch
         prefixes = np.stack([t[len(t) - shortest:] for t in tapes])
         n = middle_budget(rm.model.cfg.max_seq_len, int(cfg.length), shortest + len(suffix))
-        middles = fim_generate(rm.model, rm.fim, prefixes, np.asarray(suffix, np.int64), n,
+        middles = fim_generate(rm.model, spec, prefixes, np.asarray(suffix, np.int64), n,
                                processor=IdsBelow(rm.tokenizer.vocab_size), **cfg.sampling(seed_offset + i))
         tapes = [np.concatenate([t, m, suffix]).astype(np.int64) for t, m in zip(tapes, middles, strict=True)]
     return [t[len(head):] for t in tapes]
