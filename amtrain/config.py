@@ -95,9 +95,25 @@ class DataConfig:
     """Split trained on."""
     val_split: str = "val"
     """Split evaluated on (empty = no validation)."""
+    fim_rate: float = 0.5
+    """Left-to-right families (decoder, LSTM): share of training windows turned into
+    fill-in-the-middle examples (Bavarian et al. 2022; `amtrain.data.fim`), so the model can
+    in-fill (`amtrain rollout --mode infill`); 0 = plain left-to-right windows. > 0 adds three
+    sentinel ids above the dataset's vocabulary (model vocab_size + 3). Validation windows stay
+    plain left-to-right. 0.5 measured at no left-to-right loss on the quickstart
+    (docs/training.md, "Fill-in-the-middle"). The T5 denoiser in-fills by its own sentinels and
+    ignores it."""
+    fim_spm_rate: float = 0.5
+    """Share of fill-in-the-middle examples in suffix-prefix-middle order (the rest
+    prefix-suffix-middle)."""
 
     def __post_init__(self):
         _check(self.seq_len >= 2, "data.seq_len", f"{self.seq_len} is too short; use at least 2")
+        _check(0.0 <= self.fim_rate <= 1.0, "data.fim_rate", f"{self.fim_rate} must lie in [0, 1]")
+        _check(0.0 <= self.fim_spm_rate <= 1.0, "data.fim_spm_rate", f"{self.fim_spm_rate} must lie in [0, 1]")
+        shortest = self.seq_len_warmup_start if self.seq_len_warmup_steps else self.seq_len
+        _check(self.fim_rate == 0 or shortest >= 8, "data.fim_rate",
+               "fill-in-the-middle needs windows of at least 8 tokens (data.seq_len, data.seq_len_warmup_start)")
         _check(self.seq_len_warmup_steps >= 0, "data.seq_len_warmup_steps", "must be >= 0")
         _check(1 <= self.seq_len_warmup_start <= self.seq_len, "data.seq_len_warmup_start",
                f"{self.seq_len_warmup_start} must lie in [1, data.seq_len={self.seq_len}]")

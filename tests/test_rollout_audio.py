@@ -1,6 +1,7 @@
 """Audio rollouts through a debug EnCodec: decoder continuation (delay layout, prompt kept
-exactly, WAV of the expected length and rate), T5 in-filling (prefix and suffix kept, duration
-kept), prompts chosen by priority score, alternate driven by the priority table, the CLI."""
+exactly, WAV of the expected length and rate), T5 and fill-in-the-middle in-filling (prefix and
+suffix kept, duration kept), prompts chosen by priority score, alternate driven by the priority
+table, the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import soundfile as sf
 from amtrain.rollout.load import load_rollout_model
 from amtrain.rollout.run import RolloutConfig, read_prompt, rollout, write_tapes
 from tests.audio_helpers import JOPLIN
-from tests.rollout_helpers import codec_folder, decoder_ckpt, t5_ckpt
+from tests.rollout_helpers import codec_folder, decoder_ckpt, fim_decoder_ckpt, t5_ckpt
 
 K = 2  # EnCodec 24 kHz at 1.5 kbps
 
@@ -28,6 +29,7 @@ def env(tmp_path_factory):
     sf.write(wav, y, sr)
     return {"dir": d, "codec_dir": codec_dir, "codec": load_codec(codec_dir), "wav": wav,
             "dec": decoder_ckpt(d / "dec", "audio", params, max_seq_len=64),
+            "fim": fim_decoder_ckpt(d / "fim", "audio", params, max_seq_len=128),
             "t5": t5_ckpt(d / "t5", "audio", params)}
 
 
@@ -66,6 +68,29 @@ def test_t5_infill_keeps_prefix_and_suffix_and_duration(env, tmp_path):
     files = write_tapes(rm, again, tmp_path, codec)
     assert all(np.array_equal(x, y) for x, y in zip(again, rollout(rm, codes, cfg), strict=True))
     assert sf.info(str(files[0])).frames == codes.shape[1] * codec.hop_length
+
+
+def test_fim_decoder_infill_keeps_prefix_suffix_duration_and_codebooks(env, tmp_path):
+    """A decoder trained to fill in the middle writes the range as the middle of a FIM prompt:
+    exactly the gap's steps, codebook k at position k, the delay layout's forced ids kept."""
+    codec = env["codec"]
+    rm = load_rollout_model(env["fim"])
+    assert rm.modality.can_infill(rm)
+    cfg = RolloutConfig(mode="infill", infill_range=(0.2, 0.6), num_samples=2, seed=1, frame_rate=codec.frame_rate)
+    codes = read_prompt(rm, env["wav"], cfg, codec)
+    a, b = 15, 45
+    stream = rm.tokenizer.encode(codes).astype(np.int64)
+    out = rollout(rm, codes, cfg)
+    for c in out:
+        assert c.shape == codes.shape
+        s = rm.tokenizer.encode(c).astype(np.int64)
+        assert np.array_equal(s[:a * K], stream[:a * K]) and np.array_equal(s[(b + K - 1) * K:], stream[(b + K - 1) * K:])
+        assert np.array_equal(c[:, :a], codes[:, :a]) and np.array_equal(c[:, b:], codes[:, b:])
+        assert not np.array_equal(c[:, a:b], codes[:, a:b]) and (c >= 0).all() and (c < 1024).all()
+    nocache = rollout(rm, codes, RolloutConfig(mode="infill", infill_range=(0.2, 0.6), num_samples=2, seed=1,
+                                               frame_rate=codec.frame_rate, use_cache=False))
+    assert all(np.array_equal(x, y) for x, y in zip(out, nocache, strict=True))
+    assert sf.info(str(write_tapes(rm, out, tmp_path, codec)[0])).frames == codes.shape[1] * codec.hop_length
 
 
 def _prep_tables(folder, codes, priorities, frame_rate):

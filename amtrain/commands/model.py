@@ -65,6 +65,7 @@ def sample(
     import torch
 
     from amtrain.errors import UserError
+    from amtrain.generate.grammar import IdsBelow
     from amtrain.generate.loop import generate
     from amtrain.registry import family_of, modality_of
     from amtrain.tokens import TextTokenizer, get_tokenizer
@@ -85,8 +86,9 @@ def sample(
     if room < 1:
         raise UserError(f"--prompt is {len(ids)} tokens; the model's context is {model.cfg.max_seq_len}")
     x = torch.tensor([ids] * num_samples, dtype=torch.long)  # (N, T0)
+    only_text = IdsBelow(tok.vocab_size) if model.cfg.vocab_size > tok.vocab_size else None  # no FIM sentinel
     out = generate(model, x, min(max_new_tokens, room), temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, use_cache=not no_cache)
+                   seed=seed, use_cache=not no_cache, logits_processor=only_text)
     for i, row in enumerate(out.tolist()):
         if num_samples > 1:
             typer.echo(f"--- sample {i + 1}")

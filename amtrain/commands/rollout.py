@@ -1,5 +1,7 @@
-"""`amtrain rollout CKPT --mode continue|infill|alternate`: generate from decoder and T5
-checkpoints to .txt, .mid and .wav (plus the token sequences). See docs/rollout.md."""
+"""`amtrain rollout [CKPT] --mode continue|infill|alternate`: generate from decoder and T5
+checkpoints to .txt, .mid and .wav (plus the token sequences). See docs/rollout.md. Without
+CKPT, --prompt or --out, the newest run under runs/, a held-out document of its dataset and
+RUN/rollouts/<mode>_<n> (`amtrain.rollout.defaults`)."""
 
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ def _range(value: str | None) -> tuple[float, float] | None:
 
 
 def rollout(
-    ckpt: Path = typer.Argument(..., metavar="CKPT", help="Export folder (amtrain export / save_pretrained), run or checkpoint folder."),
+    ckpt: Path = typer.Argument(None, metavar="[CKPT]", help="Export folder (amtrain export / save_pretrained), run or checkpoint folder. Default: the newest run under runs/."),
     mode: str = typer.Option("continue", help="continue | infill | alternate."),
-    prompt: Path = typer.Option(None, "--prompt", help="Prompt: .txt text or ids, .mid, .wav, .npz codes, .npy ids."),
+    prompt: Path = typer.Option(None, "--prompt", help="Prompt: .txt text or ids, .mid, .wav, .npz codes, .npy ids. Default: a held-out document of the checkpoint's dataset (--seed picks which)."),
     prompt_from_priority: Path = typer.Option(None, "--prompt-from-priority",
                                               help="prep-audio output folder (or a scores .parquet): the chunk with the highest priority is the prompt."),
     priority_rank: int = typer.Option(0, help="With --prompt-from-priority: take the chunk of this rank (0 = best)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: sample_<i>.{txt,mid,wav} + sample_<i>.npy."),
+    out: Path = typer.Option(None, "--out", help="Output folder: sample_<i>.{txt,mid,wav} + sample_<i>.npy. Default: RUN/rollouts/<mode>_<n>."),
     length: float = typer.Option(256, help="New material per continuation, in tokens (or seconds with --seconds)."),
     seconds: bool = typer.Option(False, "--seconds", help="--length is in seconds (MIDI, audio)."),
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="Samples, generated as one batch."),
@@ -56,12 +58,19 @@ def rollout(
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ) -> None:
     """Generate from a decoder or T5 checkpoint: continue (sliding window), infill (T5 sentinels,
-    MIDI anticipation) or alternate; writes .txt / .mid / .wav and the token sequence."""
+    fill-in-the-middle, MIDI anticipation) or alternate; writes .txt / .mid / .wav and the token
+    sequence."""
     from amtrain.errors import UserError
+    from amtrain.rollout import defaults
     from amtrain.rollout.load import load_rollout_model
     from amtrain.rollout.run import RolloutConfig, read_prompt, summaries, write_tapes
     from amtrain.rollout.run import rollout as run_rollout
 
+    if prompt is not None and prompt_from_priority is not None:
+        raise UserError("give at most one of --prompt FILE and --prompt-from-priority DIR")
+    if ckpt is None:
+        ckpt, line = defaults.newest_run()
+        typer.echo(line)
     rm = load_rollout_model(ckpt, device=device)
     codec = None
     if rm.modality.needs_codec:
@@ -79,8 +88,9 @@ def rollout(
                         denoiser=denoiser, schedule=schedule, iterations=iterations,
                         frame_rate=codec.frame_rate if codec is not None else None,
                         t5_context=t5_context)
-    if (prompt is None) == (prompt_from_priority is None):
-        raise UserError("give exactly one of --prompt FILE and --prompt-from-priority DIR")
+    if prompt is not None and prompt_from_priority is not None:
+        raise UserError("give one of --prompt FILE and --prompt-from-priority DIR (or neither: a held-out document)")
+    original = None
     if prompt_from_priority is not None:
         from amtrain.rollout.priority import prompt_from_priority as pick
 
@@ -90,10 +100,18 @@ def rollout(
         typer.echo(info)
         if mode == "alternate":
             cfg.priorities = chunks
-    else:
+    elif prompt is not None:
         tape = read_prompt(rm, prompt, cfg, codec)
+    else:
+        tape, original, line = defaults.heldout_prompt(rm, cfg)
+        typer.echo(line)
+    if out is None:
+        out = defaults.default_out(ckpt, mode)
+        typer.echo(f"out: {out}")
     results = run_rollout(rm, tape, cfg)
     files = write_tapes(rm, results, out, codec, prompt=tape)
+    if original is not None:  # the document as it was, to compare with
+        files += write_tapes(rm, [original], out, codec, name="original")
     for f in files:
         typer.echo(str(f))
     for i, (line, warnings) in enumerate(summaries(rm, tape, results, cfg)):

@@ -14,6 +14,10 @@ perm[s*G : (s+1)*G] (G = micro x accum x world); rank r takes the contiguous sli
 
 An epoch's tail shorter than a global batch is dropped. Tokens are read only through
 `amtrain.store.Dataset` (memory maps), each shard checked once first (`amtrain.data.checks`).
+
+With a `FimSpec` (data.fim_rate > 0) each training window, cut to the step's length, goes through
+the fill-in-the-middle transform (`amtrain.data.fim`), whose draws depend on (seed, epoch, window
+id) alone: the properties above hold for FIM batches too. Validation windows stay plain.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from amtrain.data.checks import checked_tokens
+from amtrain.data.fim import FimSpec, FimWindows
 from amtrain.errors import UserError
 from amtrain.store import Dataset
 
@@ -57,6 +62,12 @@ class WindowIndex:
         """(B,) window ids -> (B, seq_len+1) int64."""
         return torch.from_numpy(np.stack([self.window(i).astype(np.int64) for i in ids]))
 
+    def stack_fim(self, ids: np.ndarray, length: int, fim: FimWindows, epoch: int) -> torch.Tensor:
+        """(B,) window ids -> their first length+1 tokens, each through the FIM transform. (B, length+1)"""
+        return torch.from_numpy(np.stack([
+            fim.window(self.window(i)[:length + 1].astype(np.int64), epoch, int(i), int(self.shard_of[i]),
+                       int(self.start_of[i])) for i in ids]))
+
 
 def check_vocab(dataset: Dataset, model_vocab: int, key: str = "model.vocab_size") -> None:
     if dataset.vocab_size > model_vocab:
@@ -69,7 +80,8 @@ class TrainLoader:
     """Endless iterator of (inputs, targets) micro-batches for one rank, resumable."""
 
     def __init__(self, dataset: Dataset, split: str, seq_len: int, micro_batch: int, grad_accum: int,
-                 rank: int, world_size: int, seed: int):
+                 rank: int, world_size: int, seed: int, fim: FimSpec | None = None):
+        """`fim`: turn windows into fill-in-the-middle examples (None: plain windows)."""
         self.index = WindowIndex(dataset, split, seq_len)
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -78,6 +90,10 @@ class TrainLoader:
             raise UserError(f"{dataset.folder}: split '{split}' holds {len(self.index)} windows of {seq_len + 1} tokens, "
                             f"fewer than one global batch ({self.global_batch}); use more data, a shorter "
                             f"data.seq_len or a smaller batch")
+        self.fim = None
+        if fim is not None:
+            starts = [dataset.doc_starts(r) for r in dataset.shards(split)] if fim.needs_documents else None
+            self.fim = FimWindows(fim, seed, starts)
         self.state = LoaderState()
         self._perm_epoch = -1
         self._perm: np.ndarray = np.zeros(0, np.int64)
@@ -98,12 +114,19 @@ class TrainLoader:
         self.state.consumed += self.global_batch
         return perm[lo: lo + self.micro_batch * self.grad_accum]
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The grad_accum micro-batches of the next optimizer step: [(x (B,T), y (B,T)), ...]."""
+    def next_step(self, length: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The grad_accum micro-batches of the next optimizer step: [(x (B,T), y (B,T)), ...],
+        T = `length` (windows cut from the full ones, e.g. during a sequence-length warm-up)
+        or seq_len."""
         ids = self._next_step_ids()
+        T = self.index.seq_len if length is None else length
         out = []
         for a in range(self.grad_accum):
-            w = self.index.stack(ids[a * self.micro_batch: (a + 1) * self.micro_batch])  # (B, T+1)
+            chunk = ids[a * self.micro_batch: (a + 1) * self.micro_batch]
+            if self.fim is None:
+                w = self.index.stack(chunk)[:, :T + 1]  # (B, T+1)
+            else:
+                w = self.index.stack_fim(chunk, T, self.fim, self.state.epoch)
             out.append((w[:, :-1], w[:, 1:]))
         return out
 

@@ -7,11 +7,13 @@ codec's frame rate.
 
 Strategies: continuation keeps codebook k at position k of each frame (`CodebookConstraint`)
 and, for the delay layout, forces the prompt's last K-1 frames' later codebooks so the prompt
-is kept exactly; a denoiser in-fills a frame range as one sentinel span (left-to-right models
-cannot in-fill audio). A denoiser's encoder never sees more than `t5_context` tokens of the
-prompt (its memory grows with the square of its input): a continuation round shows it the
-prompt's last window, an in-fill the frames nearest the range (`infill_window`); a note on
-stderr says how much was left out.
+is kept exactly; a denoiser in-fills a frame range as one sentinel span, a left-to-right model
+trained to fill in the middle writes it as the middle of a FIM prompt (`amtrain.generate.fim`),
+both under the codebook grammar with the gap's exact length (the waveform keeps its duration).
+A denoiser's encoder never sees more than `t5_context` tokens of the prompt (its memory grows
+with the square of its input): a continuation round shows it the prompt's last window, an
+in-fill the frames nearest the range (`infill_window`); a note on stderr says how much was left
+out.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ class AudioModality(Modality):
         if not docs:
             raise UserError(f"{path}: no audio tokens")
         return docs[-1]
+
+    def document_prompt(self, rm: RolloutModel, doc: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, str]:
+        """The chunk's codes (in-filling takes its range from --infill-range)."""
+        tok = audio_tokenizer(rm)
+        docs = tok.split_documents(np.asarray(doc, np.int64))
+        if not docs:
+            raise UserError("the held-out document holds no audio frames; pass --prompt FILE")
+        return docs[-1], docs[-1], f"all {docs[-1].shape[1]} frames"
 
     def write_tape(self, rm: RolloutModel, codes: np.ndarray, stem: Path, codec=None, prompt=None) -> list[Path]:
         stream = save_npy(audio_tokenizer(rm).encode(codes).astype(np.int64), stem)
@@ -157,6 +167,16 @@ class AudioModality(Modality):
         lo, hi = a * K, (b + ext) * K
         frame = np.arange(lo, hi) // K - np.arange(lo, hi) % K * (ext > 0)
         forced = {j: int(stream[lo + j]) for j in np.flatnonzero((frame < a) | (frame >= b)).tolist()}
+        if rm.family.left_to_right:  # FIM: prefix = <eot> + the stream before the gap, as documents start
+            from amtrain.generate.fim import fim_generate
+
+            spec = rm.fim
+            assert spec is not None, "rollout checks can_infill first"
+            prefixes = np.tile(np.concatenate([[tok.eot_id], stream[:lo]]), (num_samples, 1))
+            mids = fim_generate(rm.model, spec, prefixes, stream[hi:], hi - lo, unit=K, stop=False,
+                                processor=CodebookConstraint(K, tok.codebook_size), forced=forced,
+                                **cfg.sampling(seed_offset))
+            return [tok.codes(np.concatenate([stream[:lo], m, stream[hi:]])) for m in mids]
         window = infill_window([stream[:lo], stream[hi:]], cfg.t5_context, unit=K)  # the encoder's memory
         if window.num_cut:
             before, after = (len(x) // K for x in window.segments)

@@ -21,6 +21,7 @@ from amtrain.fileio import write_bytes_atomic
 from amtrain.models.base import SequenceModel
 
 if TYPE_CHECKING:
+    from amtrain.data.fim import FimSpec
     from amtrain.registry import ModelFamily
     from amtrain.store import Dataset
     from amtrain.tokens import Tokenizer
@@ -116,6 +117,22 @@ class RolloutModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context(self) -> int:
+        """Ids the model sees at once: a left-to-right model's max_seq_len, a denoiser's
+        training input length (T5 has relative positions)."""
+        if self.family.left_to_right:
+            return int(self.model.cfg.max_seq_len)
+        return int(self.meta.get("denoise", {}).get("inputs_length", RolloutConfig.t5_context))
+
+    @property
+    def fim(self) -> FimSpec | None:
+        """The fill-in-the-middle layout of a left-to-right checkpoint trained with it
+        (meta["fim"], `amtrain.data.fim`), else None."""
+        from amtrain.data.fim import FimSpec
+
+        return FimSpec.from_meta(self.meta["fim"]) if self.family.left_to_right and "fim" in self.meta else None
+
     def t5_vocab(self):
         """The sentinel layout of a denoiser checkpoint (specials and sentinels above the base
         vocabulary; the number of sentinels read back from the model's vocab_size)."""
@@ -175,6 +192,28 @@ class Modality:
         """A prompt file -> a list of id segments split at gaps (one segment: no gap)."""
         return split_gaps(check_ids(read_ids(path), rm.tokenizer.vocab_size, path))
 
+    def document_prompt(self, rm: RolloutModel, doc: np.ndarray, cfg: RolloutConfig) -> tuple[Any, Any, str]:
+        """A held-out document (its ids as stored) -> (the prompt `amtrain rollout` takes when
+        given none, the original it was cut from, which part that is). Ids: the document's
+        opening, for in-filling cut into prefix <gap> suffix with a gap of an eighth of the
+        model's context held out, sized so that the prompt and the in-fill fit the context."""
+        head = self.document_prefix(rm.tokenizer)
+        ids = np.asarray(doc, np.int64)
+        ids = ids[len(head):] if head and ids[:len(head)].tolist() == head else ids
+        if ids.size < 3:
+            raise UserError(f"the held-out document has {ids.size} ids, too few to cut; pass --prompt FILE")
+        context = rm.context
+        if cfg.mode != "infill":
+            piece = ids[:context // 2]
+            return [piece], piece, f"its first {piece.size} of {ids.size} ids"
+        gap = max(1, min(context // 8, ids.size // 8))
+        side = max(1, min((context - 4 - context // 4 - len(head)) // 2, (ids.size - gap) // 2))
+        a, b = side, side + gap
+        piece = ids[:b + side]
+        return ([piece[:a], piece[b:]], piece,
+                f"its first {piece.size} of {ids.size} ids: prefix [0, {a}) <gap: [{a}, {b}) held out> suffix "
+                f"[{b}, {piece.size})")
+
     def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None, prompt=None) -> list[Path]:
         """The files a person opens, plus the ids; `prompt` (the tape generation started from)
         lets a modality show what was generated."""
@@ -204,9 +243,10 @@ class Modality:
         return f"{added:+d} tokens ({where}), {len(after)} in all", warnings
 
     # -- generation ----------------------------------------------------------------------
-    def can_infill(self, family: ModelFamily) -> bool:
-        """In-filling needs a denoiser (sentinel spans) unless the modality has its own way."""
-        return not family.left_to_right
+    def can_infill(self, rm: RolloutModel) -> bool:
+        """In-filling needs a denoiser (sentinel spans) or a left-to-right checkpoint trained to
+        fill in the middle (`RolloutModel.fim`), unless the modality has its own way."""
+        return not rm.family.left_to_right or rm.fim is not None
 
     def continue_tape(self, rm: RolloutModel, tape, cfg: RolloutConfig, num_samples: int,
                       seed_offset: int = 0) -> list:
@@ -227,6 +267,8 @@ class Modality:
             if len(segments) != 2:
                 raise UserError("--postfix-repeat needs a prompt with one gap: prefix<gap>postfix")
             segments = [segments[0]] + [segments[1]] * cfg.postfix_repeat
+        if rm.family.left_to_right:
+            return fim_infill(rm, segments, cfg, num_samples, seed_offset, self.document_prefix(rm.tokenizer))
         return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser,
                          max_span=int(cfg.length), **cfg.sampling(seed_offset))
 
@@ -263,15 +305,47 @@ class Modality:
                            "--out", str(Path(run_dir) / "samples")])
 
 
-# ---------------------------------------------------------------- the two decoding paths
+# ---------------------------------------------------------------- the decoding paths
 def left_to_right_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: RolloutConfig, seed_offset: int,
                            header: int = 0, unit: int = 1, processor=None, forced=None) -> torch.Tensor:
-    """Continue ids by n tokens with a decoder or LSTM through the sliding window."""
+    """Continue ids by n tokens with a decoder or LSTM through the sliding window; ids beyond
+    the tokenizer's (FIM sentinels, a larger model.vocab_size) are never produced."""
+    from amtrain.generate.grammar import IdsBelow
+    from amtrain.generate.processors import LogitsProcessorList
     from amtrain.generate.window import generate_long
 
+    processors = LogitsProcessorList([IdsBelow(rm.tokenizer.vocab_size)] if rm.model.cfg.vocab_size >
+                                     rm.tokenizer.vocab_size else [])
+    if processor is not None:
+        processors.append(processor)
     x = torch.tensor(np.tile(ids, (num_samples, 1)), dtype=torch.long, device=rm.device)
     return generate_long(rm.model, x, n, stride=cfg.stride, header=header, unit=unit,
-                         logits_processor=processor, forced=forced, **cfg.sampling(seed_offset)).cpu()
+                         logits_processor=processors or None, forced=forced, **cfg.sampling(seed_offset)).cpu()
+
+
+def fim_infill(rm: RolloutModel, segments: list[np.ndarray], cfg: RolloutConfig, num_samples: int,
+               seed_offset: int = 0, header=()) -> list[np.ndarray]:
+    """Fill the gaps between id segments with a FIM-trained left-to-right model, one gap after
+    the other: gap i's prefix is `header` + everything before it (earlier fills included), its
+    suffix segment i+1; each middle takes base ids up to the end id, at most `cfg.length`
+    (`amtrain.generate.fim`). Returns one tape per sample, segments kept exactly, no header."""
+    from amtrain.generate.fim import fim_generate, middle_budget
+    from amtrain.generate.grammar import IdsBelow
+
+    if len(segments) < 2:
+        raise UserError("in-filling needs a gap: give a prefix and a suffix (a gap marker in the prompt)")
+    spec = rm.fim
+    assert spec is not None, "rollout checks can_infill first"
+    head = np.asarray(header, np.int64)
+    tapes = [np.concatenate([head, segments[0]]).astype(np.int64)] * num_samples
+    for i, suffix in enumerate(segments[1:]):
+        shortest = min(len(t) for t in tapes)  # rows see equally long prefixes: one batch
+        prefixes = np.stack([t[len(t) - shortest:] for t in tapes])
+        n = middle_budget(rm.model.cfg.max_seq_len, int(cfg.length), shortest + len(suffix))
+        middles = fim_generate(rm.model, spec, prefixes, np.asarray(suffix, np.int64), n,
+                               processor=IdsBelow(rm.tokenizer.vocab_size), **cfg.sampling(seed_offset + i))
+        tapes = [np.concatenate([t, m, suffix]).astype(np.int64) for t, m in zip(tapes, middles, strict=True)]
+    return [t[len(head):] for t in tapes]
 
 
 def seq2seq_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg: RolloutConfig, seed_offset: int,

@@ -124,14 +124,12 @@ class MidiModality(Modality):
         ids = read_ids(path)
         if (ids == GAP).any():
             raise UserError(f"{path}: MIDI prompts mark gaps by time (--infill-range), not by <gap>")
-        flag = AUTOREGRESS
-        while ids.size and ids[0] in (AUTOREGRESS, ANTICIPATE):
-            flag, ids = int(ids[0]), ids[1:]
-        if ids.size % 3:
-            raise UserError(f"{path}: {ids.size} ids after the flag is not a whole number of (time, dur, note) triples")
-        tri = ids.reshape(-1, 3)
-        check_ids(np.concatenate([tri[:, 1:].ravel(), np.minimum(tri[:, 0], 0)]), VOCAB_SIZE, path)  # times: >= 0
-        return MidiTape(flag, tri[tri[:, 2] != SEPARATOR])
+        return _tape_of_ids(ids, path)
+
+    def document_prompt(self, rm: RolloutModel, doc: np.ndarray, cfg) -> tuple[MidiTape, MidiTape, str]:
+        """The whole AMT sequence (in-filling takes its range from --infill-range)."""
+        tape = _tape_of_ids(np.asarray(doc, np.int64), "the held-out document")
+        return tape, tape, f"all {len(tape.triples)} events"
 
     def write_tape(self, rm: RolloutModel, tape: MidiTape, stem: Path, codec=None, prompt=None) -> list[Path]:
         """.mid, the ids (.npy), and with the prompt a piano roll (.png) marking what was generated."""
@@ -171,7 +169,7 @@ class MidiModality(Modality):
         return line, warnings
 
     # -- generation ----------------------------------------------------------------------
-    def can_infill(self, family) -> bool:
+    def can_infill(self, rm) -> bool:
         return True  # a denoiser by sentinel spans, a left-to-right model by anticipation
 
     def continue_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
@@ -280,6 +278,19 @@ class MidiModality(Modality):
         ev = tape.events()
         ev = ev[ev[:, 2] != REST]
         return MidiTape(AUTOREGRESS, ev[np.argsort(ev[:, 0], kind="stable")])
+
+
+def _tape_of_ids(ids: np.ndarray, where) -> MidiTape:
+    """AMT ids (flags, then triples) -> a tape: flags dropped, SEPARATOR triples dropped,
+    controls kept."""
+    flag = AUTOREGRESS
+    while ids.size and ids[0] in (AUTOREGRESS, ANTICIPATE):
+        flag, ids = int(ids[0]), ids[1:]
+    if ids.size % 3:
+        raise UserError(f"{where}: {ids.size} ids after the flag is not a whole number of (time, dur, note) triples")
+    tri = ids.reshape(-1, 3)
+    check_ids(np.concatenate([tri[:, 1:].ravel(), np.minimum(tri[:, 0], 0)]), VOCAB_SIZE, Path(str(where)))  # times: >= 0
+    return MidiTape(flag, tri[tri[:, 2] != SEPARATOR])
 
 
 def _well_formed(tri: np.ndarray) -> np.ndarray:

@@ -59,11 +59,11 @@ def rollout(rm: RolloutModel, prompt, cfg: RolloutConfig) -> list:
 
 
 def _check_can_infill(rm: RolloutModel) -> None:
-    if rm.modality.can_infill(rm.family):
+    if rm.modality.can_infill(rm):
         return
-    raise UserError(f"{rm.path}: a {rm.family.name} checkpoint on {rm.modality.name} cannot in-fill; in-filling "
-                    "needs a T5 checkpoint (text, MIDI, audio: sentinel spans) or a decoder trained on MIDI "
-                    "(AMT anticipation)")
+    raise UserError(f"{rm.path}: a {rm.family.name} checkpoint on {rm.modality.name} trained without "
+                    "fill-in-the-middle cannot in-fill; in-filling needs a T5 checkpoint (sentinel spans), a "
+                    "left-to-right one trained with data.fim_rate > 0, or a decoder trained on MIDI (AMT anticipation)")
 
 
 def continue_tape(rm: RolloutModel, tape, cfg: RolloutConfig, num_samples: int, seed_offset: int = 0) -> list:

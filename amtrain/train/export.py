@@ -38,6 +38,8 @@ def load_checkpoint_model(path: str | Path) -> tuple[SequenceModel, dict]:
             "source_checkpoint": str(folder.resolve()), "data": meta.get("data", "")}
     if "denoise" in meta:  # T5: the span layout it was trained with (inputs/targets length, unit)
         info["denoise"] = meta["denoise"]
+    if "fim" in meta:  # a left-to-right model trained to fill in the middle: its sentinel ids
+        info["fim"] = meta["fim"]
     return model.eval(), info
 
 

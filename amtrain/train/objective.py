@@ -6,9 +6,9 @@ cadences, logging and checkpoints, and knows no family. A family's spec names it
 what a micro-batch and its loss are, what the run records about it, how validation goes and
 what it must checkpoint. `Objective` below is the protocol; two implement it:
 
-    LMObjective       decoder, LSTM (and any left-to-right LM): windows from `TrainLoader`,
-                      causal LM loss, sequence-length warm-up, val loss (+ the modality's
-                      val metrics)
+    LMObjective       decoder, LSTM (and any left-to-right LM): windows from `TrainLoader`
+                      (fill-in-the-middle examples at data.fim_rate), causal LM loss,
+                      sequence-length warm-up, val loss (+ the modality's val metrics)
     DenoiseObjective  T5: `DenoisingLoader` batches whose mixture and difficulty a `Curriculum`
                       decides every step; per-task losses feed the curriculum; val loss per
                       task (R/X/S) and exact match of reconstructed spans
@@ -45,6 +45,7 @@ import torch.distributed as dist
 from amtrain.config import BatchPlan, RunConfig, batch_plan
 from amtrain.data.checks import checked_tokens, unusable_split
 from amtrain.data.curriculum import Curriculum, CurriculumConfig, Decision
+from amtrain.data.fim import FimSpec
 from amtrain.data.loader import TrainLoader, check_vocab, val_batches
 from amtrain.data.span_corruption import (
     TASKS,
@@ -148,16 +149,34 @@ class Objective(Protocol):
 
 class LMObjective:
     """Causal LM on fixed windows: the decoder's and the LSTM's objective. Windows are cut to
-    the step's length during the sequence-length warm-up (`data.seq_len_warmup_steps`)."""
+    the step's length during the sequence-length warm-up (`data.seq_len_warmup_steps`); a share
+    `data.fim_rate` of them are fill-in-the-middle examples (`amtrain.data.fim`)."""
 
     extra_size = 0
 
+    @staticmethod
+    def fim_spec(cfg: RunConfig, dataset: Dataset) -> FimSpec | None:
+        """The run's FIM layout: sentinels above the dataset's vocabulary, the tokenizer's end id
+        closing a middle, cuts on the modality's units (`Modality.span_layout`); None at rate 0."""
+        if cfg.data.fim_rate == 0:
+            return None
+        manifest = dataset.manifest
+        tok = get_tokenizer(manifest.tokenizer, **manifest.tokenizer_params)
+        layout = modality_of(manifest.tokenizer).span_layout(tok)
+        return FimSpec(cfg.data.fim_rate, cfg.data.fim_spm_rate, dataset.vocab_size, tok.eot_id, layout.unit,
+                       layout.offset, layout.inside_documents)
+
     @classmethod
     def model_fields(cls, cfg: RunConfig, dataset: Dataset) -> dict:
-        """The vocabulary (the dataset's, or a larger model.vocab_size) and the context
-        (data.seq_len; model.overrides may raise it)."""
-        vocab = cfg.model.vocab_size or dataset.vocab_size
+        """The vocabulary (the dataset's, + 3 FIM sentinels when data.fim_rate > 0, or a larger
+        model.vocab_size) and the context (data.seq_len; model.overrides may raise it)."""
+        fim = cls.fim_spec(cfg, dataset)
+        need = fim.vocab_size if fim is not None else dataset.vocab_size
+        vocab = cfg.model.vocab_size or need
         check_vocab(dataset, vocab)
+        if vocab < need:
+            raise UserError(f"config model.vocab_size = {vocab}: data.fim_rate > 0 puts three sentinels above the "
+                            f"dataset's {dataset.vocab_size} ids; use at least {need} or leave it unset")
         return {"vocab_size": vocab, "max_seq_len": cfg.data.seq_len}
 
     @classmethod
@@ -170,26 +189,27 @@ class LMObjective:
     def build(cls, cfg: RunConfig, dataset: Dataset, rank: int, world_size: int) -> LMObjective:
         data = cfg.data
         plan = batch_plan(cfg.batch, data.seq_len, world_size)
+        fim = cls.fim_spec(cfg, dataset)
         loader = TrainLoader(dataset, data.split, data.seq_len, plan.micro_batch, plan.grad_accum, rank, world_size,
-                             cfg.train.seed)
+                             cfg.train.seed, fim)
         val = []
         if data.val_split and cfg.train.eval_batches and unusable_split(dataset, data.val_split) is None:
             val = val_batches(dataset, data.val_split, data.seq_len, plan.micro_batch, cfg.train.eval_batches,
                               rank, world_size)
-        return cls(plan, loader, val, modality_of(dataset.manifest.tokenizer), data.seq_len_at)
+        return cls(plan, loader, val, modality_of(dataset.manifest.tokenizer), data.seq_len_at, fim)
 
     def __init__(self, plan: BatchPlan, loader: TrainLoader, val: list[tuple[torch.Tensor, torch.Tensor]],
-                 modality: Modality, seq_len_schedule: Callable[[int], int]):
-        """`seq_len_schedule(step)`: window length at a step (`DataConfig.seq_len_at`)."""
+                 modality: Modality, seq_len_schedule: Callable[[int], int], fim: FimSpec | None = None):
+        """`seq_len_schedule(step)`: window length at a step (`DataConfig.seq_len_at`); `fim`:
+        the loader's FIM layout, recorded as the run's meta["fim"] (export, rollouts)."""
         self.plan, self.loader, self.val, self.modality = plan, loader, val, modality
-        self.seq_len_schedule = seq_len_schedule
+        self.seq_len_schedule, self.fim = seq_len_schedule, fim
 
     def seq_len_at(self, step: int) -> int:
         return self.seq_len_schedule(step)
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        seq_len = self.seq_len_at(step)
-        return [(x[:, :seq_len], y[:, :seq_len]) for x, y in self.loader.next_step()]  # (B, T) each
+        return self.loader.next_step(self.seq_len_at(step))  # [(x (B, T), y (B, T)), ...]
 
     def loss(self, engine, micro, device: torch.device) -> tuple[torch.Tensor, None]:
         x, y = micro
@@ -203,7 +223,7 @@ class LMObjective:
         return model.flops_per_token(seq_len)
 
     def run_meta(self) -> dict:
-        return {}
+        return {"fim": self.fim.meta()} if self.fim is not None else {}
 
     def has_val(self) -> bool:
         return bool(self.val)
