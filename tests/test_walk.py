@@ -51,14 +51,15 @@ def test_readme_main_job_then_the_design_card_commands_verbatim(clone):
         out[step] = _run(step, clone)
     train = out[steps[1]].stdout
     assert "done: step 150" in train and "checkpoint: runs/default/checkpoints/step_00000150" in train
-    hint = next(line for line in train.splitlines() if "sample from it" in line or "amtrain" in line and "--prompt" in line)
-    assert "--prompt" in hint
+    assert 'sample from it: python -m amtrain sample runs/default --prompt "In the beginning"' in train
     sample = out[steps[2]].stdout
     assert sample.strip() and "Traceback" not in out[steps[2]].stderr
 
     # the design card: `amtrain rollout --mode infill`, exactly, right after the main job
     r = _run("amtrain rollout --mode infill", clone)
-    assert "runs/default" in r.stdout and "sample_0" in r.stdout, r.stdout
+    assert r.stdout.startswith("checkpoint: runs/default/checkpoints/step_00000150 (the newest run under runs/")
+    assert "out: runs/default/rollouts/infill_0" in r.stdout and "sample_0: " in r.stdout, r.stdout
+    assert (clone / "runs" / "default" / "rollouts" / "infill_0" / "sample_0.txt").is_file()
 
     # the design card: `amtrain prep-audio song.wav`, exactly, with weights on the documented
     # search path (a stand-in made by `amtrain codec init`, as docs/audio.md says)

@@ -424,8 +424,10 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if any(folder.glob("*_optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # its progress notes would mix into `amtrain sample`; it calls torch.load itself
-        with contextlib.redirect_stdout(io.StringIO()), forced_weights_only():
+        # its progress notes and tqdm bars (stderr) would mix into `amtrain sample` / `rollout`'s
+        # output; it calls torch.load itself
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                forced_weights_only():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
         files = sorted(folder.glob("mp_rank_*_model_states.pt"))
