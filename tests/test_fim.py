@@ -7,6 +7,7 @@ job followed by `amtrain rollout --mode infill` with nothing but defaults."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -272,16 +273,16 @@ def test_readme_main_job_then_rollout_infill_with_defaults(kjv_gpt2, tmp_path, m
                       "--train.max_steps", "6", "--train.progress", "false"]))
     r = CliRunner().invoke(app, ["rollout", "--mode", "infill"])
     assert r.exit_code == 0, r.output
-    lines = r.output.splitlines()
-    assert "checkpoint: runs/default/checkpoints/step_00000006 (the newest run under runs/" in lines[0]
-    assert lines[1].startswith(f"prompt: val document 0 of 7 in {kjv_gpt2}, its first ") and "held out" in lines[1]
-    assert lines[2] == "out: runs/default/rollouts/infill_0"
+    said = {k: re.search(f"{k}: .*", r.output).group(0) for k in ("checkpoint", "prompt", "out")}  # stderr: DeepSpeed's bars
+    assert said["checkpoint"].startswith("checkpoint: runs/default/checkpoints/step_00000006 (the newest run under runs/")
+    assert said["prompt"].startswith(f"prompt: val document 0 of 7 in {kjv_gpt2}, its first ") and "held out" in said["prompt"], r.output
+    assert said["out"] == "out: runs/default/rollouts/infill_0"
     out = tmp_path / "runs" / "default" / "rollouts" / "infill_0"
     sample, original = np.load(out / "sample_0.npy"), np.load(out / "original_0.npy")
     tok = get_tokenizer("gpt2")
     doc = next(iter(Dataset(kjv_gpt2).documents("val")))
     assert np.array_equal(original, doc[1:1 + len(original)])  # the document's opening, its EOT header aside
-    a, b = (int(x) for x in lines[1].split("<gap: [")[1].split(")")[0].split(", "))
+    a, b = (int(x) for x in said["prompt"].split("<gap: [")[1].split(")")[0].split(", "))
     assert np.array_equal(sample[:a], original[:a]) and np.array_equal(sample[len(sample) - (len(original) - b):], original[b:])
     assert sample.max() < tok.vocab_size and (out / "sample_0.txt").read_text().startswith(tok.decode(original[:a].tolist()))
     assert "sample_0: " in r.output and "tokens (in the gap)" in r.output
