@@ -19,7 +19,7 @@ steps, same batches of windows). Then on every window of the val split (129 toke
     to stop).
 
 Prints one markdown row per run and the FIM - plain differences. `--tokenizer ascii` (bytes)
-trains ~10x faster per step, for longer runs in the same time.
+trains ~40x faster per step (a 258-id head), for longer runs in the same time.
 """
 
 from __future__ import annotations
