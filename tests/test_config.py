@@ -172,3 +172,13 @@ def test_help_lists_every_key_with_its_doc():
         assert f"--{key} " in text, key
     assert "Optimizer steps to train for (the cosine schedule ends here)." in text
     assert "e.g. {block: serial, dropout: 0.1}." in text  # "e.g." does not end the first sentence
+
+
+def test_midi_recipes_read_the_folder_the_docs_prep_to(repo_root):
+    """docs/midi.md preps the bundled MIDI into runs/data/midi; every MIDI recipe reads it."""
+    import yaml
+
+    assert "amtrain prep-midi data/midi --out runs/data/midi" in (repo_root / "docs" / "midi.md").read_text()
+    for name in ("amt_gpt2.yaml", "t5_midi.yaml"):
+        d = yaml.safe_load((repo_root / "ds_configs" / name).read_text())
+        assert d["data"]["path"] == "runs/data/midi", name
