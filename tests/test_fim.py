@@ -291,3 +291,13 @@ def test_readme_main_job_then_rollout_infill_with_defaults(kjv_gpt2, tmp_path, m
     assert load_pretrained(tmp_path / "exp")[1]["fim"]["middle_id"] == 50259
     r = CliRunner().invoke(app, ["rollout", "exp", "--mode", "infill", "--seed", "1", "-n", "2"])
     assert r.exit_code == 0 and "prompt: val document 1 of 7" in r.output and "out: exp/rollouts/infill_0" in r.output
+
+
+def test_default_prompt_skips_documents_too_short_for_a_gap():
+    """A title line is no prompt: the first document from the seed's on with room for a gap, or
+    the longest when none has."""
+    from amtrain.rollout.defaults import MIN_PROMPT_IDS, _long_enough
+
+    docs = [np.zeros(6), np.zeros(MIN_PROMPT_IDS + 5), np.zeros(3)]
+    assert _long_enough(docs, 0) == 1 and _long_enough(docs, 1) == 1 and _long_enough(docs, 2) == 1
+    assert _long_enough([np.zeros(4), np.zeros(9)], 0) == 1

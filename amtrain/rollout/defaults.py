@@ -62,10 +62,23 @@ def heldout_prompt(rm: RolloutModel, cfg: RolloutConfig) -> tuple[Any, Any, str]
     num_docs = dataset.manifest.splits.get(split, {}).get("docs", 0)
     if not num_docs:
         raise UserError(f"{data}: no '{split}' documents to take a prompt from; pass --prompt FILE")
-    index = (cfg.seed or 0) % num_docs
-    doc = next(d for i, d in enumerate(dataset.documents(split)) if i == index)
-    prompt, original, part = rm.modality.document_prompt(rm, doc, cfg)
+    docs = list(dataset.documents(split))  # memmap views: nothing is read until used
+    index = _long_enough(docs, (cfg.seed or 0) % num_docs)
+    prompt, original, part = rm.modality.document_prompt(rm, docs[index], cfg)
     return prompt, original, f"prompt: {split} document {index} of {num_docs} in {data}, {part}"
+
+
+MIN_PROMPT_IDS = 32  # a shorter document (a title line) leaves no room for a gap worth filling
+
+
+def _long_enough(docs: list, start: int) -> int:
+    """The first document from `start` on (wrapping) with at least MIN_PROMPT_IDS ids; the longest
+    if none is."""
+    for k in range(len(docs)):
+        i = (start + k) % len(docs)
+        if len(docs[i]) >= MIN_PROMPT_IDS:
+            return i
+    return max(range(len(docs)), key=lambda i: len(docs[i]))
 
 
 def _val_split(path: Path) -> str:
