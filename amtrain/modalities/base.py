@@ -22,6 +22,7 @@ from amtrain.models.base import SequenceModel
 
 if TYPE_CHECKING:
     from amtrain.data.fim import FimSpec
+    from amtrain.midi.events import Notes
     from amtrain.registry import ModelFamily
     from amtrain.store import Dataset
     from amtrain.tokens import Tokenizer
@@ -156,6 +157,8 @@ class Modality:
     """Prompts and outputs pass through the audio codec."""
     priority_scores = False
     """prep writes per-chunk priority scores (the priority sampler, --prompt-from-priority)."""
+    has_velocity = False
+    """Symbolic music whose ids carry each note's velocity (`notes` returns real velocities)."""
 
     # -- data and training ---------------------------------------------------------------
     def span_layout(self, tokenizer: Tokenizer) -> SpanLayout:
@@ -165,6 +168,14 @@ class Modality:
         """Validation figures the modality's literature reports, from the mean per-token
         cross-entropy in nats (beyond val_loss and bits per token, which every run logs)."""
         return {}
+
+    def notes(self, tokenizer: Tokenizer, ids: np.ndarray) -> Notes | None:
+        """Ids of one piece -> the notes a listener hears (`amtrain.midi.events.Notes`: onset and
+        duration in 10 ms bins, pitch, instrument 0..128, velocity; velocity is the MIDI default
+        where `has_velocity` is False), sorted by onset; malformed ids are skipped. None where the
+        modality is not symbolic music. Evaluation, bits per second of music and piano rolls read
+        every symbolic encoding through this."""
+        return None
 
     def document_prefix(self, tokenizer: Tokenizer) -> list[int]:
         """Ids every training document starts with, so a left-to-right prompt starts so too."""

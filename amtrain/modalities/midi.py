@@ -108,6 +108,12 @@ class MidiModality(Modality):
     def val_metrics(self, ce_per_token: float) -> dict[str, float]:
         return event_metrics(ce_per_token)
 
+    def notes(self, tokenizer, ids: np.ndarray):
+        """AMT ids (events and controls, flags and separators skipped) -> notes."""
+        from amtrain.midi.decode import ids_to_notes
+
+        return ids_to_notes(ids)[0]
+
     # -- prompts and outputs -------------------------------------------------------------
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> MidiTape:
         """.mid -> events (no controls; padding happens at generation); id file -> the triples as
