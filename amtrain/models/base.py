@@ -27,3 +27,15 @@ class SequenceModel(nn.Module):
         """An empty generation cache for `batch_size` sequences of up to `max_len` positions
         (decoder: KV cache; LSTM: recurrent state; T5: the decoder's KV cache)."""
         raise NotImplementedError
+
+    def balance_state(self) -> Any:
+        """Mixture of experts: tokens routed to each expert since the last bias update, a
+        (MoE layers, experts) tensor the trainer sums over ranks; None for a model without
+        experts (the default)."""
+        return None
+
+    def apply_bias_update(self, load: Any) -> Any:
+        """Mixture of experts: move the selection biases by the summed `balance_state` (every
+        rank alike) and restart the counts; -> the biases. Only called when `balance_state` is
+        not None."""
+        raise NotImplementedError

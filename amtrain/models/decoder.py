@@ -35,6 +35,8 @@ from amtrain.models.layers import (
     make_norm,
     residual_init_std,
 )
+from amtrain.models.mla import LatentCache, MultiHeadLatentAttention, resolve_mla_fields
+from amtrain.models.moe import MoEFeedForward, resolve_moe_fields
 from amtrain.models.sizes import DECODER_SIZES
 from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
@@ -42,6 +44,7 @@ from amtrain.tokens import IGNORE_INDEX
 __all__ = ["DecoderConfig", "Decoder", "KVCache"]
 
 BLOCKS = ("parallel", "serial")
+ATTENTIONS = ("mha", "mla")
 NORMS = ("layernorm", "rmsnorm")
 ATTN_IMPLS = ("auto", "sdpa", "flash")
 
@@ -69,6 +72,34 @@ class DecoderConfig:
     """"auto": flash-attn when installed and on CUDA fp16/bf16, else SDPA; "sdpa"; "flash" (required)."""
     pad_vocab_multiple: int = 64
     """Output/embedding rows are padded to a multiple of this."""
+    # Mixture of experts (amtrain.models.moe; DeepSeek-V3): n_routed_experts 0 = dense MLP
+    n_routed_experts: int = 0
+    """Routed experts per MoE layer; 0: every layer has the dense MLP (d_ff)."""
+    n_shared_experts: int = 1
+    """Always-active experts per MoE layer (each moe_d_ff wide)."""
+    top_k_experts: int = 1
+    """Routed experts each token goes to."""
+    moe_d_ff: int | None = None
+    """Width of one expert (fine-grained experts: smaller than d_ff); None -> d_ff."""
+    first_dense_layers: int = 0
+    """The first this many layers keep the dense MLP (DeepSeek-V3: 3)."""
+    bias_update_speed: float = 0.001
+    """Step of the per-expert selection bias after each optimizer step (0: no balancing bias)."""
+    balance_factor: float = 0.0001
+    """Weight of the sequence-wise balance loss (0: none)."""
+    # attention (amtrain.models.mla; DeepSeek-V2/V3)
+    attention: str = "mha"
+    """"mha": multi-head attention, RoPE on full heads; "mla": multi-head latent attention."""
+    q_lora_rank: int = 0
+    """MLA: rank of the query latent; 0 -> queries straight from x."""
+    kv_lora_rank: int | None = None
+    """MLA: rank of the key/value latent (what the cache holds); None -> 4 * head_dim."""
+    qk_nope_head_dim: int | None = None
+    """MLA: per-head query/key width without RoPE; None -> head_dim."""
+    qk_rope_head_dim: int | None = None
+    """MLA: width of the RoPE query part and of the one RoPE key shared by all heads; None -> head_dim / 2."""
+    v_head_dim: int | None = None
+    """MLA: per-head value width; None -> head_dim."""
 
     def __post_init__(self):
         if self.d_ff is None:
@@ -86,10 +117,13 @@ class DecoderConfig:
         _check_choice("block", self.block, BLOCKS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        _check_choice("attention", self.attention, ATTENTIONS)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta: must be > 0, got {self.rope_theta}")
+        resolve_moe_fields(self)
+        resolve_mla_fields(self)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -120,17 +154,49 @@ class Decoder(SequenceModel):
         block_cls = ParallelBlock if cfg.block == "parallel" else SerialBlock
         assert cfg.d_ff is not None  # DecoderConfig.__post_init__ resolves it
         self.blocks = nn.ModuleList(
-            block_cls(cfg.norm, D, cfg.d_ff, self._attention(i), cfg.dropout) for i in range(cfg.num_layers))
+            block_cls(cfg.norm, D, cfg.d_ff, self._attention(i), cfg.dropout, self._ffn(i))
+            for i in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm, D)
         self.lm_head = nn.Linear(D, V, bias=False)
         self.lm_head.weight = self.embed.weight  # tied: one (V, D) parameter
         self.drop = nn.Dropout(cfg.dropout)
         self._init_weights()
 
-    def _attention(self, layer_idx: int) -> CausalSelfAttention:
+    def _attention(self, layer_idx: int) -> nn.Module:
         c = self.cfg
+        if c.attention == "mla":
+            assert c.kv_lora_rank and c.qk_nope_head_dim and c.qk_rope_head_dim and c.v_head_dim  # resolved
+            return MultiHeadLatentAttention(c.d_model, c.num_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim,
+                                            c.qk_rope_head_dim, c.v_head_dim, c.max_seq_len, c.rope_theta, c.dropout,
+                                            layer_idx)
         return CausalSelfAttention(c.d_model, c.num_heads, c.max_seq_len, c.rope_theta, c.dropout,
                                    c.attn_impl, layer_idx)
+
+    def _ffn(self, layer_idx: int) -> nn.Module | None:
+        """An MoE FFN past the first dense layers when experts are configured; None: the dense MLP."""
+        c = self.cfg
+        if not c.n_routed_experts or layer_idx < c.first_dense_layers:
+            return None
+        assert c.moe_d_ff is not None  # resolved
+        return MoEFeedForward(c.d_model, c.moe_d_ff, c.n_shared_experts, c.n_routed_experts, c.top_k_experts,
+                              c.balance_factor, c.bias_update_speed)
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+
+    def balance_state(self) -> torch.Tensor | None:
+        """Tokens routed to each expert since the last bias update, (MoE layers, E), or None
+        without MoE layers. The trainer sums it over ranks and hands it to `apply_bias_update`."""
+        layers = self.moe_layers()
+        return torch.stack([m.load for m in layers]) if layers else None
+
+    def apply_bias_update(self, load: torch.Tensor) -> torch.Tensor:
+        """Move every MoE layer's selection bias toward equal load (`MoEFeedForward.apply_bias_update`)
+        from the summed counts (MoE layers, E). -> the biases now, (MoE layers, E)."""
+        layers = self.moe_layers()
+        for m, row in zip(layers, load, strict=True):
+            m.apply_bias_update(row)
+        return torch.stack([m.expert_bias for m in layers])
 
     def _init_weights(self) -> None:
         # GPT-2 / nanoGPT (karpathy/nanoGPT model.py `_init_weights` and the c_proj rescale).
@@ -139,8 +205,15 @@ class Decoder(SequenceModel):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         for block in self.blocks:  # projections that write into the residual stream
             assert isinstance(block, ParallelBlock | SerialBlock)
-            for proj in (block.attn.proj, block.mlp.down):
-                nn.init.normal_(proj.weight, mean=0.0, std=residual_init_std(self.cfg.num_layers))
+            std = residual_init_std(self.cfg.num_layers)
+            attn, mlp = block.attn, block.mlp
+            assert isinstance(attn.proj, nn.Linear)
+            nn.init.normal_(attn.proj.weight, mean=0.0, std=std)
+            if isinstance(mlp, MoEFeedForward):
+                mlp.init_weights(0.02, std)
+            else:
+                assert isinstance(mlp.down, nn.Linear)
+                nn.init.normal_(mlp.down.weight, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,23 +240,33 @@ class Decoder(SequenceModel):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
                                    ignore_index=IGNORE_INDEX)
+            balance = [m.balance for m in self.moe_layers() if m.balance is not None]
+            if self.training and balance:  # MoE: the sequence-wise balance loss of every layer
+                loss = loss + torch.stack(balance).sum()
         return logits, loss
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+                  dtype: torch.dtype | None = None) -> KVCache | LatentCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` positions (default
         device/dtype: the model's)."""
         c = self.cfg
         if max_len > c.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds model.max_seq_len={c.max_seq_len}")
         w = self.embed.weight
+        if c.attention == "mla":
+            assert c.kv_lora_rank and c.qk_rope_head_dim
+            return LatentCache.empty(c.num_layers, batch_size, max_len, c.kv_lora_rank, c.qk_rope_head_dim,
+                                     device or w.device, dtype or w.dtype)
         return KVCache.empty(c.num_layers, batch_size, c.num_heads, max_len, c.head_dim,
                              device or w.device, dtype or w.dtype)
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Unique parameters (the tied embedding counted once); `non_embedding` leaves out the
-        (V, D) embedding / output matrix (Kaplan et al. 2020 convention)."""
+        (V, D) embedding / output matrix (Kaplan et al. 2020 convention); `active` counts only
+        the routed experts a token uses (top_k of n_routed_experts per MoE layer)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= sum(m.routed_params() * (m.n_routed - m.top_k) // m.n_routed for m in self.moe_layers())
         return n - self.embed.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -197,9 +280,15 @@ class Decoder(SequenceModel):
         the weighted sum of values (2 matmuls of T x Dh per head, x3 for backward), counted
         for the full T x T square as PaLM does, i.e. ignoring the causal half.
         MFU = tokens/s * flops_per_token(T) / peak FLOP/s.
+        With MoE, N counts the ACTIVE parameters (`num_params(active=True)`); with MLA the second
+        term is 6 L H (Dqk + Dv) T for its query/key and value head widths (12 L D T for MHA).
         """
         c = self.cfg
-        return 6.0 * self.num_params() + 12.0 * c.num_layers * c.d_model * seq_len
+        attn = 12.0 * c.num_layers * c.d_model * seq_len
+        if c.attention == "mla":
+            assert c.qk_nope_head_dim and c.qk_rope_head_dim and c.v_head_dim
+            attn = 6.0 * c.num_layers * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq_len
+        return 6.0 * self.num_params(active=True) + attn
 
 
 register_family(ModelFamily(

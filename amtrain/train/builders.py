@@ -9,7 +9,7 @@ found through the registry (`family(cfg.model.arch).objective_cls()`); modality 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
@@ -72,12 +72,14 @@ def build_resume(cfg: RunConfig, d: DistInfo, model) -> ResumePoint | None:
     """The checkpoint to resume from (train.resume), refused if it holds another model."""
     resume = find_resume(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints", d.world_size)
     if resume is not None:
-        check_same_model(resume, asdict(model.cfg))
+        check_same_model(resume, model.cfg)
     return resume
 
 
-def check_same_model(resume: ResumePoint, model_cfg: dict) -> None:
-    saved = resume.meta["model"]
+def check_same_model(resume: ResumePoint, model_cfg) -> None:
+    # a field the checkpoint predates has its default there (e.g. the MoE / MLA fields)
+    saved = {**{f.name: f.default for f in fields(model_cfg) if f.default is not MISSING}, **resume.meta["model"]}
+    model_cfg = asdict(model_cfg)
     diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in model_cfg.items() if saved.get(k) != v]
     if diff:
         raise UserError(f"{resume.folder}: the checkpoint's model differs from this run config's ({', '.join(diff)}); "

@@ -127,6 +127,9 @@ class MetricsLog:
         for k, v in values.items():
             if isinstance(v, int | float):
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
+            elif isinstance(v, list) and v and all(isinstance(x, int | float) for x in v):  # e.g. per-expert load
+                for j, x in enumerate(v):
+                    self.tb.add_scalar(f"{kind}/{k}/{j}", x, step)
         self.tb.flush()
 
     def close(self) -> None:

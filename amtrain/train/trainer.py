@@ -18,6 +18,7 @@ objective state, bad steps, elapsed time), checkpointed with the engine (`amtrai
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from amtrain.train.builders import (
 )
 from amtrain.train.checkpoint import RunState
 from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision
+from amtrain.train.experts import expert_balance
 from amtrain.train.metrics import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
 
 
@@ -123,6 +125,7 @@ class Trainer:
         record_run(run_dir, self.cfg, self.ds_config, {
             "world_size": self.d.world_size, "backend": self.d.backend, "device": str(self.d.device),
             "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.shape.num_params(),
+            "num_params_active": active_params(self.shape),
             "tokens_per_step": self.plan.tokens_per_step,
             "resumed_from": str(self.resume.folder) if self.resume else None})
 
@@ -177,6 +180,8 @@ class Trainer:
         self.optimizer.skip = False
         loss = float(stats[0]) / (num_micro * d.world_size) if not bad else math.nan
         records = self.objective.after_step(step, stats[3:] if self.objective.extra_size else None, bad)
+        if (moe := expert_balance(self.engine.module, bad)) is not None:  # MoE: biases + load (all ranks)
+            records["moe"] = moe
         self.advance(seq_len, bad)
         if d.is_main:
             for kind, values in records.items():
@@ -286,6 +291,14 @@ class Trainer:
         result.state = self.state
 
 
+def active_params(model) -> int:
+    """Parameters a token uses: fewer than `num_params()` for a mixture of experts (models whose
+    `num_params` takes `active`), else all of them."""
+    if "active" in inspect.signature(model.num_params).parameters:
+        return model.num_params(active=True)
+    return model.num_params()
+
+
 def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else math.nan
@@ -300,7 +313,9 @@ def describe_start(tr: Trainer) -> str:
     data = f"{tr.dataset.folder} ({tr.dataset.manifest.tokenizer})"
     if not cfg.data.path:
         data = f"the bundled KJV corpus (data.path is empty) in {data}"
-    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {tr.shape.num_params():,} params; data {data}; "
+    total, active = tr.shape.num_params(), active_params(tr.shape)
+    params = f"{total:,} params" + (f" ({active:,} active per token)" if active != total else "")
+    return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {params}; data {data}; "
             f"{d.world_size} rank(s) on "
             f"{d.device} ({d.backend}); batch {plan.micro_batch} x {plan.grad_accum} accum x {plan.world_size} ranks x "
             f"{plan.seq_len} tokens = {plan.tokens_per_step:,} tokens/step; {cfg.train.max_steps} steps; "
