@@ -1,0 +1,195 @@
+"""Mixture-of-experts FFN (amtrain.models.moe) and its training: routing by biased affinity
+with unbiased weights, no dropped tokens, equality with a per-token dense reference, the bias
+rule balancing a skewed router, exact resume with the biases, export -> sample on an MoE + MLA
+checkpoint, and the load records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from amtrain.models.moe import MoEFeedForward
+from amtrain.train import checkpoint
+from amtrain.train.loop import train
+from tests.train_helpers import from_args, metrics, tiny
+
+D, FF, E = 16, 24, 4
+
+
+def layer(n_shared: int = 1, top_k: int = 2, speed: float = 0.05, balance: float = 0.01, seed: int = 0) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    m = MoEFeedForward(D, FF, n_shared, E, top_k, balance, speed)
+    m.init_weights(0.2, 0.2)  # larger weights than the model's init: differences show
+    return m
+
+
+def reference(m: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """The same function token by token, expert by expert, from the definition."""
+    out = []
+    for tok in x.reshape(-1, D).double():
+        s = torch.sigmoid(m.gate.weight.double() @ tok)  # (E,)
+        chosen = torch.topk(s + m.expert_bias.double(), m.top_k).indices
+        y = torch.zeros(D, dtype=torch.float64)
+        for e in chosen:
+            h = F.gelu(tok @ m.w_up[e].double(), approximate="tanh")
+            y += s[e] / s[chosen].sum() * (h @ m.w_down[e].double())
+        if m.shared is not None:
+            y += m.shared.down.weight.double() @ F.gelu(m.shared.up.weight.double() @ tok, approximate="tanh")
+        out.append(y)
+    return torch.stack(out).view(x.shape).float()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_routes_by_biased_affinity_and_weights_by_unbiased(top_k):
+    m = layer(top_k=top_k)
+    x = torch.randn(40, D)
+    s, idx, g = m.route(x)
+    assert s.dtype == g.dtype == torch.float32
+    m.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 is picked for every token ...
+    s2, idx2, g2 = m.route(x)
+    assert torch.equal(s2, s) and (idx2 == 3).any(1).all()
+    torch.testing.assert_close(g2, s.gather(1, idx2) / s.gather(1, idx2).sum(1, keepdim=True))  # ... weighted by s
+    assert not torch.equal(idx2, idx)
+    if top_k == 1:
+        assert torch.equal(g2, torch.ones_like(g2))
+
+
+@pytest.mark.parametrize("bias", [None, [0.0, 0.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0], [9.0, 9.0, -9.0, -9.0]],
+                         ids=["learned", "zero", "all-to-one", "two-idle"])
+def test_equals_per_token_reference_at_any_load_no_token_dropped(bias):
+    """The batched experts compute exactly the per-token definition, also when every token goes
+    to one expert (no capacity: nothing dropped) or some experts get nothing."""
+    m = layer().train()
+    if bias is not None:
+        m.expert_bias.copy_(torch.tensor(bias))
+    x = torch.randn(3, 11, D)
+    y = m(x)
+    torch.testing.assert_close(y, reference(m, x), atol=1e-5, rtol=1e-4)
+    assert m.load.sum() == 3 * 11 * m.top_k  # every (token, slot) reached an expert
+    if bias == [0.0, 9.0, 0.0, 0.0]:
+        assert m.load[1] == 33
+    # gradients reach every weight that saw tokens, through the scatter and gather
+    y.sum().backward()
+    used = m.load > 0
+    assert (m.w_up.grad.flatten(1).abs().sum(1) > 0).eq(used).all()
+
+
+def test_bias_rule_moves_a_skewed_router_toward_uniform():
+    """A router that sends most tokens to expert 0: the bias rule evens the load out; without
+    it (speed 0) the skew stays."""
+    def run(speed: float) -> list[float]:
+        m = layer(n_shared=0, top_k=1, speed=speed, balance=0.0).train()
+        with torch.no_grad():
+            m.gate.weight[0] += 2.0  # inputs have a positive mean along every axis
+        ratios = []
+        g = torch.Generator().manual_seed(0)
+        for _ in range(120):
+            with torch.no_grad():
+                m(torch.randn(1, 64, D, generator=g) + 0.5)
+            load = m.load.clone()
+            ratios.append(float(load.max() / load.mean()))
+            m.apply_bias_update(load)
+        return ratios
+
+    balanced, fixed = run(0.02), run(0.0)
+    assert fixed[0] > 2.5 and sum(fixed[-20:]) / 20 > 2.5
+    assert sum(balanced[-20:]) / 20 < 1.5 < fixed[0]
+
+
+def test_balance_loss_is_the_sequence_wise_formula():
+    m = layer(top_k=1, balance=0.5).train()
+    x = torch.randn(2, 8, D)
+    m(x)
+    s, idx, _ = m.route(x.reshape(-1, D))
+    s, idx = s.detach().view(2, 8, E), idx.view(2, 8, 1)
+    want = 0.0
+    for b in range(2):
+        f = torch.stack([(idx[b] == i).sum() * E / 8 for i in range(E)]).float()
+        p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        want += 0.5 * float((f * p).sum().detach()) / 2
+    assert float(m.balance) == pytest.approx(want, rel=1e-5)
+    m.eval()
+    m(x)
+    assert m.balance is None
+
+
+def test_active_params_and_first_dense_layers():
+    from amtrain.registry import family
+
+    fam = family("decoder")
+    dense = fam.build(fam.config("debug", vocab_size=256))
+    moe = fam.build(fam.config("debug", vocab_size=256, n_routed_experts=4, top_k_experts=1, n_shared_experts=1,
+                               moe_d_ff=64, first_dense_layers=1))
+    assert isinstance(moe.blocks[1].mlp, MoEFeedForward) and not isinstance(moe.blocks[0].mlp, MoEFeedForward)
+    routed = 4 * 2 * 64 * 64
+    assert moe.num_params() - moe.num_params(active=True) == routed * 3 // 4
+    # one shared + one active expert of width 64 = one dense MLP of width 128, plus the gate
+    assert moe.num_params(active=True) == dense.num_params() - 2 * 64 * 128 + 4 * 64
+    assert moe.flops_per_token(64) - dense.flops_per_token(64) == 6 * (moe.num_params(active=True) - dense.num_params())
+
+
+# ------------------------------------------------------------------ training
+
+
+MOE_MLA = {"n_routed_experts": 4, "top_k_experts": 2, "n_shared_experts": 1, "moe_d_ff": 64,
+           "bias_update_speed": 0.01, "balance_factor": 0.01, "attention": "mla", "q_lora_rank": 32}
+
+
+@pytest.fixture(scope="module")
+def moe_run(kjv_gpt2, tmp_path_factory):
+    """6 steps of the debug decoder with MoE + MLA, checkpoints every 3 steps."""
+    out = tmp_path_factory.mktemp("moe")
+    return train(from_args(tiny(kjv_gpt2, out, **{"model.overrides": MOE_MLA, "train.max_steps": 6,
+                                                  "train.checkpoint_every": 3, "train.eval_every": 3})))
+
+
+def test_training_records_load_and_biases(moe_run):
+    recs = metrics(moe_run.run_dir, "moe")
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for r in recs:
+        for i in range(2):
+            assert sum(r[f"moe{i}/fraction"]) == pytest.approx(1.0, abs=1e-5)
+            assert r[f"moe{i}/max_over_mean"] == pytest.approx(max(r[f"moe{i}/fraction"]) * 4, rel=1e-5)
+            assert 0 < r[f"moe{i}/entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6
+            assert all(abs(b) <= 0.01 * r["step"] + 1e-6 for b in r[f"moe{i}/bias"])
+    assert any(b != 0 for b in recs[-1]["moe0/bias"])
+    info = json.loads((moe_run.run_dir / "run_info.json").read_text())
+    assert info["num_params_active"] == info["num_params"] - 2 * (4 - 2) * 2 * 64 * 64
+    state = checkpoint.consolidated_state_dict(moe_run.checkpoint)
+    assert state["blocks.0.mlp.expert_bias"].tolist() == pytest.approx(recs[-1]["moe0/bias"], abs=1e-6)
+
+
+def test_resume_with_biases_equals_uninterrupted(moe_run, kjv_gpt2, tmp_path):
+    step3 = moe_run.run_dir / "checkpoints" / "step_00000003"
+    resumed = train(from_args(tiny(kjv_gpt2, tmp_path, **{"model.overrides": MOE_MLA, "train.max_steps": 6,
+                                                          "train.resume": str(step3), "train.eval_every": 3})))
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == pytest.approx(moe_run.losses[step], rel=1e-6, abs=0), step
+    assert metrics(tmp_path, "moe")[-1] == metrics(moe_run.run_dir, "moe")[-1]
+    a = checkpoint.consolidated_state_dict(moe_run.checkpoint)
+    b = checkpoint.consolidated_state_dict(resumed.checkpoint)
+    assert any("expert_bias" in k for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_export_and_sample_moe_mla(moe_run, tmp_path):
+    from amtrain.cli import app
+    from amtrain.models.io import load_pretrained
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(moe_run.run_dir), str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    model, meta = load_pretrained(tmp_path / "exp")
+    assert model.cfg.attention == "mla" and model.cfg.n_routed_experts == 4 and meta["step"] == 6
+    state = checkpoint.consolidated_state_dict(moe_run.checkpoint)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    outs = []
+    for src in (tmp_path / "exp", moe_run.run_dir):
+        r = runner.invoke(app, ["sample", str(src), "--prompt", "In the beginning", "-n", "12", "--seed", "3"])
+        assert r.exit_code == 0, r.output
+        outs.append(r.output.strip())
+    assert outs[0].startswith("In the beginning") and len(outs[0]) > 20 and outs[1].endswith(outs[0])
