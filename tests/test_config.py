@@ -179,6 +179,6 @@ def test_midi_recipes_read_the_folder_the_docs_prep_to(repo_root):
     import yaml
 
     assert "amtrain prep-midi data/midi --out runs/data/midi" in (repo_root / "docs" / "midi.md").read_text()
-    for name in ("amt_gpt2.yaml", "t5_midi.yaml"):
+    for name in ("amt_gpt2.yaml", "t5_midi.yaml", "nanogpt_v3.yaml"):
         d = yaml.safe_load((repo_root / "ds_configs" / name).read_text())
         assert d["data"]["path"] == "runs/data/midi", name

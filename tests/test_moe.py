@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from typer.testing import CliRunner
 
 from amtrain.models.moe import MoEFeedForward
 from amtrain.train import checkpoint
 from amtrain.train.loop import train
-from tests.train_helpers import from_args, metrics, tiny
+from tests.train_helpers import REPO, from_args, metrics, tiny
 
 D, FF, E = 16, 24, 4
 
@@ -135,8 +136,8 @@ def test_active_params_and_first_dense_layers():
 # ------------------------------------------------------------------ training
 
 
-MOE_MLA = {"n_routed_experts": 4, "top_k_experts": 2, "n_shared_experts": 1, "moe_d_ff": 64,
-           "bias_update_speed": 0.01, "balance_factor": 0.01, "attention": "mla", "q_lora_rank": 32}
+# the shipped debug MoE + MLA config's model (4 routed experts, top-2, 1 shared, 64 wide)
+MOE_MLA = yaml.safe_load((REPO / "ds_configs" / "moe_mla_debug.yaml").read_text())["model"]["overrides"]
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,37 @@ def test_export_and_sample_moe_mla(moe_run, tmp_path):
         assert r.exit_code == 0, r.output
         outs.append(r.output.strip())
     assert outs[0].startswith("In the beginning") and len(outs[0]) > 20 and outs[1].endswith(outs[0])
+
+
+def test_nanogpt_v3_recipe_builds_with_its_shape(repo_root):
+    """ds_configs/nanogpt_v3.yaml: the seed's numbers, on the meta device (no memory)."""
+    from amtrain.config import from_dict, load_yaml
+    from amtrain.registry import family
+
+    cfg = from_dict(load_yaml(repo_root / "ds_configs" / "nanogpt_v3.yaml"))
+    fam = family(cfg.model.arch)
+    with torch.device("meta"):
+        model = fam.build(fam.config(cfg.model.size, vocab_size=55028, max_seq_len=cfg.data.seq_len,
+                                     **cfg.model.overrides))
+    c = model.cfg
+    assert (c.num_layers, c.num_heads, c.d_model, c.dropout, c.attention) == (3, 12, 768, 0.1, "mla")
+    assert (c.n_shared_experts, c.n_routed_experts, c.top_k_experts) == (2, 2, 1)
+    assert (c.bias_update_speed, c.balance_factor, cfg.data.seq_len) == (0.01, 0.01, 512)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.batch.global_tokens) == (3e-4, 0.03, 32 * 512)
+    assert model.num_params() - model.num_params(active=True) == 3 * 2 * 768 * 3072  # one idle expert per layer
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_equal_one_process_with_the_same_biases(moe_run, kjv_gpt2, tmp_path):
+    """Data parallel (experts replicated on both ranks): the summed expert load gives both ranks
+    the one process's biases, so losses and biases match the one-process run step by step."""
+    from tests.train_helpers import LAUNCHER, argv, assert_same_losses, free_port, losses, run
+
+    args = tiny(kjv_gpt2, tmp_path, **{"model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3})
+    run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), LAUNCHER, *argv(args)])
+    assert_same_losses(moe_run.losses, losses(tmp_path), range(1, 7))
+    one, two = metrics(moe_run.run_dir, "moe"), metrics(tmp_path, "moe")
+    for a, b in zip(one, two, strict=True):
+        for i in range(2):
+            assert b[f"moe{i}/bias"] == pytest.approx(a[f"moe{i}/bias"], abs=1e-6), (a["step"], i)
+            assert b[f"moe{i}/fraction"] == pytest.approx(a[f"moe{i}/fraction"], abs=1e-6)
