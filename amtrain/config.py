@@ -222,6 +222,10 @@ class TrainConfig:
     makes the others exit with an error instead of hanging."""
     progress: bool = True
     """Rich progress bar on rank 0."""
+    ep_size: int = 1
+    """Expert parallelism (mixture-of-experts models): ranks per expert-parallel group; each
+    computes model.n_routed_experts / ep_size of the experts for the tokens of the whole group,
+    exchanged all-to-all (amtrain.train.experts). 1 = every rank computes every expert."""
     rollout_every: int = 0
     """Steps between rollouts of `rollout_prompts` during training (0 = off); rank 0 generates,
     text goes into metrics.jsonl (kind "rollout") and TensorBoard, MIDI/WAV files into
@@ -250,6 +254,7 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, "train.precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.peak_flops is None or self.peak_flops > 0, "train.peak_flops", "must be positive")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
+        _check(self.ep_size >= 1, "train.ep_size", "must be >= 1")
 
 
 @dataclass

@@ -215,12 +215,16 @@ def test_nanogpt_v3_recipe_builds_with_its_shape(repo_root):
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_equal_one_process_with_the_same_biases(moe_run, kjv_gpt2, tmp_path):
-    """Data parallel (experts replicated on both ranks): the summed expert load gives both ranks
-    the one process's biases, so losses and biases match the one-process run step by step."""
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_two_ranks_zero2_equal_one_process_with_the_same_biases(ep_size, moe_run, kjv_gpt2, tmp_path):
+    """2 ranks, ZeRO-2, at the same global batch as the one-process run: data parallel (ep_size
+    1: every rank computes every expert) and expert parallel (ep_size 2: each rank computes 2 of
+    the 4 experts for both ranks' tokens, exchanged all-to-all). The summed expert load gives
+    both ranks the one process's biases; losses and biases match step by step."""
     from tests.train_helpers import LAUNCHER, argv, assert_same_losses, free_port, losses, run
 
-    args = tiny(kjv_gpt2, tmp_path, **{"model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3})
+    args = tiny(kjv_gpt2, tmp_path, **{"model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3,
+                                       "train.ep_size": ep_size})
     run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), LAUNCHER, *argv(args)])
     assert_same_losses(moe_run.losses, losses(tmp_path), range(1, 7))
     one, two = metrics(moe_run.run_dir, "moe"), metrics(tmp_path, "moe")
@@ -228,3 +232,47 @@ def test_two_ranks_zero2_equal_one_process_with_the_same_biases(moe_run, kjv_gpt
         for i in range(2):
             assert b[f"moe{i}/bias"] == pytest.approx(a[f"moe{i}/bias"], abs=1e-6), (a["step"], i)
             assert b[f"moe{i}/fraction"] == pytest.approx(a[f"moe{i}/fraction"], abs=1e-6)
+
+
+def _ep_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from amtrain.train.experts import apply_expert_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    deepspeed.init_distributed(dist_backend="gloo")
+    m = layer(top_k=2, balance=0.0).train()  # the same weights on both ranks
+    x = torch.randn(2, 5 + 3 * rank, D, generator=torch.Generator().manual_seed(rank))  # uneven loads
+    ref = m(x)
+    ref.sum().backward()
+    want = m.w_up.grad.clone()
+    m.zero_grad()
+    apply_expert_parallel(torch.nn.Sequential(m), 2, 2)
+    y = m(x)
+    y.sum().backward()
+    mine = (m.w_up.grad.flatten(1).abs().sum(1) > 0).tolist()
+    got = m.w_up.grad.clone()
+    dist.all_reduce(got)
+    dist.all_reduce(want)
+    torch.save({"out": float((y - ref).abs().max()), "grad": float((got - want).abs().max()), "mine": mine},
+               f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_expert_parallel_exchange_computes_the_same_function(tmp_path):
+    """Two ranks, all-to-all over gloo: each rank computes only its 2 of the 4 experts (its
+    gradient is zero elsewhere), for tokens of both ranks; outputs and summed gradients equal
+    the single-device layer's."""
+    import torch.multiprocessing as mp
+
+    from tests.train_helpers import free_port
+
+    mp.spawn(_ep_worker, args=(free_port(), str(tmp_path / "r")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"r.{i}", weights_only=True) for i in range(2))
+    assert r0["mine"] == [True, True, False, False] and r1["mine"] == [False, False, True, True]
+    for r in (r0, r1):
+        assert r["out"] < 1e-6 and r["grad"] < 1e-5

@@ -28,11 +28,32 @@ Decisions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from amtrain.models.layers import MLP
+
+
+def grouped_ffn(rows: torch.Tensor, expert: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """Row r through expert `expert[r]`: rows (M, D), expert (M,) in [0, E), w_up (E, D, F),
+    w_down (E, F, D) -> (M, D) in the rows' order. Rows sorted by expert and padded to the
+    busiest expert's count C, then two batched matmuls over (E, C, .): no loop over rows or
+    experts, and no row is dropped whatever the load."""
+    E, D = w_up.shape[0], rows.shape[1]
+    order = torch.argsort(expert, stable=True)  # rows grouped by expert
+    counts = torch.bincount(expert, minlength=E)  # (E,)
+    C = int(counts.max()) if len(expert) else 0
+    starts = torch.cumsum(counts, 0) - counts  # (E,)
+    expert_sorted = expert[order]
+    slot = torch.arange(len(expert), device=rows.device) - starts[expert_sorted]  # position inside its expert
+    buf = rows.new_zeros(E, C, D)
+    buf[expert_sorted, slot] = rows[order]  # (E, C, D), zero rows past each expert's count
+    h = F.gelu(torch.bmm(buf, w_up), approximate="tanh")  # (E, C, F)
+    out = torch.bmm(h, w_down)  # (E, C, D)
+    return out[expert_sorted, slot][torch.argsort(order)]  # (M, D) back in the rows' order
 
 
 class MoEFeedForward(nn.Module):
@@ -52,6 +73,7 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(n_routed))  # persistent: in the checkpoint
         self.register_buffer("load", torch.zeros(n_routed), persistent=False)  # tokens per expert since the last update
         self.balance: torch.Tensor | None = None  # the last training call's balance loss
+        self.dispatch: Callable | None = None  # expert parallelism, set from amtrain/train (None: all experts here)
         self.init_weights(0.02, 0.02)
 
     def init_weights(self, std: float, residual_std: float) -> None:
@@ -70,21 +92,15 @@ class MoEFeedForward(nn.Module):
         return s, idx, g / g.sum(-1, keepdim=True)
 
     def experts(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """sum_k g[n, k] * Expert_{idx[n, k]}(x[n]) for every token: (N, D)."""
+        """sum_k g[n, k] * Expert_{idx[n, k]}(x[n]) for every token: (N, D). In training with a
+        `dispatch` set (expert parallelism, `amtrain.train.experts`), the (token, slot) rows go
+        through it instead: the same function, the experts computed on their owner ranks."""
         N, D = x.shape
-        E, K = self.n_routed, self.top_k
-        flat = idx.reshape(-1)  # (N K,) expert of each (token, slot)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=E)  # (E,)
-        C = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts  # (E,)
-        expert_sorted = flat[order]
-        slot = torch.arange(N * K, device=x.device) - starts[expert_sorted]  # position inside its expert
-        buf = x.new_zeros(E, C, D)
-        buf[expert_sorted, slot] = x[order // K]  # (E, C, D), zero rows past each expert's count
-        h = F.gelu(torch.bmm(buf, self.w_up.to(x.dtype)), approximate="tanh")  # (E, C, F)
-        out = torch.bmm(h, self.w_down.to(x.dtype))  # (E, C, D)
-        y = out[expert_sorted, slot][torch.argsort(order)]  # (N K, D) back in (token, slot) order
+        K = self.top_k
+        rows = x.repeat_interleave(K, dim=0)  # (N K, D): one row per (token, slot)
+        w_up, w_down = self.w_up.to(x.dtype), self.w_down.to(x.dtype)
+        ffn = self.dispatch if self.dispatch is not None and self.training else grouped_ffn
+        y = ffn(rows, idx.reshape(-1), w_up, w_down)  # (N K, D)
         return (y.view(N, K, D) * g.to(x.dtype).unsqueeze(-1)).sum(1)  # (N, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

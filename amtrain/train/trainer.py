@@ -44,7 +44,7 @@ from amtrain.train.builders import (
 )
 from amtrain.train.checkpoint import RunState
 from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision
-from amtrain.train.experts import expert_balance
+from amtrain.train.experts import apply_expert_parallel, expert_balance
 from amtrain.train.metrics import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
 
 
@@ -94,6 +94,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and world size
         self.dataset = build_dataset(cfg, d)
         self.model = build_model(cfg, self.dataset)
+        apply_expert_parallel(self.model, cfg.train.ep_size, d.world_size)  # MoE: experts on their owner ranks
         self.shape = build_shape(self.model)  # counts parameters and FLOPs (ZeRO-3 empties self.model's tensors)
         self.objective = build_objective(cfg, self.dataset, d)
         self.plan = self.objective.plan
