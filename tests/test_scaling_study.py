@@ -58,6 +58,7 @@ def test_study_killed_midway_resumes_then_fits_and_plots(kjv_ascii, tmp_path):
         assert os.stat(out / run_dir / "metrics.jsonl").st_mtime_ns == stamp
     for row in rows:
         assert row["tokens"] == 6144 and row["val_loss"] > 0 and row["tokens_per_s"] > 0
+        assert row["active_params"] == row["params"]  # dense: every parameter is active
         last = [json.loads(ln) for ln in (out / row["run_dir"] / "metrics.jsonl").read_text().splitlines()
                 if json.loads(ln)["kind"] == "train"][-1]
         assert row["wall_s"] == round(last["elapsed_s"], 2) > 0  # the run's clock, over all its launches

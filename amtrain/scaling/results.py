@@ -1,6 +1,8 @@
 """The results table of a scaling study: one CSV row per finished (architecture, size) run.
 
-Columns (RESULT_COLUMNS): arch, size, params (total), non_embedding_params, tokens (trained on),
+Columns (RESULT_COLUMNS): arch, size, params (total), non_embedding_params, active_params (what one
+token uses: fewer than params for a mixture of experts, from the run's run_info.json; a table
+written before this column reads it as params), tokens (trained on),
 train_loss (mean of the last logged train losses), val_loss (final), wall_s (training time of the
 run's steps summed over every launch of it, from its checkpointed clock: a run resumed after a kill
 counts the segments before the kill too; evaluation and checkpoint writes excluded), tokens_per_s,
@@ -18,9 +20,9 @@ from pathlib import Path
 from amtrain.errors import UserError
 from amtrain.fileio import write_bytes_atomic
 
-RESULT_COLUMNS = ["arch", "size", "params", "non_embedding_params", "tokens", "train_loss", "val_loss",
+RESULT_COLUMNS = ["arch", "size", "params", "non_embedding_params", "active_params", "tokens", "train_loss", "val_loss",
                   "wall_s", "tokens_per_s", "peak_mem_gb", "run_dir"]
-_INT = {"params", "non_embedding_params", "tokens"}
+_INT = {"params", "non_embedding_params", "active_params", "tokens"}
 _FLOAT = {"train_loss", "val_loss", "wall_s", "tokens_per_s", "peak_mem_gb"}
 
 
@@ -30,10 +32,12 @@ def read_results(path: str | Path) -> list[dict]:
         raise UserError(f"{path}: no results table; run `amtrain scaling run ... --out DIR` first")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(RESULT_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(RESULT_COLUMNS) - set(reader.fieldnames or []) - {"active_params"}
         if missing:
             raise UserError(f"{path}: not a scaling results table (missing columns {', '.join(sorted(missing))})")
         rows = list(reader)
+    for row in rows:
+        row.setdefault("active_params", row["params"])  # a table from before the column
     for i, row in enumerate(rows, start=2):
         try:
             for k in _INT:

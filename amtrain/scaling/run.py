@@ -97,8 +97,11 @@ def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int,
     if not train or not val:
         raise UserError(f"{run_dir}/metrics.jsonl: no train or val records; the run did not finish — rerun the study")
     total, non_emb = count_params(arch, size, vocab, seq_len)
+    info_file = run_dir / "run_info.json"
+    active = json.loads(info_file.read_text()).get("num_params_active", total) if info_file.is_file() else total
     tail = train[-3:]
-    return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "tokens": tokens,
+    return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "active_params": active,
+            "tokens": tokens,
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
             "wall_s": round(train[-1]["elapsed_s"], 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
             "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir))}

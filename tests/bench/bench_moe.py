@@ -12,8 +12,8 @@
     for a prompt of context - new tokens plus `new` sampled tokens (random weights: speed does
     not depend on them).
 (c) Expert load after training: max/mean tokens per expert (1 = even) of the MoE run of (a)
-    (bias rule on, speed 0.01) against the same run with bias_update_speed 0; mean over the
-    last 10 steps and the layers.
+    (bias rule on, speed 0.01, the nano-GPT-v3 value) against the same run with speed 0.001
+    (DeepSeek-V3's value) and 0 (no rule); mean over the last 20 steps and the layers.
 Prints markdown tables; the figures go in docs/benchmarks.md.
 """
 
@@ -44,7 +44,7 @@ def run(data: Path, out: Path, steps: int, overrides: dict) -> dict:
         "batch.global_tokens": 2048, "optim.warmup_steps": steps // 10, "train.eval_batches": 8,
         "train.log_every": 10, "optim.lr": 3e-3, "optim.min_lr": 3e-4})))
     train_recs = metrics(out)[1:]
-    moe = metrics(out, "moe")[-10:]
+    moe = metrics(out, "moe")[-20:]
     layers = sorted({k.split("/")[0] for r in moe for k in r if k.endswith("max_over_mean")})
     return {"val_loss": res.val_loss, "tok_s": statistics.mean(r["tokens_per_s"] for r in train_recs),
             "tokens": res.state.tokens_seen,
@@ -62,6 +62,7 @@ def bench_moe(steps: int) -> None:
                   for name, ov in (("dense", {}), ("moe", MOE))}
         rows = {"dense MLP (d_ff 256)": ({}, "dense"),
                 "MoE 1 shared + 4 routed x 128, top-1, bias rule": ({**MOE, "bias_update_speed": 0.01}, "moe"),
+                "MoE, same, bias speed 0.001": ({**MOE, "bias_update_speed": 0.001}, "moe"),
                 "MoE, same, no bias rule (speed 0)": ({**MOE, "bias_update_speed": 0.0}, "moe")}
         results = {name: run(data, Path(tmp) / f"run{i}", steps, ov) for i, (name, (ov, _)) in enumerate(rows.items())}
     print(f"(a) debug decoder on the bundled corpus (ascii bytes), {steps} steps x 2048 tokens, 1 process, "
@@ -73,7 +74,7 @@ def bench_moe(steps: int) -> None:
         count = shapes[kind]
         print(f"| {name} | {count(active=True):,} | {count():,} | {r['val_loss']:.4f} | {r['tok_s']:,.0f} |")
     print()
-    print("(c) expert load after training: max/mean tokens per expert (1 = even), last 10 steps, both layers")
+    print("(c) expert load after training: max/mean tokens per expert (1 = even), last 20 steps, both layers")
     print("| run | max/mean load |")
     print("|---|---|")
     for name in list(rows)[1:]:
