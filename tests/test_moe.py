@@ -91,7 +91,7 @@ def test_bias_rule_moves_a_skewed_router_toward_uniform():
         for _ in range(120):
             with torch.no_grad():
                 m(torch.randn(1, 64, D, generator=g) + 0.5)
-            load = m.load.clone()
+            load = m.load.clone().float()
             ratios.append(float(load.max() / load.mean()))
             m.apply_bias_update(load)
         return ratios
@@ -99,6 +99,18 @@ def test_bias_rule_moves_a_skewed_router_toward_uniform():
     balanced, fixed = run(0.02), run(0.0)
     assert fixed[0] > 2.5 and sum(fixed[-20:]) / 20 > 2.5
     assert sum(balanced[-20:]) / 20 < 1.5 < fixed[0]
+
+
+def test_bias_stays_fp32_and_counts_exact_under_bf16():
+    """DeepSpeed's bf16 mode casts the module: the bias keeps fp32 (a 0.001 step survives at
+    0.5) and the token counts stay integers."""
+    m = layer(top_k=1, speed=0.001).bfloat16().train()
+    assert m.w_up.dtype == torch.bfloat16 and m.expert_bias.dtype == torch.float32 and m.load.dtype == torch.long
+    m.expert_bias.fill_(0.5)
+    m(torch.randn(1, 300, D, dtype=torch.bfloat16))
+    assert int(m.load.sum()) == 300
+    m.apply_bias_update(torch.tensor([300.0, 0.0, 0.0, 0.0]))
+    assert m.expert_bias.tolist() == pytest.approx([0.499, 0.501, 0.501, 0.501], abs=1e-7)
 
 
 def test_balance_loss_is_the_sequence_wise_formula():

@@ -71,10 +71,17 @@ class MoEFeedForward(nn.Module):
         self.expert_bias: torch.Tensor
         self.load: torch.Tensor
         self.register_buffer("expert_bias", torch.zeros(n_routed))  # persistent: in the checkpoint
-        self.register_buffer("load", torch.zeros(n_routed), persistent=False)  # tokens per expert since the last update
+        self.register_buffer("load", torch.zeros(n_routed, dtype=torch.long), persistent=False)  # tokens per expert since the last update
         self.balance: torch.Tensor | None = None  # the last training call's balance loss
         self.dispatch: Callable | None = None  # expert parallelism, set from amtrain/train (None: all experts here)
         self.init_weights(0.02, 0.02)
+
+    def _apply(self, fn, recurse=True):
+        """Casts (model.bfloat16(), as DeepSpeed's bf16 mode does) leave the selection bias in fp32:
+        in bf16, steps of bias_update_speed below its resolution (0.002 at 0.5) would vanish."""
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        return self
 
     def init_weights(self, std: float, residual_std: float) -> None:
         nn.init.normal_(self.w_up, std=std)
@@ -116,7 +123,7 @@ class MoEFeedForward(nn.Module):
         self.balance = None
         if self.training:
             with torch.no_grad():
-                self.load += torch.bincount(idx.reshape(-1), minlength=self.n_routed).to(self.load.dtype)
+                self.load += torch.bincount(idx.reshape(-1), minlength=self.n_routed)
             if self.balance_factor > 0:
                 self.balance = self.balance_loss(s.view(B, T, -1), idx.view(B, T, -1))
         return y.view(B, T, D)
