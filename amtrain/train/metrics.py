@@ -8,6 +8,8 @@
 
 Train records: loss, lr, grad_norm, tokens_per_s (all ranks), mfu, mem_gb, tokens_seen,
 bad_steps. Validation records: val_loss and val_bpt (bits per token = loss / ln 2).
+Mixture-of-experts runs add a "moe" record every step (per-layer expert load and biases,
+`amtrain.train.experts`); lists of numbers go to TensorBoard one scalar per element.
 MFU = tokens/s per device x model.flops_per_token(seq_len) / peak FLOP/s of one device, the
 peak being `train.peak_flops` or, by default, measured at start with a dense matmul in the
 training precision (`measure_peak_flops`).
