@@ -493,13 +493,14 @@ class T5(SequenceModel):
 
 
 def refuse_parallel_for_hf(cfg: T5Config) -> None:
-    """transformers' T5 blocks are serial (a norm per sub-block): a parallel T5's weights would
-    load there without error and compute something else, so the HF adapter refuses it."""
+    """transformers' T5 blocks are serial (a norm per sub-block): a parallel T5's weights under HF
+    names would load there (the missing norms initialised to ones, a warning at most) and compute
+    another function, so the HF adapter refuses it both ways."""
     which = [name for name in ("parallel_encoder", "parallel_decoder") if getattr(cfg, name)]
     if which:
-        raise UserError(f"T5 {' and '.join(which)}=True has no Hugging Face T5 equivalent (its blocks are "
-                        "serial); use `amtrain export` (safetensors + config.json for amtrain) or train with "
-                        "serial blocks (a size without -parallel) for an HF export")
+        raise UserError(f"a T5 with {', '.join(f'{name}=True' for name in which)} has no Hugging Face T5 "
+                        "equivalent (its blocks are serial); use `amtrain export` (safetensors + config.json "
+                        "for amtrain) or train a size without -parallel for an HF export")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
