@@ -124,7 +124,8 @@ def test_parallel_sizes_are_the_serial_weights_less_the_norms():
         fewer = (c.num_encoder_layers + 2 * c.num_decoder_layers) * c.d_model
         assert ser.num_params() - par.num_params() == fewer, name
         assert {k for k in ser.state_dict() if "norm" not in k} == {k for k in par.state_dict() if "norm" not in k}
-    assert T5(family("t5").config("debug-parallel", vocab_size=32128)).num_params() == 4_309_632
+    with torch.device("meta"):
+        assert T5(family("t5").config("debug-parallel", vocab_size=32128)).num_params() == 4_309_632
 
 
 # --- attention directions, cache ---------------------------------------------------------------
@@ -222,9 +223,11 @@ def test_shipped_parallel_config_trains_and_resumes_exactly(parallel_run, tmp_pa
     model, _ = load_checkpoint_model(result.run_dir)
     assert isinstance(model, T5) and model.cfg.parallel_encoder and model.cfg.parallel_decoder
     assert norms_in(model.encoder.layers[0]) == 1 and norms_in(model.decoder.layers[0]) == 1
+    print(f"debug-parallel under the trainer: loss {result.losses[1]:.3f} -> {result.losses[8]:.3f}")
     steps = sorted(result.losses)
     assert steps == list(range(1, 9))
-    assert result.losses[8] < result.losses[1] - 0.8, result.losses  # ~11.2 -> ~9.5, as serial T5
+    late = sum(result.losses[s] for s in (6, 7, 8)) / 3
+    assert late < result.losses[1] - 0.8, result.losses  # 11.44 -> 10.28 (steps 6-8), 4 examples/step
     step4 = result.run_dir / "checkpoints" / "step_00000004"
     resumed = train(cfg(tmp_path / "resumed", **{"train.resume": str(step4)}))
     assert sorted(resumed.losses) == [5, 6, 7, 8]
