@@ -61,7 +61,8 @@ class ModelConfig:
     `denoise` objective); plugins add more."""
     size: str = "debug"
     """Row of the family's size table (`amtrain models` lists them): decoder debug, tiny, small,
-    medium, large, xl, amt-gpt2; lstm debug ... large; t5 debug, tiny, small, base, large."""
+    medium, large, xl, amt-gpt2; lstm debug ... large; t5 debug, tiny, small, base, large (each also
+    as SIZE-parallel: one norm per layer, sub-blocks side by side)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the family's config (DecoderConfig, LSTMConfig, T5Config) to change from the
     size's row, e.g. {block: serial, dropout: 0.1}."""

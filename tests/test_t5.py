@@ -32,7 +32,10 @@ def tiny_cfg(**overrides) -> T5Config:
 
 # google/t5-v1_1-{small,base,large} at their vocabulary of 32128: the published parameter counts.
 HF_V1_1_COUNTS = {"small": 76_961_152, "base": 247_577_856, "large": 783_150_080}
-PINNED = {"debug": 4_310_016, "tiny": 25_892_608, **HF_V1_1_COUNTS}
+PINNED = {"debug": 4_310_016, "tiny": 25_892_608, **HF_V1_1_COUNTS,
+          # parallel sub-blocks: 3 x L x D norm weights fewer (tests/test_t5_parallel.py)
+          "debug-parallel": 4_309_632, "tiny-parallel": 25_889_536, "small-parallel": 76_948_864,
+          "base-parallel": 247_550_208, "large-parallel": 783_076_352}
 
 
 @pytest.mark.parametrize("size", sorted(T5_SIZES))
@@ -274,7 +277,7 @@ def test_export_to_hf_loads_through_from_pretrained(tmp_path):
 
 def test_parallel_decoder_has_no_hf_form():
     model = T5(tiny_cfg(parallel_decoder=True))
-    with pytest.raises(ValueError, match="parallel"):
+    with pytest.raises(UserError, match="parallel_decoder=True has no Hugging Face T5 equivalent"):
         model.to_hf_state_dict()
     assert model.num_params() < T5(tiny_cfg()).num_params()  # two norms fewer per layer
 

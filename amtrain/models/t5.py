@@ -14,13 +14,15 @@ Architecture (T5 v1.1, as google/t5-v1_1-* and HF `T5ForConditionalGeneration` w
     the decoder; cross-attention has no position bias;
   - one token embedding shared by encoder and decoder; an untied LM head; no output rescaling.
 
+Parallel sub-blocks (the attn_demo seed; GPT-J / PaLM blocks applied to an encoder-decoder):
 `parallel_decoder=True` replaces the decoder's three sequential sub-blocks by one norm feeding
-self-attention, cross-attention and the FFN side by side (GPT-J / PaLM style, applied to an
-encoder-decoder):
+self-attention, cross-attention and the FFN side by side, `parallel_encoder=True` the encoder's
+two by one norm feeding self-attention and the FFN. Norms per layer: encoder 2 -> 1, decoder
+3 -> 1; every weight matrix stays (the `*-parallel` rows of `T5_SIZES`).
 
-        x ──┬──────────────────────────────────────────────(+)── x'
-            └─ RMSNorm ─┬─ causal self-attn ──────────────┐ │
-                        ├─ cross-attn (encoder states) ───┤─┘
+        x ──┬──────────────────────────────────────────────(+)── x'   decoder: x' = x + SA(n) + CA(n) + FFN(n)
+            └─ RMSNorm ─┬─ causal self-attn ──────────────┐ │        encoder: x' = x + SA(n) + FFN(n)
+             (n)        ├─ cross-attn (encoder states) ───┤─┘        (n = RMSNorm(x), one norm)
                         └─ gated-GELU FFN ────────────────┘
 
 Model code is single-device torch only (no ranks, no deepspeed); the trainer wraps it.
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amtrain.errors import UserError
 from amtrain.models.base import SequenceModel
 from amtrain.models.layers import KVCache
 from amtrain.registry import ModelFamily, register_family
@@ -65,8 +68,12 @@ class T5Config:
     dropout_rate: float = 0.0
     """Dropout on embeddings, sub-block outputs and the final norm (nanoT5 pretrains with 0)."""
     layer_norm_epsilon: float = 1e-6
+    parallel_encoder: bool = False
+    """Encoder self-attention and FFN side by side on one norm: x + SA(n) + FFN(n), n = norm(x)
+    (one norm per encoder layer instead of two; no HF equivalent)."""
     parallel_decoder: bool = False
-    """Decoder self-attention, cross-attention and FFN side by side on one norm."""
+    """Decoder self-attention, cross-attention and FFN side by side on one norm:
+    x + SA(n) + CA(n) + FFN(n) (one norm per decoder layer instead of three; no HF equivalent)."""
     pad_token_id: int = 0
     """Id used to pad decoder inputs (labels of -100 become this id when shifted right)."""
     decoder_start_token_id: int = 0
@@ -105,6 +112,10 @@ T5_SIZES: dict[str, dict] = {
     "base": dict(d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_encoder_layers=12, num_decoder_layers=12),
     "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_heads=16, num_encoder_layers=24, num_decoder_layers=24),
 }
+# Each size with parallel sub-blocks in both stacks: the same weight matrices, 3 x L x D norm
+# weights fewer (one norm per layer instead of 2 in the encoder and 3 in the decoder).
+T5_SIZES.update({f"{name}-parallel": {**row, "parallel_encoder": True, "parallel_decoder": True}
+                 for name, row in list(T5_SIZES.items())})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,15 +225,20 @@ def causal_bias(query_length: int, key_length: int, offset: int, dtype, device) 
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.attn_norm = rms_norm(cfg)
+        self.parallel = cfg.parallel_encoder
+        self.attn_norm = rms_norm(cfg)  # parallel: the one norm both branches read
         self.attn = Attention(cfg)
-        self.ffn_norm = rms_norm(cfg)
         self.ffn = GatedGeluFFN(cfg)
+        if not self.parallel:
+            self.ffn_norm = rms_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # (B, S, D)
         h = self.attn_norm(x)
-        x = x + self.dropout(self.attn(h, *self.attn.kv(h), bias))
+        sa = self.attn(h, *self.attn.kv(h), bias)
+        if self.parallel:  # one norm, two branches summed into the residual
+            return x + self.dropout(sa + self.ffn(h))
+        x = x + self.dropout(sa)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -241,7 +257,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.parallel = cfg.parallel_decoder
-        self.self_norm = rms_norm(cfg)
+        self.self_norm = rms_norm(cfg)  # parallel: the one norm all three branches read
         self.self_attn = Attention(cfg)
         self.cross_attn = Attention(cfg)
         self.ffn = GatedGeluFFN(cfg)
@@ -455,8 +471,7 @@ class T5(SequenceModel):
     def from_hf_state_dict(cls, sd: dict[str, torch.Tensor], cfg: T5Config) -> T5:
         """A model holding the weights of a HF `T5ForConditionalGeneration` v1.1 state dict
         (gated-gelu, untied head). `cfg` must describe the same shapes; vocab = padded vocab."""
-        if cfg.parallel_decoder:
-            raise ValueError("HF T5 has sequential decoder blocks; set parallel_decoder=False")
+        refuse_parallel_for_hf(cfg)
         model = cls(cfg)
         ours = {key: v for k, v in sd.items() if (key := _hf_to_ours(k)) is not None}
         missing, unexpected = model.load_state_dict(ours, strict=False)
@@ -468,14 +483,24 @@ class T5(SequenceModel):
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under HF `T5ForConditionalGeneration` names (shared embedding written as
         shared / encoder.embed_tokens / decoder.embed_tokens, as HF saves it)."""
-        if self.cfg.parallel_decoder:
-            raise ValueError("a parallel decoder has no HF T5 equivalent")
+        refuse_parallel_for_hf(self.cfg)
         sd = {_ours_to_hf(k): v.detach().clone() for k, v in self.state_dict().items()}
         for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             sd[alias] = sd["shared.weight"].clone()
         return sd
 
 
+
+
+def refuse_parallel_for_hf(cfg: T5Config) -> None:
+    """transformers' T5 blocks are serial (a norm per sub-block): a parallel T5's weights under HF
+    names would load there (the missing norms initialised to ones, a warning at most) and compute
+    another function, so the HF adapter refuses it both ways."""
+    which = [name for name in ("parallel_encoder", "parallel_decoder") if getattr(cfg, name)]
+    if which:
+        raise UserError(f"a T5 with {', '.join(f'{name}=True' for name in which)} has no Hugging Face T5 "
+                        "equivalent (its blocks are serial); use `amtrain export` (safetensors + config.json "
+                        "for amtrain) or train a size without -parallel for an HF export")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
