@@ -189,6 +189,22 @@ def modality_names() -> list[str]:
     return sorted(_MODALITIES)
 
 
+def encoding(name: str) -> Modality:
+    """The symbolic-music modality whose `encoding` is `name` (`amtrain prep-midi --encoding`)."""
+    _load()
+    for m in _MODALITIES.values():
+        if m.encoding == name:
+            return m
+    raise UserError(f"--encoding {name!r}: not a MIDI encoding; choose one of {', '.join(encoding_names())}")
+
+
+def encoding_names() -> list[str]:
+    """The `--encoding` names of the registered modalities, amt first."""
+    _load()
+    names = [m.encoding for m in _MODALITIES.values() if m.encoding]
+    return sorted(names, key=lambda n: (n != "amt", n))
+
+
 def modality_of(tokenizer: str) -> Modality:
     """The modality of a dataset's tokenizer; ids of an unknown tokenizer are plain tokens."""
     _load()

@@ -159,6 +159,14 @@ class Modality:
     """prep writes per-chunk priority scores (the priority sampler, --prompt-from-priority)."""
     has_velocity = False
     """Symbolic music whose ids carry each note's velocity (`notes` returns real velocities)."""
+    encoding: str | None = None
+    """Its name in `amtrain prep-midi --encoding` (symbolic music made from MIDI files), else None."""
+    prep: str | None = None
+    """"module:function" of its MIDI prep (`amtrain.prep.encodings.EncodingPrep`): called as
+    `prep(inputs, out, options, workers=, append=, show_progress=) -> PrepReport`."""
+    prep_options: tuple[str, ...] = ()
+    """The `amtrain prep-midi` options it takes (`amtrain.prep.encodings.PREP_OPTIONS` names);
+    any other option given is refused by name."""
 
     # -- data and training ---------------------------------------------------------------
     def span_layout(self, tokenizer: Tokenizer) -> SpanLayout:
