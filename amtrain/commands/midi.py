@@ -112,18 +112,40 @@ def decode_midi(
     tokens: Path = typer.Argument(..., help="Token ids: .txt (space-separated, one sequence a line) or .npy."),
     out: Path = typer.Argument(..., help="MIDI file to write."),
     line: int = typer.Option(1, help="Which sequence (1-based); 0 = all, one after another."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Decode ids of this dataset's encoding (nvd, ...: its tokenizer and vocabulary); default AMT ids."),
 ) -> None:
     """Event ids -> MIDI. Invalid ids and malformed triples are skipped and counted."""
-    from amtrain.midi.decode import ids_to_midi
+    from amtrain.midi.decode import ids_to_midi, write_midi
 
+    if dataset is not None:
+        notes = _dataset_notes(dataset, _load_ids(tokens, line))
+        write_midi(notes, out)
+        typer.echo(f"{out}: {len(notes)} notes")
+        return
     rep = ids_to_midi(_load_ids(tokens, line), out)
     typer.echo(f"{out}: {rep.summary()}")
+
+
+def _dataset_notes(dataset: Path, ids):
+    """Ids -> notes through the dataset's modality (`Modality.notes`: any symbolic encoding)."""
+    from amtrain.errors import UserError
+    from amtrain.registry import modality_of
+    from amtrain.store import Dataset
+    from amtrain.tokens import get_tokenizer
+
+    manifest = Dataset(dataset).manifest
+    tok = get_tokenizer(manifest.tokenizer, **manifest.tokenizer_params)
+    notes = modality_of(manifest.tokenizer).notes(tok, ids)
+    if notes is None:
+        raise UserError(f"{dataset}: a {manifest.tokenizer} dataset is not symbolic music; give a MIDI dataset")
+    return notes
 
 
 def plot_midi(
     source: Path = typer.Argument(..., help="A .mid/.midi file, or token ids (.txt/.npy)."),
     out: Path = typer.Argument(..., help="PNG to write."),
     line: int = typer.Option(1, help="For token files: which sequence (1-based); 0 = all."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Token ids of this dataset's encoding (nvd, ...); default AMT ids."),
 ) -> None:
     """Piano roll PNG of a MIDI file or a token sequence (controls outlined)."""
     from amtrain.errors import UserError
@@ -137,6 +159,13 @@ def plot_midi(
         except MidiReadError as e:
             raise UserError(f"{source}: {e}") from None
         typer.echo(f"{out}: piano roll of {source}")
+        return
+    if dataset is not None:
+        from amtrain.midi.pianoroll import plot_notes
+
+        notes = _dataset_notes(dataset, _load_ids(source, line))
+        plot_notes(notes, out, title=f"{source.name} ({dataset.name})")
+        typer.echo(f"{out}: piano roll of {len(notes)} notes")
         return
     _, rep = plot_ids(_load_ids(source, line), out, title=f"{source.name}, " + (f"line {line}" if line else "all lines"))
     typer.echo(f"{out}: {rep.summary()}")
