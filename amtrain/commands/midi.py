@@ -171,13 +171,26 @@ def plot_midi(
     typer.echo(f"{out}: {rep.summary()}")
 
 
-def vocab(name: str = typer.Argument(..., help="Tokenizer: midi | gpt2 | ascii | audio.")) -> None:
+def vocab(name: str = typer.Argument(..., help="Tokenizer: midi | gpt2 | ascii | audio | nvd (with --dataset)."),
+          dataset: Path | None = typer.Option(None, "--dataset", help="A dataset whose vocabulary is its corpus's (nvd): read it from its manifest.")) -> None:
     """Print a vocabulary's layout: every block's offset and size, and the special ids."""
     from rich.table import Table
 
+    from amtrain.errors import UserError
     from amtrain.tokens import get_tokenizer
 
-    tok = get_tokenizer(name)
+    params = {}
+    if dataset is not None:
+        from amtrain.store import Dataset
+
+        manifest = Dataset(dataset).manifest
+        if manifest.tokenizer != name:
+            raise UserError(f"{dataset}: a {manifest.tokenizer} dataset, not {name}; run `amtrain vocab {manifest.tokenizer} --dataset {dataset}`")
+        params = manifest.tokenizer_params
+    try:
+        tok = get_tokenizer(name, **params)
+    except TypeError:
+        raise UserError(f"the {name} vocabulary is built from a corpus: add --dataset DIR (a dataset prepped with it)") from None
     con = console()
     con.print(f"[bold]{tok.name}[/]: vocab size {tok.vocab_size:,}; eot {tok.eot_id}; specials {tok.special_ids}",
               highlight=False, soft_wrap=True)
