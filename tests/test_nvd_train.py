@@ -73,3 +73,4 @@ def test_nvd_scaling_study_with_the_seed_size_table(nvd_data, tmp_path):
     assert [(x["arch"], x["size"]) for x in rows] == [("transformer", "seed-tiny"), ("lstm", "seed-tiny")]
     n = [int(x["non_embedding_params"]) for x in rows]
     assert n[0] == 393_600 and n[1] == pytest.approx(n[0], rel=0.005)
+    assert all(float(x["bits_per_second"]) > 0 for x in rows)  # symbolic music: bits per second of music
