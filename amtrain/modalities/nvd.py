@@ -77,6 +77,26 @@ class NvdModality(Modality):
             raise UserError(f"{path}: no notes to encode (nvd leaves drums out); give another prompt file")
         return [_tok(rm).encode_values(values)[1:]]
 
+    def document_prompt(self, rm: RolloutModel, doc: np.ndarray, cfg) -> tuple[list, np.ndarray, str]:
+        """A held-out document cut at event boundaries: its opening (half the context), or for
+        in-filling prefix <gap> suffix with whole events on each side (as the base sizes them)."""
+        ids = np.asarray(doc, np.int64)
+        ids = ids[1:] if ids.size and ids[0] == _tok(rm).start_id else ids
+        events = ids.size // EVENT_SIZE
+        if events < 3:
+            raise UserError(f"the held-out document has {events} notes, too few to cut; pass --prompt FILE")
+        context = rm.context // EVENT_SIZE
+        if cfg.mode != "infill":
+            piece = ids[:max(1, context // 2) * EVENT_SIZE]
+            return [piece], piece, f"its first {piece.size // EVENT_SIZE} of {events} notes"
+        gap = max(1, min(context // 8, events // 8))
+        side = max(1, min((context - 1 - context // 4) // 2, (events - gap) // 2))
+        a, b = side * EVENT_SIZE, (side + gap) * EVENT_SIZE
+        piece = ids[:b + a]
+        return ([piece[:a], piece[b:]], piece,
+                f"its first {piece.size // EVENT_SIZE} of {events} notes: prefix {side} notes <gap: {gap} notes held out> "
+                f"suffix {side} notes")
+
     def write_tape(self, rm: RolloutModel, tape, stem: Path, codec=None, prompt=None) -> list[Path]:
         from amtrain.fileio import write_bytes_atomic
         from amtrain.midi.decode import write_midi
@@ -120,6 +140,19 @@ class NvdModality(Modality):
                                          inner_for=lambda t: NvdGrammar(tok, header=0)))
         return list(left_to_right_continue(rm, tape, n, num_samples, cfg, seed_offset, header=1, unit=EVENT_SIZE,
                                            processor=NvdGrammar(tok, header=1)).numpy())
+
+    def infill_tape(self, rm: RolloutModel, prompt, cfg, num_samples: int, seed_offset: int = 0) -> list:
+        """T5: sentinel spans of whole events under the grammar; a FIM decoder as the base does."""
+        if rm.family.left_to_right:
+            return super().infill_tape(rm, prompt, cfg, num_samples, seed_offset)
+        from amtrain.generate.t5 import t5_infill
+
+        segments = prompt if isinstance(prompt, list) else [prompt]
+        if len(segments) < 2:
+            raise UserError("in-filling needs a gap: a prompt with a <gap> marker (id files), or no --prompt")
+        return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser, unit=EVENT_SIZE,
+                         inner=NvdGrammar(_tok(rm), header=0), max_span=max(1, int(cfg.length) // EVENT_SIZE) * EVENT_SIZE,
+                         **cfg.sampling(seed_offset))
 
 
 class NvdGrammar(Constraint):
