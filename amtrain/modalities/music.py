@@ -69,6 +69,10 @@ def val_tokens_per_second(dataset: Dataset, split: str, seq_len: int, num_window
                           modality: Modality) -> float | None:
     """`tokens_per_second` of the documents the first `num_windows` windows of `seq_len`
     (+1) tokens of a split reach (the validation windows), at most MAX_DOCS of them."""
+    from amtrain.modalities.base import Modality
+
+    if type(modality).notes is Modality.notes:  # not symbolic music: skip building its tokenizer
+        return None
     manifest = dataset.manifest
     tokenizer = get_tokenizer(manifest.tokenizer, **manifest.tokenizer_params)
     if modality.notes(tokenizer, np.zeros(0, np.int64)) is None:
