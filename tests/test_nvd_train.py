@@ -59,6 +59,14 @@ def test_nvd_trains_with_every_family(nvd_data, tmp_path, arch):
         for suffix in (".mid", ".png", ".txt", ".npy"):
             assert (out / f"sample_0{suffix}").is_file()
         assert (out / "sample_0.txt").read_text().startswith("START sep0 n")
+        # fill in the middle (data.fim_rate defaults to 0.5, cut at events): whole events under the grammar
+        r = subprocess.run([sys.executable, "-m", "amtrain", "rollout", str(res.run_dir), "--mode", "infill",
+                            "--out", str(tmp_path / "fill"), "--length", "20"], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        words = (tmp_path / "fill" / "sample_0.txt").read_text().split()
+        assert len(words) % 4 == 0 and all(w.startswith(k) for i, w in enumerate(words)
+                                           for k in [("sep", "n", "v", "d")[i % 4]])
 
 
 def test_nvd_scaling_study_with_the_seed_size_table(nvd_data, tmp_path):

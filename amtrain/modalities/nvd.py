@@ -25,6 +25,7 @@ from amtrain.modalities.base import (
     Modality,
     RolloutModel,
     SpanLayout,
+    fim_infill,
     left_to_right_continue,
     save_npy,
     seq2seq_continue,
@@ -141,15 +142,28 @@ class NvdModality(Modality):
         return list(left_to_right_continue(rm, tape, n, num_samples, cfg, seed_offset, header=1, unit=EVENT_SIZE,
                                            processor=NvdGrammar(tok, header=1)).numpy())
 
+    def random_region(self, rm: RolloutModel, tape, cfg, rng: np.random.Generator):
+        """Alternate's in-fill region: whole events (as many as one continuation), after START."""
+        events = (len(tape) - 1) // EVENT_SIZE
+        width = max(1, min(int(cfg.length) // EVENT_SIZE, events - 1))
+        s = int(rng.integers(0, events - width)) if events > width else 0
+        return 1 + s * EVENT_SIZE, 1 + (s + width) * EVENT_SIZE
+
     def infill_tape(self, rm: RolloutModel, prompt, cfg, num_samples: int, seed_offset: int = 0) -> list:
         """T5: sentinel spans of whole events under the grammar; a FIM decoder as the base does."""
-        if rm.family.left_to_right:
-            return super().infill_tape(rm, prompt, cfg, num_samples, seed_offset)
         from amtrain.generate.t5 import t5_infill
 
         segments = prompt if isinstance(prompt, list) else [prompt]
         if len(segments) < 2:
             raise UserError("in-filling needs a gap: a prompt with a <gap> marker (id files), or no --prompt")
+        if rm.family.left_to_right:  # fill in the middle: whole events, closed by END at an event boundary
+            tok = _tok(rm)
+            first = np.asarray(segments[0], np.int64)
+            opened = bool(first.size) and first[0] == tok.start_id
+            segments = [first[1:] if opened else first, *segments[1:]]
+            tapes = fim_infill(rm, segments, cfg, num_samples, seed_offset, [tok.start_id],
+                               processor=NvdGrammar(tok, header=0, end_id=tok.eot_id))
+            return [np.concatenate([[tok.start_id], t]).astype(np.int64) if opened else t for t in tapes]
         return t5_infill(rm.model, rm.t5_vocab(), segments, num_samples, mode=cfg.denoiser, unit=EVENT_SIZE,
                          inner=NvdGrammar(_tok(rm), header=0), max_span=max(1, int(cfg.length) // EVENT_SIZE) * EVENT_SIZE,
                          **cfg.sampling(seed_offset))
@@ -159,16 +173,20 @@ class NvdGrammar(Constraint):
     """Every event is sep, n, v, d in this order: the position after the header picks the kind,
     whose tokens are one block of the vocabulary (`amtrain.tokens.nvd` orders ids by kind)."""
 
-    def __init__(self, tokenizer, header: int = 1):
-        self.header = header
+    def __init__(self, tokenizer, header: int = 1, end_id: int | None = None):
+        self.header, self.end_id = header, end_id
         self.blocks = []
         for k in range(EVENT_SIZE):
             ids = np.flatnonzero(tokenizer.kind == k)
             self.blocks.append((int(ids[0]), int(ids[-1]) + 1))
 
     def allowed(self, generated: torch.Tensor, vocab: int) -> torch.Tensor:
-        lo, hi = self.blocks[(generated.shape[1] - self.header) % EVENT_SIZE]
-        return block_mask(generated.shape[0], vocab, lo, hi, generated.device)
+        k = (generated.shape[1] - self.header) % EVENT_SIZE
+        lo, hi = self.blocks[k]
+        mask = block_mask(generated.shape[0], vocab, lo, hi, generated.device).clone()
+        if self.end_id is not None and k == 0:  # a middle may end between events
+            mask[:, self.end_id] = True
+        return mask
 
 
 def _tok(rm: RolloutModel) -> NvdTokenizer:
