@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 BUILTIN_FAMILIES = ("amtrain.models.decoder", "amtrain.models.lstm", "amtrain.models.t5")
 BUILTIN_MODALITIES = ("amtrain.modalities.text", "amtrain.modalities.midi", "amtrain.modalities.audio",
-                      "amtrain.modalities.tokens")
+                      "amtrain.modalities.tokens", "amtrain.modalities.nvd")
 PLUGINS_ENV = "AMTRAIN_PLUGINS"
 
 
@@ -187,6 +187,22 @@ def modality(name: str) -> Modality:
 def modality_names() -> list[str]:
     _load()
     return sorted(_MODALITIES)
+
+
+def encoding(name: str) -> Modality:
+    """The symbolic-music modality whose `encoding` is `name` (`amtrain prep-midi --encoding`)."""
+    _load()
+    for m in _MODALITIES.values():
+        if m.encoding == name:
+            return m
+    raise UserError(f"--encoding {name!r}: not a MIDI encoding; choose one of {', '.join(encoding_names())}")
+
+
+def encoding_names() -> list[str]:
+    """The `--encoding` names of the registered modalities, amt first."""
+    _load()
+    names = [m.encoding for m in _MODALITIES.values() if m.encoding]
+    return sorted(names, key=lambda n: (n != "amt", n))
 
 
 def modality_of(tokenizer: str) -> Modality:

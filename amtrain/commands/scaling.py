@@ -32,7 +32,8 @@ def _fits(rows, num_boot: int, seed: int):
 def run(
     data: Path = typer.Option(..., "--data", help="Dataset folder (from amtrain prep-*)."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder: runs/ and results.csv."),
-    sizes: str = typer.Option("tiny,small,medium", help="Comma-separated sizes of each family's size table (debug, tiny, small, medium, large)."),
+    sizes: str = typer.Option("tiny,small,medium", help="Comma-separated sizes of the --size-table (ladder: debug, tiny, small, medium, large, xl; seeds: tiny, small, medium, large, xl)."),
+    size_table: str = typer.Option("ladder", help="ladder (sizes matched by parameter count across families) | seeds (the symbolic-music seed's shapes, seed-tiny..seed-xl; docs in amtrain/models/sizes.py)."),
     arch: str = typer.Option("transformer,lstm", help="Comma-separated architectures (the families' study names: transformer = decoder, lstm)."),
     tokens: int = typer.Option(0, help="Token budget per run (0 = one epoch of the train split)."),
     seq_len: int = typer.Option(128, help="Training window length."),
@@ -43,11 +44,12 @@ def run(
     lr: float = typer.Option(0.0, help="Peak learning rate for every run (0 = the run config default)."),
 ) -> None:
     """Train one model per (architecture, size) under identical settings; append results.csv."""
+    from amtrain.models.sizes import table_sizes
     from amtrain.scaling.run import StudySettings, run_study
 
     settings = StudySettings(data=data, out=out, tokens=tokens or None, seq_len=seq_len, micro_batch=micro_batch,
                              grad_accum=grad_accum, nproc=nproc, ds_config=ds_config, lr=lr or None)
-    results = run_study(settings, arch.split(","), sizes.split(","), log=typer.echo)
+    results = run_study(settings, arch.split(","), table_sizes(size_table, sizes.split(",")), log=typer.echo)
     typer.echo(f"results: {results}  (next: amtrain scaling fit {results}; amtrain scaling plot {results} --out {out})")
 
 

@@ -159,6 +159,14 @@ class Modality:
     """prep writes per-chunk priority scores (the priority sampler, --prompt-from-priority)."""
     has_velocity = False
     """Symbolic music whose ids carry each note's velocity (`notes` returns real velocities)."""
+    encoding: str | None = None
+    """Its name in `amtrain prep-midi --encoding` (symbolic music made from MIDI files), else None."""
+    prep: str | None = None
+    """"module:function" of its MIDI prep (`amtrain.prep.encodings.EncodingPrep`): called as
+    `prep(inputs, out, options, workers=, append=, show_progress=) -> PrepReport`."""
+    prep_options: tuple[str, ...] = ()
+    """The `amtrain prep-midi` options it takes (`amtrain.prep.encodings.PREP_OPTIONS` names);
+    any other option given is refused by name."""
 
     # -- data and training ---------------------------------------------------------------
     def span_layout(self, tokenizer: Tokenizer) -> SpanLayout:
@@ -335,13 +343,15 @@ def left_to_right_continue(rm: RolloutModel, ids, n: int, num_samples: int, cfg:
 
 
 def fim_infill(rm: RolloutModel, segments: list[np.ndarray], cfg: RolloutConfig, num_samples: int,
-               seed_offset: int = 0, header=()) -> list[np.ndarray]:
+               seed_offset: int = 0, header=(), processor=None) -> list[np.ndarray]:
     """Fill the gaps between id segments with a FIM-trained left-to-right model, one gap after
     the other: gap i's prefix is `header` + everything before it (earlier fills included), its
     suffix segment i+1; each middle takes base ids up to the end id, at most `cfg.length`
-    (`amtrain.generate.fim`). Returns one tape per sample, segments kept exactly, no header."""
+    (`amtrain.generate.fim`); `processor` (a modality's grammar) sees each middle from its start.
+    Returns one tape per sample, segments kept exactly, no header."""
     from amtrain.generate.fim import fim_generate, middle_budget
     from amtrain.generate.grammar import IdsBelow
+    from amtrain.generate.processors import LogitsProcessorList
 
     if len(segments) < 2:
         raise UserError("in-filling needs a gap: give a prefix and a suffix (a gap marker in the prompt)")
@@ -354,7 +364,9 @@ def fim_infill(rm: RolloutModel, segments: list[np.ndarray], cfg: RolloutConfig,
         prefixes = np.stack([t[len(t) - shortest:] for t in tapes])
         n = middle_budget(rm.model.cfg.max_seq_len, int(cfg.length), shortest + len(suffix))
         middles = fim_generate(rm.model, spec, prefixes, np.asarray(suffix, np.int64), n,
-                               processor=IdsBelow(rm.tokenizer.vocab_size), **cfg.sampling(seed_offset + i))
+                               processor=LogitsProcessorList([IdsBelow(rm.tokenizer.vocab_size)] +
+                                                             ([processor] if processor is not None else [])),
+                               **cfg.sampling(seed_offset + i))
         tapes = [np.concatenate([t, m, suffix]).astype(np.int64) for t, m in zip(tapes, middles, strict=True)]
     return [t[len(head):] for t in tapes]
 

@@ -99,6 +99,9 @@ def event_cap(seconds: float) -> int:
 class MidiModality(Modality):
     name = "midi"
     tokenizers = ("midi",)
+    encoding = "amt"
+    prep = "amtrain.prep.midi:prep_amt"
+    prep_options = ("augment", "split", "val_fraction", "test_fraction", "transpose", "stretch", "seed")
     prompt_files = ".mid, .txt ids, .npy ids"
     text_output = False
 

@@ -37,7 +37,7 @@ from amtrain.models.layers import (
 )
 from amtrain.models.mla import LatentCache, MultiHeadLatentAttention, resolve_mla_fields
 from amtrain.models.moe import MoEFeedForward, resolve_moe_fields
-from amtrain.models.sizes import DECODER_SIZES
+from amtrain.models.sizes import DECODER_SIZES, SEED_DECODER_SIZES
 from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
@@ -292,6 +292,6 @@ class Decoder(SequenceModel):
 
 
 register_family(ModelFamily(
-    name="decoder", config_cls=DecoderConfig, model_cls=Decoder, sizes=DECODER_SIZES, left_to_right=True,
+    name="decoder", config_cls=DecoderConfig, model_cls=Decoder, sizes={**DECODER_SIZES, **SEED_DECODER_SIZES}, left_to_right=True,
     objective="amtrain.train.objective:LMObjective", study_name="transformer",
     description="parallel-block decoder (PaLM / GPT-J blocks; serial blocks as an option)"))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amtrain.models.base import SequenceModel
+from amtrain.models.sizes import SEED_LSTM_SIZES
 from amtrain.registry import ModelFamily, register_family
 from amtrain.tokens import IGNORE_INDEX
 
@@ -122,6 +123,6 @@ class LSTMLM(SequenceModel):
 
 
 register_family(ModelFamily(
-    name="lstm", config_cls=LSTMConfig, model_cls=LSTMLM, sizes=LSTM_SIZES, left_to_right=True,
+    name="lstm", config_cls=LSTMConfig, model_cls=LSTMLM, sizes={**LSTM_SIZES, **SEED_LSTM_SIZES}, left_to_right=True,
     objective="amtrain.train.objective:LMObjective", study_name="lstm",
     description="LSTM language model: the recurrent baseline of scaling studies"))

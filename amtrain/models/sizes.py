@@ -34,3 +34,64 @@ DECODER_SIZES: dict[str, dict] = {
     # this toolkit's block, norm and RoPE apply unless overridden (block="serial" is closest).
     "amt-gpt2": {"num_layers": 12, "num_heads": 12, "d_model": 768, "max_seq_len": 1024},
 }
+
+
+SEED_SIZES_DOC = """The symbolic-music scaling-laws seed's own shapes (issue 15; seed 003's table), selectable
+as the `seeds` size table of `amtrain scaling run --size-table seeds` beside the parameter-matched
+ladder above, and by name anywhere a size is taken (`--model.size seed-small`).
+
+| size        | D    | L  | H  | d_ff | non-embedding | LSTM (L x D)  | LSTM non-embedding |
+|-------------|------|----|----|------|---------------|---------------|--------------------|
+| seed-tiny   | 128  | 2  | 2  | 512  | 393,600       | 2 x 156       | 392,184            |
+| seed-small  | 256  | 4  | 4  | 1024 | 3,147,008     | 2 x 443       | 3,147,958          |
+| seed-medium | 512  | 6  | 8  | 2048 | 18,877,952    | 3 x 886       | 18,862,940         |
+| seed-large  | 768  | 8  | 8  | 3072 | 56,630,016    | 4 x 1330      | 56,650,020         |
+| seed-xl     | 1024 | 12 | 16 | 4096 | 151,008,256   | 5 x 1942      | 150,936,124        |
+
+The seed lists xl with 12 heads, which do not divide a width of 1024; it runs here with 16
+heads of 64 (the head count changes no parameter count). The seed's tiny..xl were quoted as
+~1M..100M+ *total* parameters on its ABC vocabulary; the counts above are non-embedding, as the
+ladder's. LSTMs (1 to 5 layers, tied embedding) match the decoders' non-embedding counts within
+0.4 %, as the ladder's LSTMs do. Context 1024 (the seed trained at its --max-length)."""
+
+SEED_DECODER_SIZES: dict[str, dict] = {
+    "seed-tiny": {"num_layers": 2, "num_heads": 2, "d_model": 128, "d_ff": 512, "max_seq_len": 1024},
+    "seed-small": {"num_layers": 4, "num_heads": 4, "d_model": 256, "d_ff": 1024, "max_seq_len": 1024},
+    "seed-medium": {"num_layers": 6, "num_heads": 8, "d_model": 512, "d_ff": 2048, "max_seq_len": 1024},
+    "seed-large": {"num_layers": 8, "num_heads": 8, "d_model": 768, "d_ff": 3072, "max_seq_len": 1024},
+    "seed-xl": {"num_layers": 12, "num_heads": 16, "d_model": 1024, "d_ff": 4096, "max_seq_len": 1024},
+}
+SEED_LSTM_SIZES: dict[str, dict] = {
+    "seed-tiny": {"num_layers": 2, "d_model": 156},
+    "seed-small": {"num_layers": 2, "d_model": 443},
+    "seed-medium": {"num_layers": 3, "d_model": 886},
+    "seed-large": {"num_layers": 4, "d_model": 1330},
+    "seed-xl": {"num_layers": 5, "d_model": 1942},
+}
+
+SIZE_TABLES: dict[str, tuple[str, ...]] = {
+    "ladder": ("debug", "tiny", "small", "medium", "large", "xl"),
+    "seeds": tuple(SEED_DECODER_SIZES),
+}
+"""`amtrain scaling run --size-table NAME`: the size names of each table (`--sizes` picks among
+them by their short name: tiny, small, ...)."""
+
+
+def table_sizes(table: str, sizes: list[str] | None) -> list[str]:
+    """The size names a study runs: `sizes` (short names, e.g. tiny) inside `table`, or all of it
+    but `debug` when None."""
+    from amtrain.errors import UserError
+
+    if table not in SIZE_TABLES:
+        raise UserError(f"--size-table {table!r}: choose one of {', '.join(SIZE_TABLES)}")
+    names = SIZE_TABLES[table]
+    if sizes is None:
+        return [n for n in names if n != "debug"]
+    prefix = "seed-" if table == "seeds" else ""
+    out = []
+    for s in sizes:
+        full = s if s in names else prefix + s
+        if full not in names:
+            raise UserError(f"--sizes {s}: not in the {table} size table ({', '.join(names)})")
+        out.append(full)
+    return out

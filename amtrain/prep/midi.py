@@ -453,3 +453,26 @@ def _token_lines(path: Path, skips: SkipReport) -> list[np.ndarray]:
             continue
         docs.append(ids.astype(np.uint16))
     return docs
+
+
+# --- `amtrain prep-midi --encoding amt` ------------------------------------------------------
+AMT_OPTIONS = ("augment", "split", "val_fraction", "test_fraction", "transpose", "stretch", "seed")
+
+
+def prep_amt(inputs: list[str], out: str | Path, options: dict[str, Any], *, workers: int = 1,
+             append: bool = False, show_progress: bool = True):
+    """The AMT encoding's entry for `amtrain prep-midi` (`amtrain.prep.encodings.EncodingPrep`)."""
+    from amtrain.prep.encodings import PrepReport
+
+    s = prep_midi(inputs, out, MidiPrepConfig(**options), workers=workers, show_progress=show_progress, append=append)
+    drops = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in s.dropped.items() if n) or "none"
+    lines = [
+        f"{out}: {s.num_files} files ({s.num_resumed} already parsed, {s.num_corrupt} corrupt skipped); "
+        f"pieces kept train/val/test {s.num_pieces['train']}/{s.num_pieces['val']}/{s.num_pieces['test']}; "
+        f"dropped by filters: {drops}",
+        f"sequences train/val/test {s.num_sequences['train']:,}/{s.num_sequences['val']:,}/{s.num_sequences['test']:,} "
+        f"(1024 ids each); {s.num_rests:,} REST events, {s.num_truncated:,} durations capped, "
+        f"{s.num_dropped_overflow} sequences dropped (time >= 100 s), {s.num_out_of_range} notes transposed "
+        f"out of range dropped; parse {s.files_per_s:.1f} files/s, "
+        f"{s.events_per_s:,.0f} events/s; total {s.seconds_total:.2f} s"]
+    return PrepReport(Path(out), lines, s.num_corrupt, s, s.skipped)

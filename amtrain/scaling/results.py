@@ -22,6 +22,9 @@ from amtrain.fileio import write_bytes_atomic
 
 RESULT_COLUMNS = ["arch", "size", "params", "non_embedding_params", "active_params", "tokens", "train_loss", "val_loss",
                   "wall_s", "tokens_per_s", "peak_mem_gb", "run_dir"]
+OPTIONAL_COLUMNS = ["bits_per_second"]
+"""Written after RESULT_COLUMNS; empty where the run has none (bits per second of music: symbolic
+music datasets, `amtrain.modalities.music`). Tables written without them still read."""
 _INT = {"params", "non_embedding_params", "active_params", "tokens"}
 _FLOAT = {"train_loss", "val_loss", "wall_s", "tokens_per_s", "peak_mem_gb"}
 
@@ -44,6 +47,8 @@ def read_results(path: str | Path) -> list[dict]:
                 row[k] = int(row[k])
             for k in _FLOAT:
                 row[k] = float(row[k])
+            for k in OPTIONAL_COLUMNS:
+                row[k] = float(row[k]) if row.get(k) else None
         except ValueError as e:
             raise UserError(f"{path}:{i}: bad number ({e}); fix or delete that row") from None
     return rows
@@ -53,10 +58,10 @@ def append_result(path: str | Path, row: dict) -> None:
     path = Path(path)
     rows = read_results(path) if path.is_file() else []
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS + OPTIONAL_COLUMNS, lineterminator="\n")
     w.writeheader()
     for r in [*rows, row]:
-        w.writerow({k: r[k] for k in RESULT_COLUMNS})
+        w.writerow({**{k: r[k] for k in RESULT_COLUMNS}, **{k: "" if r.get(k) is None else r[k] for k in OPTIONAL_COLUMNS}})
     write_bytes_atomic(path, buf.getvalue().encode())
 
 

@@ -104,7 +104,8 @@ def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int,
             "tokens": tokens,
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
             "wall_s": round(train[-1]["elapsed_s"], 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
-            "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir))}
+            "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir)),
+            "bits_per_second": val[-1].get("bits_per_second")}
 
 
 def run_study(s: StudySettings, archs: list[str], sizes: list[str], log=print) -> Path:

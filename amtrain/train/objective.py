@@ -196,14 +196,24 @@ class LMObjective:
         if data.val_split and cfg.train.eval_batches and unusable_split(dataset, data.val_split) is None:
             val = val_batches(dataset, data.val_split, data.seq_len, plan.micro_batch, cfg.train.eval_batches,
                               rank, world_size)
-        return cls(plan, loader, val, modality_of(dataset.manifest.tokenizer), data.seq_len_at, fim)
+        modality = modality_of(dataset.manifest.tokenizer)
+        rate = None
+        if val:  # symbolic music: bits per second of music (amtrain.modalities.music)
+            from amtrain.modalities.music import val_tokens_per_second
+
+            rate = val_tokens_per_second(dataset, data.val_split, data.seq_len,
+                                         len(val) * plan.micro_batch * world_size, modality)
+        return cls(plan, loader, val, modality, data.seq_len_at, fim, tokens_per_second=rate)
 
     def __init__(self, plan: BatchPlan, loader: TrainLoader, val: list[tuple[torch.Tensor, torch.Tensor]],
-                 modality: Modality, seq_len_schedule: Callable[[int], int], fim: FimSpec | None = None):
+                 modality: Modality, seq_len_schedule: Callable[[int], int], fim: FimSpec | None = None,
+                 tokens_per_second: float | None = None):
         """`seq_len_schedule(step)`: window length at a step (`DataConfig.seq_len_at`); `fim`:
-        the loader's FIM layout, recorded as the run's meta["fim"] (export, rollouts)."""
+        the loader's FIM layout, recorded as the run's meta["fim"] (export, rollouts);
+        `tokens_per_second`: of the music the validation windows hold (symbolic music only),
+        for `bits_per_second`."""
         self.plan, self.loader, self.val, self.modality = plan, loader, val, modality
-        self.seq_len_schedule, self.fim = seq_len_schedule, fim
+        self.seq_len_schedule, self.fim, self.tokens_per_second = seq_len_schedule, fim, tokens_per_second
 
     def seq_len_at(self, step: int) -> int:
         return self.seq_len_schedule(step)
@@ -239,7 +249,8 @@ class LMObjective:
         dist.all_reduce(total)
         engine.train()
         val_loss = float(total[0] / total[1])
-        return {"val_loss": val_loss, "val_bpt": val_loss / math.log(2), **self.modality.val_metrics(val_loss)}
+        music = {"bits_per_second": val_loss / math.log(2) * self.tokens_per_second} if self.tokens_per_second else {}
+        return {"val_loss": val_loss, "val_bpt": val_loss / math.log(2), **self.modality.val_metrics(val_loss), **music}
 
     def state_dict(self) -> dict:
         return {}
