@@ -38,7 +38,7 @@ import numpy as np
 
 from amtrain.errors import UserError
 from amtrain.midi.events import MidiReadError, Notes
-from amtrain.tokens.abc import NO_LENGTH, Pair, lex, render
+from amtrain.tokens.abc import NO_LENGTH, Pair, render
 from amtrain.tokens.midi import DRUMS, TIME_RESOLUTION
 
 GRID = 4

@@ -51,6 +51,7 @@ _REGISTRY: dict[str, str | Callable[..., Tokenizer]] = {
     "ascii": "amtrain.tokens.text:AsciiTokenizer",
     "midi": "amtrain.tokens.midi:MidiTokenizer",
     "audio": "amtrain.tokens.audio:AudioTokenizer",
+    "abc": "amtrain.tokens.abc:AbcTokenizer",
 }
 
 
