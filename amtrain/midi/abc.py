@@ -4,14 +4,15 @@ MIDI -> ABC: symusic reads the file (any format, tracks split by channel); every
 on a grid of GRID = 4 steps a quarter note (sixteenths; the ABC unit length L:1/16, so a
 length is a whole number of steps: a quarter note is `C4`). abc2midi takes only powers of two
 in unit lengths and length fractions, so a triplet grid would need tuplet notation; triplets
-are rounded to sixteenths. Tracks of one
-instrument (program, or drums) share an ABC voice (`V:n` with `%%MIDI program p`, drums
-`%%MIDI channel 10`); notes of one pitch that overlap inside a voice are merged. Each voice is
+are rounded to sixteenths. Each track is
+an ABC voice (`V:n`, `%%MIDI channel c`, `%%MIDI program p`); the voices of one instrument
+(program, or drums on channel 10) share a channel, so a file may hold 15 instruments besides
+drums. Notes of one pitch that overlap inside a track are merged. Each voice is
 cut into slices at every onset, offset and bar line (the first time signature's bars; 4/4
 when there is none or its bar is not whole steps): a slice is a rest `z`, a note or a chord
 `[...]`, notes sounding on into the next slice are tied `-`. Accidentals are written as sharps
 (`^`), a natural as `=` where its letter was sharpened earlier in the bar; the key is `K:C`.
-Tempo changes are inline `[Q:1/4=bpm]` in the first voice. Empty bars before the first note
+Tempo changes are inline `[Q:1/4=bpm]` in the first voice (bpm rounded to a multiple of 4). Empty bars before the first note
 are dropped. A long piece is cut at bar lines into tunes of at most `max_tokens` ids (each
 with the header and the tempo in force; a note sounding across a cut is split there).
 
@@ -44,8 +45,11 @@ from amtrain.tokens.midi import DRUMS, TIME_RESOLUTION
 GRID = 4
 """Grid steps per quarter note; the ABC unit length is L:1/(4 * GRID) (a power of two)."""
 UNIT_LENGTH = f"1/{4 * GRID}"
-MAX_VOICES = 16
-"""abc2midi gives each voice a MIDI channel: at most 16 (15 instruments and drums)."""
+MAX_BARS = 10_000
+"""Longer pieces are refused (a file whose ticks are corrupt, not music)."""
+TEMPO_STEP = 4
+"""Tempos are written in whole multiples of 4 bpm (within 2 bpm of the file's): few distinct
+values, so `Q:` survives a corpus vocabulary's --min-freq."""
 DEFAULT_VELOCITY = 72
 SHARP_NAMES = ("C", "^C", "D", "^D", "E", "F", "^F", "G", "^G", "A", "^A", "B")
 
@@ -72,6 +76,7 @@ def pitch_token(pitch: int, sharpened: set[str]) -> str:
 @dataclass
 class Voice:
     key: tuple[bool, int]  # (is_drum, program)
+    channel: int  # 1..16 (drums 10)
     on: np.ndarray  # (N,) grid steps
     off: np.ndarray
     pitch: np.ndarray
@@ -105,7 +110,7 @@ def read_score(data: bytes):
 def grid_piece(score) -> GridPiece:
     """A symusic Score -> its notes on the grid, grouped into voices (module doc)."""
     tpq = max(int(score.ticks_per_quarter), 1)
-    groups: dict[tuple[bool, int], list[np.ndarray]] = {}
+    rows: list[tuple[tuple[bool, int], np.ndarray]] = []
     for track in score.tracks:
         if len(track.notes) == 0:
             continue
@@ -113,11 +118,10 @@ def grid_piece(score) -> GridPiece:
         key = (bool(track.is_drum), 0 if track.is_drum else int(track.program))
         on = np.round(a["time"].astype(np.float64) * GRID / tpq).astype(np.int64)
         off = np.round((a["time"].astype(np.float64) + a["duration"]) * GRID / tpq).astype(np.int64)
-        groups.setdefault(key, []).append(np.stack([on, np.maximum(off, on + 1), a["pitch"].astype(np.int64)], 1))
-    if not groups:
+        rows.append((key, np.stack([on, np.maximum(off, on + 1), a["pitch"].astype(np.int64)], 1)))
+    if not rows:
         raise AbcError("no notes")
-    if len(groups) > MAX_VOICES:
-        raise AbcError(f"{len(groups)} instruments; ABC voices map to MIDI channels, at most {MAX_VOICES}")
+    channels = _channels([key for key, _ in rows])
     num, den = 4, 4
     if len(score.time_signatures):
         ts = score.time_signatures[0]
@@ -126,16 +130,19 @@ def grid_piece(score) -> GridPiece:
     if bar.denominator != 1 or bar <= 0:
         num, den, bar = 4, 4, Fraction(4 * GRID)
     bar_steps = int(bar)
-    voices = [Voice(key, *_merge(np.concatenate(parts))) for key, parts in groups.items()]
+    voices = [Voice(key, channels[key], *_merge(r)) for key, r in rows]
     first = min(int(v.on.min()) for v in voices)
     shift = first // bar_steps * bar_steps  # whole empty bars before the first note
     for v in voices:
         v.on -= shift
         v.off -= shift
+    num_bars = -(-max(int(v.off.max()) for v in voices) // bar_steps)
+    if num_bars > MAX_BARS:
+        raise AbcError(f"{num_bars:,} bars after the first note (absurd tick values?); at most {MAX_BARS:,}")
     tempos = []
     for t in score.tempos:
         step = max(round(int(t.time) * GRID / tpq) - shift, 0)
-        bpm = max(1, round(float(t.qpm)))
+        bpm = max(TEMPO_STEP, TEMPO_STEP * round(float(t.qpm) / TEMPO_STEP))
         if tempos and tempos[-1][0] == step:
             tempos[-1] = (step, bpm)
         elif not tempos or tempos[-1][1] != bpm:
@@ -143,6 +150,23 @@ def grid_piece(score) -> GridPiece:
     if not tempos or tempos[0][0] != 0:
         tempos.insert(0, (0, tempos[0][1] if tempos and tempos[0][0] == 0 else 120))
     return GridPiece(voices, bar_steps, f"{num}/{den}", tempos)
+
+
+def _channels(keys: list[tuple[bool, int]]) -> dict[tuple[bool, int], int]:
+    """A MIDI channel per instrument, in order of appearance: drums 10, the others 1-9, 11-16
+    (voices of one instrument share its channel)."""
+    free = [c for c in range(1, 17) if c != 10]
+    out: dict[tuple[bool, int], int] = {}
+    for key in keys:
+        if key not in out:
+            if key[0]:
+                out[key] = 10
+            elif not free:
+                n = len({k for k in keys if not k[0]})
+                raise AbcError(f"{n} instruments; ABC voices play on 16 MIDI channels, at most 15 besides drums")
+            else:
+                out[key] = free.pop(0)
+    return out
 
 
 def _merge(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -212,9 +236,9 @@ def header(meter: str, bpm: int) -> list[Pair]:
     return [("X:", "1"), ("M:", meter), ("L:", UNIT_LENGTH), ("Q:", f"1/4={bpm}"), ("K:", "C")]
 
 
-def voice_header(number: int, key: tuple[bool, int]) -> list[Pair]:
-    drum, program = key
-    return [("V:", str(number)), ("%%MIDI channel", "10") if drum else ("%%MIDI program", str(program))]
+def voice_header(number: int, voice: Voice) -> list[Pair]:
+    units = [("V:", str(number)), ("%%MIDI channel", str(voice.channel))]
+    return units if voice.key[0] else units + [("%%MIDI program", str(voice.key[1]))]
 
 
 def piece_tunes(piece: GridPiece, max_tokens: int | None = None) -> list[list[Pair]]:
@@ -251,7 +275,7 @@ def piece_tunes(piece: GridPiece, max_tokens: int | None = None) -> list[list[Pa
             if not music:
                 continue  # silent in this tune
             body = _untie_end(body[:music[-1] + 1])
-            units += voice_header(i + 1, v.key) + body
+            units += voice_header(i + 1, v) + body
         tunes.append(units)
     return tunes
 
