@@ -139,7 +139,7 @@ def grid_piece(score) -> GridPiece:
     num_bars = -(-max(int(v.off.max()) for v in voices) // bar_steps)
     if num_bars > MAX_BARS:
         raise AbcError(f"{num_bars:,} bars after the first note (absurd tick values?); at most {MAX_BARS:,}")
-    tempos = []
+    tempos: list[tuple[int, int]] = []
     for t in score.tempos:
         step = max(round(int(t.time) * GRID / tpq) - shift, 0)
         bpm = max(TEMPO_STEP, TEMPO_STEP * round(float(t.qpm) / TEMPO_STEP))
@@ -172,7 +172,7 @@ def _channels(keys: list[tuple[bool, int]]) -> dict[tuple[bool, int], int]:
 def _merge(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, 3) onset, offset, pitch -> sorted, with overlapping notes of one pitch merged."""
     rows = rows[np.lexsort((rows[:, 0], rows[:, 2]))]  # by pitch, then onset
-    out = []
+    out: list[list[int]] = []
     for on, off, p in rows.tolist():
         if out and out[-1][2] == p and on < out[-1][1]:
             out[-1][1] = max(out[-1][1], off)

@@ -59,7 +59,10 @@ class AbcModality(Modality):
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None):
         """.abc text (split at --gap-marker for in-filling) or a MIDI file (its first tune on
         the ABC grid) -> id segments; id files as given."""
+        from amtrain.tokens.abc import AbcTokenizer
+
         tok = rm.tokenizer
+        assert isinstance(tok, AbcTokenizer), tok
         if path.suffix.lower() in MIDI_SUFFIXES:
             from amtrain.midi.abc import AbcError, midi_to_tunes
 
