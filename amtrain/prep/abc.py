@@ -66,7 +66,8 @@ class AbcPrepConfig:
     def shares(self) -> tuple[float, float]:
         """(val, test) shares of files."""
         if self.split == "ratio":
-            val, test = self.val_fraction or 0.01, self.test_fraction or 0.01
+            val = 0.01 if self.val_fraction is None else self.val_fraction
+            test = 0.01 if self.test_fraction is None else self.test_fraction
         else:
             if self.val_fraction is not None or self.test_fraction is not None:
                 raise UserError("--val-fraction / --test-fraction go with --split ratio; or give --split TRAIN/VAL/TEST")
