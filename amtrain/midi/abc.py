@@ -193,8 +193,9 @@ def voice_bars(voice: Voice, bar: int, num_bars: int, tempos: list[tuple[int, in
     cuts = sorted(b for b in bounds if b <= max(end, max(tempo_at, default=0)))
     bars: list[list[Pair]] = [[] for _ in range(num_bars)]
     order = np.argsort(voice.on, kind="stable")
-    on, off, pitch = voice.on[order], voice.off[order], voice.pitch[order]
-    start = 0  # notes before `start` have ended or been passed
+    on, off, pitch = (x[order].tolist() for x in (voice.on, voice.off, voice.pitch))
+    nxt = 0  # the next note to start
+    active: list[int] = []  # notes sounding in the slice
     sharpened: set[str] = set()
     tied: list[int] = []  # pitches tied into the next slice, in the order written
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
@@ -204,10 +205,11 @@ def voice_bars(voice: Voice, bar: int, num_bars: int, tempos: list[tuple[int, in
             sharpened = set()
         if a in tempo_at:
             units.append(("[Q:", f"1/4={tempo_at[a]}"))
-        while start < len(on) and off[start] <= a and on[start] <= a:
-            start += 1
-        hi = int(np.searchsorted(on, a, side="right"))
-        idx = [j for j in range(start, hi) if off[j] > a]
+        active = [j for j in active if off[j] > a]
+        while nxt < len(on) and on[nxt] <= a:  # every onset is a cut: on[nxt] == a
+            active.append(nxt)
+            nxt += 1
+        idx = active
         length = f"DUR:{b - a}"
         if not idx:
             units.append(("z", length))
@@ -220,11 +222,11 @@ def voice_bars(voice: Voice, bar: int, num_bars: int, tempos: list[tuple[int, in
             # the order they were tied, then the new ones by pitch
             rank = {p: r for r, p in enumerate(tied)}
             tied = []
-            for j in sorted(idx, key=lambda j: (rank.get(int(pitch[j]), len(rank)), pitch[j])):
-                units.append((pitch_token(int(pitch[j]), sharpened), length))
+            for j in sorted(idx, key=lambda j: (rank.get(pitch[j], len(rank)), pitch[j])):
+                units.append((pitch_token(pitch[j], sharpened), length))
                 if off[j] > b:
                     units.append(("-", NO_LENGTH))
-                    tied.append(int(pitch[j]))
+                    tied.append(pitch[j])
             if chord:
                 units.append(("]", NO_LENGTH))
         if b % bar == 0:
