@@ -95,10 +95,12 @@ def test_min_freq_vocabulary_and_unk():
 
 
 def test_decode_survives_any_ids():
-    tok = AbcTokenizer(["C", "DUR:4", "M:", "4/4", "|", "DUR:0"])
+    tok = AbcTokenizer(["C", "DUR:4", "M:", "4/4", "|", "DUR:0", "1/4=96", "[", "]"])
     rng = np.random.default_rng(0)
     for _ in range(20):
         text = tok.decode(rng.integers(-3, tok.vocab_size + 3, 40))
+        # what is written is what a lexer reads back: no length or value in a symbol's place
+        assert all(not s.startswith("DUR:") and s not in ("4/4", "1/4=96") for s, _ in lex(text)), text
         abc_to_notes(text)  # abc2midi is tolerant; never raises
     assert tok.decode([tok.start_id, 5, 6, 5, tok.start_id, 5, 6, tok.end_id, 5, 6]) == "C4C4\n"
 

@@ -35,6 +35,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def render(pairs: Iterable[Pair]) -> str:
             continue
         if sym.startswith("[") and sym.endswith(":"):
             parts.append(f"{sym}{arg}]")
-        elif is_length(arg):
+        elif is_length(arg) and _body_unit_ok(sym, arg):
             parts.append(sym + length_text(arg) if sym == "]" or _is_timed(sym) else sym)
         else:
             continue  # a pairing no lexer makes (a model's output): dropped
@@ -155,6 +156,14 @@ def render(pairs: Iterable[Pair]) -> str:
     if not at_line_start:
         parts.append("\n")
     return "".join(parts)
+
+
+@lru_cache(maxsize=4096)
+def _body_unit_ok(sym: str, arg: str) -> bool:
+    """A body unit renders to text that lexes back to it (not, e.g., `DUR:5` as a symbol)."""
+    text = sym + length_text(arg) if sym == "]" or _is_timed(sym) else sym
+    back = _lex_body(text)
+    return len(back) == 1 and back[0][0] == sym and (back[0][1] == arg or length_text(back[0][1]) == length_text(arg))
 
 
 def _is_timed(sym: str) -> bool:
