@@ -103,6 +103,7 @@ def test_decode_survives_any_ids():
         assert all(not s.startswith("DUR:") and s not in ("4/4", "1/4=96") for s, _ in lex(text)), text
         abc_to_notes(text)  # abc2midi is tolerant; never raises
     assert tok.decode([tok.start_id, 5, 6, 5, tok.start_id, 5, 6, tok.end_id, 5, 6]) == "C4C4\n"
+    assert tok.decode([5, 6, 6, 5, 6, 1, 6, 5, 6]) == "C4C4C4\n"  # an odd in-fill and an <UNK>: re-aligned
 
 
 def _odd_files(folder):

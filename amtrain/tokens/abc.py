@@ -215,8 +215,10 @@ class AbcTokenizer:
         return self.encode_pairs(lex(text), document=False).tolist()
 
     def decode_pairs(self, ids) -> list[Pair]:
-        """Ids -> units: specials end a pair-less stretch (`<START>` re-aligns the pairing, `<END>`
-        stops), pairs holding `<UNK>`, `<PAD>` or an id outside the vocabulary are dropped."""
+        """Ids -> units: `<START>` re-aligns the pairing, `<END>` stops; a unit whose argument
+        is `<UNK>`, `<PAD>` or outside the vocabulary is dropped; a symbol position holding one
+        of those or a length is skipped by one token, so the pairing re-aligns on the next
+        note (ids a model in-filled, an odd number of them, do not shift what follows)."""
         toks: list[str | None] = []
         for i in np.asarray(ids, np.int64).ravel().tolist():
             if i == self.end_id:
@@ -227,10 +229,15 @@ class AbcTokenizer:
                 continue
             toks.append(self.tokens[i] if len(SPECIALS) <= i < self.vocab_size else None)
         pairs = []
-        for k in range(0, len(toks) - 1, UNIT):
+        k = 0
+        while k + 1 < len(toks):
             sym, arg = toks[k], toks[k + 1]
-            if sym is not None and arg is not None:
+            if sym is None or is_length(sym):
+                k += 1  # a length never opens a unit: re-align (after an odd in-fill, an <UNK>)
+                continue
+            if arg is not None:
                 pairs.append((sym, arg))
+            k += UNIT
         return pairs
 
     def decode(self, ids) -> str:
