@@ -204,3 +204,24 @@ def test_decoder_lstm_and_t5_train_on_abc_under_the_launcher(tmp_path):
     p = run([sys.executable, "-m", "amtrain", "rollout", str(tmp_path / "decoder"), "--length", "60",
              "--out", str(tmp_path / "roll")])
     assert (tmp_path / "roll" / "sample_0.abc").is_file() and (tmp_path / "roll" / "sample_0.mid").is_file(), p.stdout
+
+
+@pytest.mark.parametrize("context", [64, 70, 98])
+def test_held_out_prompts_cut_between_units(context):
+    """`amtrain rollout` without --prompt: the opening and an in-fill gap fall between units."""
+    from types import SimpleNamespace
+
+    from amtrain.modalities.base import RolloutConfig
+    from amtrain.registry import modality_of
+
+    _, tunes = midi_to_tunes(next(p for p in MIDI_FILES if "bach" in p.name).read_bytes())
+    tok = AbcTokenizer.build(tunes)
+    doc = tok.encode_pairs(tunes[0])
+    rm = SimpleNamespace(context=context, tokenizer=tok)
+    mod = modality_of("abc")
+    (opening,), _, _ = mod.document_prompt(rm, doc, RolloutConfig(mode="continue"))
+    assert opening.size % 2 == 0 and opening.size > 0
+    (pre, suf), piece, what = mod.document_prompt(rm, doc, RolloutConfig(mode="infill"))
+    assert pre.size % 2 == 0 and (piece.size - suf.size) % 2 == 0 and piece.size % 2 == 0, what
+    assert pre.size < piece.size - suf.size  # a gap is held out
+    assert tok.decode_pairs(np.concatenate([pre, suf])) == tok.decode_pairs(pre) + tok.decode_pairs(suf)

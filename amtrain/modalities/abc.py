@@ -56,6 +56,21 @@ class AbcModality(Modality):
         return abc_to_notes(tokenizer.decode(ids))
 
     # -- prompts and outputs -------------------------------------------------------------
+    def document_prompt(self, rm: RolloutModel, doc: np.ndarray, cfg):
+        """The base cut (`Modality.document_prompt`) moved onto unit boundaries: the opening
+        ends, and an in-fill gap starts and ends, between two (symbol, argument) units."""
+        from amtrain.tokens.abc import UNIT
+
+        prompt, original, _ = super().document_prompt(rm, doc, cfg)
+        n = len(original) - len(original) % UNIT
+        if cfg.mode != "infill":
+            return [original[:n]], original[:n], f"its first {n} ids ({n // UNIT} ABC units)"
+        a = len(prompt[0]) - len(prompt[0]) % UNIT
+        b = min(n, len(original) - len(prompt[1]) + (len(original) - len(prompt[1])) % UNIT)
+        piece = original[:n]
+        return ([piece[:a], piece[b:]], piece,
+                f"its first {n} ids: prefix [0, {a}) <gap: [{a}, {b}) held out> suffix [{b}, {n}), whole ABC units")
+
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None):
         """.abc text (split at --gap-marker for in-filling) or a MIDI file (its first tune on
         the ABC grid) -> id segments; id files as given."""
