@@ -165,7 +165,7 @@ def test_units_keep_notes_whole_and_notes_read_back_in_10ms_bins(tmp_path):
     from amtrain.tokens import get_tokenizer
 
     bach = next(p for p in MIDI_FILES if "bach" in p.name)
-    prep_encoding("abc", [str(bach)], tmp_path / "ds", {"split": "1/0/0", "min_freq": 1, "max_length": 300},
+    prep_encoding("abc", [str(bach)], tmp_path / "ds", {"split": "1/0/0", "min_freq": 1, "max_length": 200},
                   workers=1, show_progress=False)
     ds = Dataset(tmp_path / "ds")
     tok = get_tokenizer(ds.manifest.tokenizer, **ds.manifest.tokenizer_params)
@@ -173,7 +173,7 @@ def test_units_keep_notes_whole_and_notes_read_back_in_10ms_bins(tmp_path):
     layout = mod.span_layout(tok)
     assert (layout.unit, layout.offset, layout.inside_documents) == (2, 1, True)
     docs = [np.asarray(d) for d in ds.documents("train")]
-    assert len(docs) > 2 and all(d.size <= 300 for d in docs)
+    assert len(docs) >= 2 and all(d.size <= 200 for d in docs)
     for d in docs:
         assert d[0] == tok.start_id and d[-1] == tok.end_id and d.size % 2 == 0
         syms = [tok.tokens[i] for i in d[1:-1:2]]
@@ -225,3 +225,27 @@ def test_held_out_prompts_cut_between_units(context):
     assert pre.size % 2 == 0 and (piece.size - suf.size) % 2 == 0 and piece.size % 2 == 0, what
     assert pre.size < piece.size - suf.size  # a gap is held out
     assert tok.decode_pairs(np.concatenate([pre, suf])) == tok.decode_pairs(pre) + tok.decode_pairs(suf)
+
+
+def test_split_shares_and_length_filter(tmp_path):
+    from amtrain.errors import UserError
+    from amtrain.prep.abc import AbcPrepConfig, file_split
+    from amtrain.prep.encodings import prep_encoding
+
+    assert AbcPrepConfig().shares() == pytest.approx((0.01, 0.01))  # the seed's 98/1/1
+    assert AbcPrepConfig(split="6/1/1").shares() == pytest.approx((1 / 8, 1 / 8))
+    assert AbcPrepConfig(split="ratio", val_fraction=0.2, test_fraction=0.0).shares() == (0.2, 0.0)
+    for bad in ("98/2", "a/b/c", "0/1/0"):
+        with pytest.raises(UserError, match="--split"):
+            AbcPrepConfig(split=bad)
+    assert [file_split(m, 0.25, 0.25) for m in ("0" * 32, "5" + "0" * 31, "9" + "0" * 31)] == ["val", "test", "train"]
+    bach = next(p for p in MIDI_FILES if "bach" in p.name)
+    _, tunes = midi_to_tunes(bach.read_bytes(), 200)
+    sizes = [2 * len(t) + 2 for t in tunes]
+    assert len(sizes) >= 3 and max(sizes) <= 200
+    cut = min(sizes) + 1
+    rep = prep_encoding("abc", [str(bach)], tmp_path / "a", {"split": "1/0/0", "max_length": 200, "min_length": cut},
+                        workers=1, show_progress=False)
+    assert (rep.summary.num_tunes["train"], rep.summary.num_short) == (sum(n >= cut for n in sizes),
+                                                                      sum(n < cut for n in sizes))
+    assert rep.summary.num_short >= 1

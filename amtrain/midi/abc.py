@@ -250,20 +250,26 @@ def piece_tunes(piece: GridPiece, max_tokens: int | None = None) -> list[list[Pa
     num_bars = -(-end // piece.bar)
     per_voice = [voice_bars(v, piece.bar, num_bars, piece.tempos if i == 0 else None)
                  for i, v in enumerate(piece.voices)]
-    base = 2 * (len(header("", 0)) + 1)
-    cost = [sum(2 * (len(bars[k]) + 2) for bars in per_voice) for k in range(num_bars)]
+    base = 2 * len(header("", 0)) + 2  # the header's units, <START> and <END>
+    head = 2 * 3  # a voice's V:, %%MIDI channel and program units, once per tune it sounds in
+    cost = [[2 * len(bars[k]) for bars in per_voice] for k in range(num_bars)]  # ids per bar and voice
     spans: list[tuple[int, int]] = []
     if max_tokens is None:
         spans = [(0, num_bars)]
     else:
         b0, total = 0, base
+        present: set[int] = set()
         for k in range(num_bars):
-            if base + cost[k] > max_tokens:
-                raise AbcError(f"bar {k + 1} alone needs {base + cost[k]} tokens, more than --max-length {max_tokens}")
-            if total + cost[k] > max_tokens:
+            alone = base + sum(c + head for c in cost[k] if c)
+            if alone > max_tokens:
+                raise AbcError(f"bar {k + 1} alone needs {alone} tokens, more than --max-length {max_tokens}")
+            more = sum(c + (0 if i in present else head) for i, c in enumerate(cost[k]) if c)
+            if total + more > max_tokens:
                 spans.append((b0, k))
-                b0, total = k, base
-            total += cost[k]
+                b0, total, present = k, base, set()
+                more = alone - base
+            total += more
+            present |= {i for i, c in enumerate(cost[k]) if c}
         spans.append((b0, num_bars))
     tunes = []
     for b0, b1 in spans:
