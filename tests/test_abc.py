@@ -249,3 +249,22 @@ def test_split_shares_and_length_filter(tmp_path):
     assert (rep.summary.num_tunes["train"], rep.summary.num_short) == (sum(n >= cut for n in sizes),
                                                                       sum(n < cut for n in sizes))
     assert rep.summary.num_short >= 1
+
+
+def test_tempo_changes_keep_seconds():
+    """Inline [Q:] in the first voice, also after its last note: onsets and durations in 10 ms
+    bins follow the file's tempo map."""
+    import symusic
+
+    from amtrain.midi.abc import midi_to_abc
+
+    s = symusic.Score(480)
+    s.tempos.append(symusic.Tempo(0, qpm=120.0))
+    s.tempos.append(symusic.Tempo(480 * 8, qpm=60.0))
+    for program, time, pitch in ((0, 0, 60), (40, 480 * 8, 67)):
+        track = symusic.Track(program=program)
+        track.notes.append(symusic.Note(time, 480, pitch, 80))
+        s.tracks.append(track)
+    notes = abc_to_notes(midi_to_abc(s.dumps_midi()))
+    assert notes.time.tolist() == [0, 400] and notes.dur.tolist() == [50, 100]
+    assert notes.instr.tolist() == [0, 40] and notes.velocity.tolist() == [72, 72]

@@ -231,6 +231,8 @@ def voice_bars(voice: Voice, bar: int, num_bars: int, tempos: list[tuple[int, in
                 units.append(("]", NO_LENGTH))
         if b % bar == 0:
             units.append(("|", NO_LENGTH))
+    if cuts and cuts[-1] in tempo_at and cuts[-1] // bar < num_bars:  # a change after the voice's last note
+        bars[cuts[-1] // bar].append(("[Q:", f"1/4={tempo_at[cuts[-1]]}"))
     return bars
 
 
@@ -279,7 +281,7 @@ def piece_tunes(piece: GridPiece, max_tokens: int | None = None) -> list[list[Pa
             body = [u for k in range(b0, b1) for u in bars[k]]
             if b0 and i == 0 and body and body[0][0] == "[Q:":
                 body = body[1:]
-            music = [j for j, (sym, _) in enumerate(body) if sym not in ("z", "|", "[Q:")]
+            music = [j for j, (sym, _) in enumerate(body) if sym not in ("z", "|")]  # notes, ties, tempo changes
             if not music:
                 continue  # silent in this tune
             body = _untie_end(body[:music[-1] + 1])
