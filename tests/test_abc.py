@@ -268,3 +268,22 @@ def test_tempo_changes_keep_seconds():
     notes = abc_to_notes(midi_to_abc(s.dumps_midi()))
     assert notes.time.tolist() == [0, 400] and notes.dur.tolist() == [50, 100]
     assert notes.instr.tolist() == [0, 40] and notes.velocity.tolist() == [72, 72]
+
+
+def test_rerun_resumes_from_the_per_file_cache(tmp_path):
+    """A rerun reads converted files back from OUT/.abc_units; a torn or missing entry is
+    converted again, and the dataset comes out the same."""
+    from amtrain.prep.encodings import prep_encoding
+    from amtrain.store import Dataset
+
+    files = [str(p) for p in MIDI_FILES if "bach" in p.name or "soprano" in p.name or "type0" in p.name]
+    opts = {"split": "2/1/0", "min_freq": 1, "max_length": 1000}
+    prep_encoding("abc", files, tmp_path / "ds", opts, workers=1, show_progress=False)
+    first = {k: [np.asarray(d).tolist() for d in Dataset(tmp_path / "ds").documents(k)] for k in ("train", "val")}
+    entries = sorted((tmp_path / "ds" / ".abc_units").glob("*.json"))
+    assert len(entries) == 3
+    entries[0].write_text(entries[0].read_text()[:100])  # torn
+    entries[1].unlink()
+    rep = prep_encoding("abc", files, tmp_path / "ds", opts, workers=1, show_progress=False)
+    again = {k: [np.asarray(d).tolist() for d in Dataset(tmp_path / "ds").documents(k)] for k in ("train", "val")}
+    assert again == first and sum(len(v) for v in first.values()) == sum(rep.summary.num_tunes.values())

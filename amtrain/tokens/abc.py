@@ -189,13 +189,19 @@ class AbcTokenizer:
     @classmethod
     def build(cls, pair_docs: Iterable[list[Pair]], min_freq: int = 1) -> AbcTokenizer:
         """A vocabulary of the tokens seen at least `min_freq` times, most frequent first."""
-        if min_freq < 1:
-            raise UserError(f"--min-freq {min_freq}: must be >= 1")
         counts: Counter[str] = Counter()
         for doc in pair_docs:
             for sym, arg in doc:
                 counts[sym] += 1
                 counts[arg] += 1
+        return cls.from_counts(counts, min_freq)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], min_freq: int = 1) -> AbcTokenizer:
+        """The vocabulary of token counts: those >= `min_freq`, most frequent first (ties by
+        first insertion)."""
+        if min_freq < 1:
+            raise UserError(f"--min-freq {min_freq}: must be >= 1")
         return cls([t for t, n in counts.most_common() if n >= min_freq])
 
     def params(self) -> dict:
