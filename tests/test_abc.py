@@ -279,11 +279,15 @@ def test_rerun_resumes_from_the_per_file_cache(tmp_path):
     files = [str(p) for p in MIDI_FILES if "bach" in p.name or "soprano" in p.name or "type0" in p.name]
     opts = {"split": "2/1/0", "min_freq": 1, "max_length": 1000}
     prep_encoding("abc", files, tmp_path / "ds", opts, workers=1, show_progress=False)
-    first = {k: [np.asarray(d).tolist() for d in Dataset(tmp_path / "ds").documents(k)] for k in ("train", "val")}
+    def docs():
+        ds = Dataset(tmp_path / "ds")
+        return {k: [np.asarray(d).tolist() for d in ds.documents(k)] for k in ds.manifest.splits}
+
+    first = docs()
     entries = sorted((tmp_path / "ds" / ".abc_units").glob("*.json"))
     assert len(entries) == 3
     entries[0].write_text(entries[0].read_text()[:100])  # torn
     entries[1].unlink()
     rep = prep_encoding("abc", files, tmp_path / "ds", opts, workers=1, show_progress=False)
-    again = {k: [np.asarray(d).tolist() for d in Dataset(tmp_path / "ds").documents(k)] for k in ("train", "val")}
+    again = docs()
     assert again == first and sum(len(v) for v in first.values()) == sum(rep.summary.num_tunes.values())
