@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 BUILTIN_FAMILIES = ("amtrain.models.decoder", "amtrain.models.lstm", "amtrain.models.t5")
 BUILTIN_MODALITIES = ("amtrain.modalities.text", "amtrain.modalities.midi", "amtrain.modalities.audio",
-                      "amtrain.modalities.tokens", "amtrain.modalities.nvd")
+                      "amtrain.modalities.tokens", "amtrain.modalities.nvd", "amtrain.modalities.abc")
 PLUGINS_ENV = "AMTRAIN_PLUGINS"
 
 

@@ -52,6 +52,7 @@ _REGISTRY: dict[str, str | Callable[..., Tokenizer]] = {
     "midi": "amtrain.tokens.midi:MidiTokenizer",
     "audio": "amtrain.tokens.audio:AudioTokenizer",
     "nvd": "amtrain.tokens.nvd:NvdTokenizer",
+    "abc": "amtrain.tokens.abc:AbcTokenizer",
 }
 
 
