@@ -168,7 +168,7 @@ def test_batched_jobs_equal_one_by_one_rollouts(redis_url, text_ckpt):
     ids = [client.submit(q, {"length": 20, "temperature": 0.0}, text=t)[0] for t in texts]
     w = GenerateWorker(q, text_ckpt, batch_size=8)
     w.run(max_batches=1, idle_exit=5)
-    assert w.last_batch == 4 and w.jobs_done == 4
+    assert w.last_batch == 4 and w.jobs_done == 4 and w.largest == 4  # one model batch of four
     for job_id, text in zip(ids, texts, strict=True):
         meta, files = q.result(job_id)
         assert meta["status"] == "finished", meta
@@ -177,7 +177,7 @@ def test_batched_jobs_equal_one_by_one_rollouts(redis_url, text_ckpt):
         assert np.array_equal(np.load(io.BytesIO(files["sample_0.npy"])), alone)
 
 
-def test_auth_urls(tmp_path):
+def test_auth_and_tls_urls(tmp_path):
     from amtrain.serve.queue import Queue
 
     proc, port = start_redis(tmp_path / "r", "--requirepass", "s3cret", "--user", "alice", "on", ">apw", "~amtrain:*",
@@ -192,6 +192,21 @@ def test_auth_urls(tmp_path):
             q = Queue(url)
             job = q.submit({"length": 4}, b"hi", "p.txt")
             assert q.job(job)["status"] == "queued"
+    finally:
+        stop(proc)
+    if shutil.which("openssl") is None:
+        return
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    tls = free_port()
+    proc, _ = start_redis(tmp_path / "t", "--tls-port", str(tls), "--tls-cert-file", str(cert), "--tls-key-file",
+                          str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")
+    try:
+        with pytest.raises(UserError, match="not trusted.*ssl_ca_certs"):
+            Queue(f"rediss://127.0.0.1:{tls}/0")
+        q = Queue(f"rediss://127.0.0.1:{tls}/0?ssl_ca_certs={cert}")
+        assert q.job(q.submit({"length": 4}, b"hi", "p.txt"))["status"] == "queued"
     finally:
         stop(proc)
 

@@ -100,6 +100,8 @@ def _say(echo, queue: Queue, job_id: str, status: str, files: list[Path]) -> Non
     meta = res[0] if res else {}
     detail = meta.get("error") or "; ".join(meta.get("lines", []))
     echo(f"{job_id} {status}: {detail}")
+    for w in meta.get("warnings", []):
+        echo(f"  warning: {w}")
     for f in files:
         echo(f"  {f}")
 

@@ -19,7 +19,8 @@ def lines(st: dict, name: str) -> list[str]:
     for w in st["workers"]:
         state = "stale" if w["age"] > STALE_S else ("stopping" if w.get("stopping") else "alive")
         out.append(f"  {w['name']} {w['kind']} {state} heartbeat {w['age']:.1f}s ago, jobs {w['jobs']}, "
-                   f"{w['jobs_per_s']:.2f} jobs/s, batch {w['batch']}, in flight {w['in_flight']}")
+                   f"{w['jobs_per_s']:.2f} jobs/s, took {w['batch']}, model batch {w['rows']} (largest {w['largest']}), "
+                   f"in flight {w['in_flight']}")
     return out
 
 
@@ -34,12 +35,12 @@ def table(st: dict, name: str):
         extra = [str(st.get(k, 0)) for k in ("finished", "failed", "dead")] if kind == "generate" else ["", "", ""]
         head.add_row(kind, str(st[kind]["queued"]), str(st[kind]["in_flight"]), *extra)
     workers = Table(title="workers", show_header=True)
-    for col in ("worker", "kind", "state", "heartbeat", "jobs", "jobs/s", "batch", "in flight"):
+    for col in ("worker", "kind", "state", "heartbeat", "jobs", "jobs/s", "took", "model batch", "largest", "in flight"):
         workers.add_column(col)
     for w in st["workers"]:
         state = "[red]stale" if w["age"] > STALE_S else ("[yellow]stopping" if w.get("stopping") else "[green]alive")
         workers.add_row(w["name"], w["kind"], state, f"{w['age']:.1f}s", str(w["jobs"]), f"{w['jobs_per_s']:.2f}",
-                        str(w["batch"]), str(w["in_flight"]))
+                        str(w["batch"]), str(w["rows"]), str(w["largest"]), str(w["in_flight"]))
     return Group(head, workers)
 
 

@@ -112,6 +112,9 @@ def connect(url: str) -> Any:
                             "redis://:password@host:6379/0") from None
         raise
     except redis.ConnectionError as e:
+        if "CERTIFICATE_VERIFY_FAILED" in str(e):
+            raise UserError(f"--redis {safe_url(url)}: the server's TLS certificate is not trusted ({e}); name its CA: "
+                            "rediss://host:6379/0?ssl_ca_certs=/path/ca.pem") from None
         raise UserError(f"--redis {safe_url(url)}: cannot reach Redis ({e}); start redis-server there, or open an "
                         "ssh tunnel: ssh -N -L 6379:localhost:6379 user@gpu-node") from None
     return r

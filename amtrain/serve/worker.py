@@ -55,6 +55,10 @@ class Worker:
         self.recent: deque[float] = deque()
         self.in_flight: list[str] = []
         self.last_batch = 0
+        self.rows = 0
+        """Jobs in the model batch running now (or last)."""
+        self.largest = 0
+        """Most jobs one model batch has held."""
         self.info: dict[str, Any] = {}
 
     # -- the loop --------------------------------------------------------------------------
@@ -144,7 +148,7 @@ class Worker:
         beat = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "time": now,
                 "started": self.started, "jobs": self.jobs_done, "batches": self.batches,
                 "jobs_per_s": len(self.recent) / span, "in_flight": len(self.in_flight),
-                "batch": self.last_batch, "stopping": self.stopping} | self.info
+                "batch": self.last_batch, "rows": self.rows, "largest": self.largest, "stopping": self.stopping} | self.info
         self.q.r.hset(self.q.key("workers"), self.consumer, json.dumps(beat))
 
     # -- outcomes --------------------------------------------------------------------------
@@ -187,6 +191,7 @@ class Worker:
 
     def handle(self, msgs: list[tuple[str, dict]]) -> None:
         for msg_id, job in msgs:
+            self.rows, self.largest = 1, max(self.largest, 1)
             self.guarded(msg_id, job, lambda m=msg_id, j=job: self.handle_one(m, j))
 
     def handle_one(self, msg_id: str, job: dict) -> None:
@@ -240,47 +245,54 @@ class GenerateWorker(Worker):
             except UserError as e:  # name the prompt as the client sent it, not the worker's copy
                 raise UserError(str(e).replace(str(path), f"prompt {name}")) from None
 
-    def batchable(self, cfg, tape) -> bool:
-        """Plain-id continuation (text, ids) of a left-to-right model: equally long prompts of
-        jobs with the same options stack into one (B, T) batch."""
+    def batch_tape(self, cfg, tape):
+        """The (T,) tape a job adds to a batch, or None if it runs alone: plain-id continuation
+        (text, ids) of a left-to-right model, one sample; equally long tapes of jobs with the
+        same options stack into one (B, T) batch through the modality's own continuation."""
         from amtrain.modalities.base import Modality
 
-        return (cfg.mode == "continue" and cfg.num_samples == 1 and self.rm.family.left_to_right
-                and type(self.rm.modality).continue_tape is Modality.continue_tape
-                and isinstance(tape, np.ndarray) and tape.ndim == 1)
+        if not (cfg.mode == "continue" and cfg.num_samples == 1 and self.rm.family.left_to_right
+                and type(self.rm.modality).continue_tape is Modality.continue_tape):
+            return None
+        tape = self.rm.modality.continuation_tape(self.rm, tape)
+        return tape if isinstance(tape, np.ndarray) and tape.ndim == 1 else None
 
     def handle(self, msgs: list[tuple[str, dict]]) -> None:
         groups: dict[str, list[tuple[str, dict, Any, Any]]] = {}
         for msg_id, job in msgs:
             try:
                 prepared = self.prepare(job)
+                if prepared is None:
+                    self.forward(msg_id, job, "encode", {})
+                    continue
+                cfg, tape = prepared
+                row = self.batch_tape(cfg, tape)
             except UserError as e:
                 self.fail(msg_id, job, str(e))
                 continue
             except Exception as e:  # noqa: BLE001
                 self.error(msg_id, job, e)
                 continue
-            if prepared is None:
-                self.forward(msg_id, job, "encode", {})
-                continue
-            cfg, tape = prepared
-            if self.batchable(cfg, tape):
-                tape = self.rm.modality.continuation_tape(self.rm, tape)
-                key = batch_key(job.get("options") and json.loads(job["options"]) or {}, tape.shape)
+            if row is not None:
+                tape = row
+                key = batch_key(json.loads(job.get("options") or "{}"), row.shape)
             else:
                 key = f"alone:{msg_id}"
             groups.setdefault(key, []).append((msg_id, job, cfg, tape))
         for group in groups.values():
+            self.rows = len(group)
             if len(group) > 1:
                 try:
                     rows = self.rm.modality.continue_tape(self.rm, np.stack([g[3] for g in group]), group[0][2], 1)
                 except Exception:  # noqa: BLE001 - run them one by one: only the bad one fails
                     rows = None
                 if rows is not None:
+                    self.largest = max(self.largest, len(group))
                     for (msg_id, job, cfg, tape), row in zip(group, rows, strict=True):
                         self.guarded(msg_id, job, lambda m=msg_id, j=job, c=cfg, t=tape, r=row: self.write(m, j, c, t, [r]))
                     continue
             for msg_id, job, cfg, tape in group:
+                self.largest = max(self.largest, 1)
                 self.guarded(msg_id, job, lambda m=msg_id, j=job, c=cfg, t=tape: self.run_one(m, j, c, t))
 
     def run_one(self, msg_id: str, job: dict, cfg, tape) -> None:
