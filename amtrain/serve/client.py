@@ -96,8 +96,7 @@ def fetch(queue: Queue, out: Path, wait: bool = False, jobs: list[str] | None = 
 
 
 def _say(echo, queue: Queue, job_id: str, status: str, files: list[Path]) -> None:
-    res = queue.result(job_id)
-    meta = res[0] if res else {}
+    meta = queue.meta(job_id) or {}
     detail = meta.get("error") or "; ".join(meta.get("lines", []))
     echo(f"{job_id} {status}: {detail}")
     for w in meta.get("warnings", []):

@@ -192,6 +192,11 @@ class Queue:
         files = {s(k)[len("file:"):]: v for k, v in raw.items() if s(k).startswith("file:")}
         return meta, files
 
+    def meta(self, job_id: str) -> dict | None:
+        """The result's meta alone (no file bytes), or None before it is written."""
+        raw = self.r.hget(self.key("result", job_id), "meta")
+        return None if raw is None else json.loads(raw)
+
     def job_ids(self, newest: int = 200) -> list[str]:
         return [s(x) for x in self.r.zrevrange(self.key("jobs"), 0, newest - 1)]
 

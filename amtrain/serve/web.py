@@ -40,10 +40,9 @@ def make_app(queue: Queue):
         rows = []
         for job_id in queue.job_ids(200):
             job = queue.job(job_id)
-            res = queue.result(job_id)
+            meta = queue.meta(job_id)
             first = ""
-            if res is not None:
-                meta, _ = res
+            if meta is not None:
                 first = (meta.get("lines") or [meta.get("error", "")])[0]
             status = html.escape(job.get("status", "?"))
             rows.append(f"<tr><td><a href='/job/{job_id}'>{job_id}</a></td><td class='{status}'>{status}</td>"

@@ -71,6 +71,8 @@ class Worker:
 
     def run(self, idle_exit: float | None = None, max_batches: int | None = None) -> None:
         """Until stopped (or idle for `idle_exit` seconds, or after `max_batches`)."""
+        import redis
+
         self.q.ensure_group(self.kind)
         done = threading.Event()
         keeper = threading.Thread(target=self._keep_alive, args=(done,), daemon=True)
@@ -78,14 +80,28 @@ class Worker:
         idle_since = time.time()
         try:
             while not self.stopping:
-                msgs = self.take()
+                try:
+                    msgs = self.take()
+                except redis.ConnectionError as e:  # Redis restarting, the tunnel down: wait and go on
+                    print(f"serve {self.kind}: {self.consumer}: Redis unreachable ({e}); retrying in 2 s", flush=True)
+                    time.sleep(2)
+                    continue
+                except redis.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    self.q.ensure_group(self.kind)  # a Redis restarted without its data
+                    continue
                 if not msgs:
                     if idle_exit is not None and time.time() - idle_since > idle_exit:
                         break
                     continue
                 self.in_flight = [m for m, _ in msgs]
                 self.last_batch = len(msgs)
-                self.handle(msgs)
+                try:
+                    self.handle(msgs)
+                except redis.ConnectionError as e:  # its unacknowledged jobs are claimed again later
+                    print(f"serve {self.kind}: {self.consumer}: Redis lost mid-batch ({e}); its jobs will be "
+                          "taken again after the visibility timeout", flush=True)
                 self.in_flight = []
                 self.batches += 1
                 idle_since = time.time()
@@ -94,7 +110,10 @@ class Worker:
         finally:
             done.set()
             keeper.join()
-            self.q.r.hdel(self.q.key("workers"), self.consumer)
+            try:
+                self.q.r.hdel(self.q.key("workers"), self.consumer)
+            except redis.ConnectionError:
+                pass
 
     def take(self) -> list[tuple[str, dict]]:
         """Up to batch_size (message id, job) pairs ready to run: dead workers' jobs first."""
@@ -131,12 +150,18 @@ class Worker:
 
     def _keep_alive(self, done: threading.Event) -> None:
         last_claim = 0.0
+        import redis
+
         while True:
-            self.heartbeat()
-            now = time.time()
-            if self.in_flight and now - last_claim > self.visibility / 3:
-                self.q.r.xclaim(self.q.stream(self.kind), GROUP, self.consumer, 0, list(self.in_flight), justid=True)
-                last_claim = now
+            try:
+                self.heartbeat()
+                now = time.time()
+                if self.in_flight and now - last_claim > self.visibility / 3:
+                    self.q.r.xclaim(self.q.stream(self.kind), GROUP, self.consumer, 0, list(self.in_flight),
+                                    justid=True)
+                    last_claim = now
+            except redis.ConnectionError:
+                pass  # the main loop says so and waits
             if done.wait(HEARTBEAT_S):
                 return
 
