@@ -1,6 +1,7 @@
 """`amtrain serve` / `amtrain client` against a real Redis (a private redis-server on a free
 127.0.0.1 port, no persistence, stopped after the module): 100 jobs over two worker processes,
-one SIGKILLed mid-batch, every job finished exactly once; a poison job dead-lettered while the
+one SIGKILLed mid-batch, the other SIGTERMed mid-batch (it finishes the batch, exits 0), a third
+taking over: every job finished exactly once; a poison job dead-lettered while the
 workers go on; bad payloads failed with a reason; batched results equal one-by-one rollouts;
 an audio job codec -> generate -> codec with a WAV of the right length and rate; the monitor;
 the results page in headless Chromium; password and ACL-user URLs."""
@@ -95,10 +96,11 @@ def wait_for(cond, timeout: float, what: str):
 
 
 @pytest.mark.slow
-def test_two_workers_one_killed_every_job_once_poison_dead_lettered(redis_url, text_ckpt, tmp_path, capsys):
+def test_two_workers_one_killed_one_stopped_every_job_once_poison_dead_lettered(redis_url, text_ckpt, tmp_path, capsys):
     from amtrain.serve import client
     from amtrain.serve.monitor import monitor
     from amtrain.serve.queue import GROUP, Queue
+    from amtrain.serve.worker import GenerateWorker
 
     q = Queue(redis_url, "kill")
     args = ("--batch-size", "8", "--visibility", "2", "--max-attempts", "2")
@@ -123,7 +125,19 @@ def test_two_workers_one_killed_every_job_once_poison_dead_lettered(redis_url, t
         w1.wait()
         orphans = q.r.xpending_range(stream, GROUP, "-", "+", 100, consumername="w1")
         assert orphans, "w1 was killed between batches; the kill must land mid-batch"
-        wait_for(lambda: q.r.xlen(q.key("done")) >= 104, 60, "every job to finish")
+        # SIGTERM w2 while it holds a batch: it finishes that batch, acknowledges it, exits 0
+        held = wait_for(lambda: q.r.xpending_range(stream, GROUP, "-", "+", 100, consumername="w2"), 60,
+                        "w2 to take a batch")
+        w2.send_signal(signal.SIGTERM)
+        assert w2.wait(30) == 0 and "stopped after" in (tmp_path / "w2.log").read_text()
+        assert not q.r.xpending_range(stream, GROUP, "-", "+", 100, consumername="w2")
+        held_jobs = {f[b"job"].decode() for m in held for _, f in q.r.xrange(stream, m["message_id"], m["message_id"])}
+        assert all(q.meta(j) is not None for j in held_jobs - {poison})  # the batch it held is done
+        # a third worker (in this process) takes w1's orphans after the visibility timeout, and the rest
+        w3 = GenerateWorker(q, text_ckpt, batch_size=8, visibility=2, max_attempts=2, name="w3")
+        w3.run(idle_exit=4)
+        assert w3.largest > 1  # equally long prompts ran as batches
+        assert q.r.xlen(q.key("done")) >= 104
         time.sleep(0.5)  # a duplicate result would land now
         done = q.done("0")
         assert len(done) == 104
@@ -140,15 +154,11 @@ def test_two_workers_one_killed_every_job_once_poison_dead_lettered(redis_url, t
             meta, files = q.result(i)
             assert meta["status"] == "finished" and files["sample_0.txt"] and meta["lines"] == [
                 f"+40 tokens (added), {41 + len(prompts[ids.index(i) % 3])} in all"]
-        retried = [i for i in ids if q.result(i)[0]["attempts"] > 1]
-        assert retried and all(q.result(i)[0]["worker"] == "w2" for i in retried)
+        retried = [i for i in ids if q.result(i)[0]["attempts"] > 1]  # w1's orphans
+        assert retried and {q.result(i)[0]["worker"] for i in retried} <= {"w2", "w3"}
         st = q.stats()
         assert (st["finished"], st["failed"], st["dead"]) == (100, 3, 1)
-        assert w2.poll() is None, "the poison job ended a worker"
-        w2.send_signal(signal.SIGTERM)
-        assert w2.wait(20) == 0
         assert q.r.xpending(stream, GROUP)["pending"] == 0
-        assert "stopped after" in (tmp_path / "w2.log").read_text()
     finally:
         for w in (w1, w2):
             if w.poll() is None:

@@ -78,6 +78,7 @@ def codec(
     w.install_signals()
     typer.echo(f"serve codec: {w.consumer} on queue {queue}: {w.codec.codec_id}", err=True)
     w.run()
+    typer.echo(f"serve codec: {w.consumer} stopped after {w.jobs_done} jobs", err=True)
 
 
 def web(

@@ -22,8 +22,9 @@ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}pre{background:#f
 white-space:pre-wrap}.finished{color:#070}.failed,.dead{color:#b00}.running{color:#06c}img{max-width:100%}"""
 
 
-def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+def _page(title: str, body: str, refresh: int = 0) -> str:
+    meta = f"<meta http-equiv='refresh' content='{refresh}'>" if refresh else ""
+    return (f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 
@@ -49,12 +50,12 @@ def make_app(queue: Queue):
                         f"<td>{html.escape(job.get('stage', ''))}</td><td>{_when(job.get('submitted'))}</td>"
                         f"<td>{html.escape(job.get('worker', ''))}</td><td>{html.escape(first)}</td></tr>")
         st = queue.stats()
-        head = (f"<p>queue <b>{html.escape(queue.name)}</b>: {st['generate']['queued']} waiting, "
+        head = (f"<p>queue <b>{html.escape(queue.name)}</b>: {st['generate']['queued'] + st['codec']['queued']} waiting, "
                 f"{st['generate']['in_flight'] + st['codec']['in_flight']} in flight, {st.get('finished', 0)} finished, "
                 f"{st.get('failed', 0)} failed, {st.get('dead', 0)} dead; {len(st['workers'])} workers</p>")
         table = ("<table><tr><th>job</th><th>status</th><th>stage</th><th>submitted</th><th>worker</th>"
                  "<th>result</th></tr>" + "".join(rows) + "</table>")
-        return HTMLResponse(_page("amtrain jobs", f"<h1>amtrain jobs</h1>{head}{table}"))
+        return HTMLResponse(_page("amtrain jobs", f"<h1>amtrain jobs</h1>{head}{table}", refresh=5))
 
     async def job_page(request):
         job_id = request.path_params["job_id"]
