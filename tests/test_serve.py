@@ -25,7 +25,7 @@ import soundfile as sf
 
 from amtrain.errors import UserError
 from tests.audio_helpers import JOPLIN
-from tests.rollout_helpers import REPO, codec_folder, decoder_ckpt
+from tests.rollout_helpers import REPO, codec_folder, decoder_ckpt, fim_decoder_ckpt
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="needs Debian's redis-server (.ci/run installs it)")
@@ -245,14 +245,15 @@ def audio_job(redis_url, tmp_path_factory):
         w.run(max_batches=1, idle_exit=5)
         stages.append(q.job(job)["stage"])
     assert stages == ["generate", "decode", "done"]
-    return q, job, codec.codec
+    return q, job, codec, codec_dir
 
 
 def test_audio_job_codec_generate_codec_wav(audio_job):
     from amtrain.modalities import RolloutConfig
     from amtrain.modalities.audio import audio_frames
 
-    q, job, codec = audio_job
+    q, job, worker, _ = audio_job
+    codec = worker.codec
     meta, files = q.result(job)
     assert meta["status"] == "finished" and meta["attempts"] == 1
     info = sf.info(io.BytesIO(files["sample_0.wav"]))
@@ -264,13 +265,43 @@ def test_audio_job_codec_generate_codec_wav(audio_job):
     assert {"flux", "rms_db", "novelty", "stability", "priority"} <= set(chunks[0])
 
 
+def test_priority_prefix_and_recurring_postfix_infill(audio_job, redis_url, tmp_path):
+    """The seed's out-of-distribution prompt: the file's strongest chunk, then (gap, second
+    strongest chunk) twice; a FIM decoder in-fills both gaps, nothing else changes."""
+    from amtrain.serve import client
+    from amtrain.serve.queue import Queue
+    from amtrain.serve.worker import CodecWorker, GenerateWorker
+
+    codec_dir = audio_job[3]
+    wav = tmp_path / "long.wav"
+    y, sr = sf.read(JOPLIN, dtype="float32", frames=24000 * 11)  # chunks of 5, 5 and 1 s
+    sf.write(wav, y, sr)
+    q = Queue(redis_url, "fim")
+    gen = GenerateWorker(q, fim_decoder_ckpt(tmp_path / "fim", "audio", {"num_codebooks": 2, "layout": "delay"},
+                                             max_seq_len=128))
+    codec = CodecWorker(q, codec_dir)
+    job = client.submit(q, {"mode": "infill", "priority_rank": 0, "length": 0.2, "seconds": True, "postfix_repeat": 2,
+                            "seed": 0}, prompt=wav)[0]
+    for w in (codec, gen, codec):
+        w.run(max_batches=1, idle_exit=5)
+    meta, files = q.result(job)
+    assert meta["status"] == "finished", meta
+    chunks = sorted(meta["analysis"], key=lambda c: -c["priority"])
+    assert len(chunks) == 3
+    pre, post = (c["end_frame"] - c["start_frame"] for c in chunks[:2])
+    gap = 15  # 0.2 s at 75 frames/s
+    total = pre + 2 * (gap + post)
+    assert meta["lines"] == [f"{2 * gap} frames changed in the range, +{2 * gap / 75:.2f} s; {total} frames in all"]
+    assert sf.info(io.BytesIO(files["sample_0.wav"])).frames == total * codec.codec.hop_length
+
+
 def test_results_page_in_headless_chromium(audio_job, redis_url, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("needs Debian's chromium (.ci/run installs it)")
     from PIL import Image
 
-    q, job, _ = audio_job
+    q, job, _, _ = audio_job
     port = free_port()
     web = subprocess.Popen([sys.executable, "-m", "amtrain", "serve", "web", "--redis", redis_url, "--queue", "audio",
                             "--port", str(port)], env=env(), cwd=REPO, stdout=subprocess.DEVNULL,

@@ -321,9 +321,22 @@ class GenerateWorker(Worker):
                 self.guarded(msg_id, job, lambda m=msg_id, j=job, c=cfg, t=tape: self.run_one(m, j, c, t))
 
     def run_one(self, msg_id: str, job: dict, cfg, tape) -> None:
-        from amtrain.rollout.run import rollout
+        from dataclasses import replace
 
-        self.write(msg_id, job, cfg, tape, rollout(self.rm, tape, cfg))
+        from amtrain.rollout.run import infill_tape, rollout
+
+        ranges = [tuple(r) for r in json.loads(job.get("infill_ranges") or "[]")]
+        if cfg.mode == "infill" and ranges:  # a prefix + recurring postfix prompt: each gap in turn
+            results = []
+            for n in range(cfg.num_samples):
+                out = tape
+                for i, r in enumerate(ranges):
+                    one = replace(cfg, infill_range=r, seed=None if cfg.seed is None else cfg.seed + 1000 * n)
+                    out = infill_tape(self.rm, out, one, 1, seed_offset=i)[0]
+                results.append(out)
+        else:
+            results = rollout(self.rm, tape, cfg)
+        self.write(msg_id, job, cfg, tape, results)
 
     def write(self, msg_id: str, job: dict, cfg, tape, results: list) -> None:
         from amtrain.rollout.run import summaries, write_tapes
@@ -404,14 +417,20 @@ class CodecWorker(Worker):
                                                          ("flux", "rms_db", "novelty", "stability", "priority")}
                   for i, (a, b) in enumerate(enc.bounds)]
         priorities: list = []
+        ranges: list = []
         rank = options.get("priority_rank")
         if rank is not None:
             order = sorted(range(len(chunks)), key=lambda i: -chunks[i]["priority"])
-            if rank >= len(order):
-                raise InvalidJob(f"option priority_rank={rank}: the file has {len(order)} chunks")
+            mode = options.get("mode", "continue")
+            need = rank + (2 if mode == "infill" else 1)
+            if need > len(order):
+                raise InvalidJob(f"option priority_rank={rank}: the file has {len(order)} chunks of "
+                                 f"{cfg.chunk_seconds:g} s; {mode} from rank {rank} needs {need}")
             best = chunks[order[rank]]
-            if options.get("mode") == "alternate":  # the whole file; alternate re-generates the weakest chunks
+            if mode == "alternate":  # the whole file; alternate re-generates the weakest chunks
                 priorities = [(c["start_frame"], c["end_frame"], c["priority"]) for c in chunks]
+            elif mode == "infill":  # prefix: this chunk; postfix: the next best, recurring; gaps in-filled
+                codes, ranges = self.prefix_postfix(codes, best, chunks[order[rank + 1]], options)
             else:
                 codes = codes[:, best["start_frame"]:best["end_frame"]]
         import io
@@ -419,7 +438,24 @@ class CodecWorker(Worker):
         buf = io.BytesIO()
         np.savez(buf, codes=codes)
         self.forward(msg_id, job, "generate", {"codes": buf.getvalue(), "frame_rate": self.codec.frame_rate,
-                                               "priorities": json.dumps(priorities), "analysis": json.dumps(chunks)})
+                                               "priorities": json.dumps(priorities), "analysis": json.dumps(chunks),
+                                               "infill_ranges": json.dumps(ranges)})
+
+    def prefix_postfix(self, codes: np.ndarray, pre: dict, post: dict, options: dict):
+        """The seed's out-of-distribution prompt: the prefix chunk, then (gap, postfix chunk)
+        `postfix_repeat` times; -> (codes, the gaps in seconds). A gap is `length` seconds (with
+        `seconds`) or tokens / K frames long; its frames are placeholders the in-fill replaces."""
+        k = codes.shape[0]
+        length = float(options.get("length", 256))
+        gap = max(1, round(length * self.codec.frame_rate) if options.get("seconds") else int(length) // k)
+        a = codes[:, pre["start_frame"]:pre["end_frame"]]
+        b = codes[:, post["start_frame"]:post["end_frame"]]
+        pieces, ranges, pos = [a], [], a.shape[1]
+        for _ in range(int(options.get("postfix_repeat", 1))):
+            pieces += [np.zeros((k, gap), codes.dtype), b]
+            ranges.append((pos / self.codec.frame_rate, (pos + gap) / self.codec.frame_rate))
+            pos += gap + b.shape[1]
+        return np.concatenate(pieces, axis=1), ranges
 
     def decode(self, msg_id: str, job: dict) -> None:
         import io
