@@ -9,6 +9,7 @@ the results page in headless Chromium; password and ACL-user URLs."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -166,25 +167,41 @@ def test_two_workers_one_killed_one_stopped_every_job_once_poison_dead_lettered(
                 w.wait()
 
 
-def test_batched_jobs_equal_one_by_one_rollouts(redis_url, text_ckpt):
-    """Greedy: a batch of equally long prompts gives each job what `rollout` gives it alone."""
+def test_batched_jobs_equal_one_by_one_rollouts_through_the_cli(redis_url, text_ckpt, tmp_path):
+    """Greedy: a batch of equally long prompts gives each job what `rollout` gives it alone;
+    `client submit` / `client fetch --job --wait` / `client monitor --once` as a user runs them."""
+    from typer.testing import CliRunner
+
+    from amtrain.cli import app
     from amtrain.rollout.run import RolloutConfig, rollout
-    from amtrain.serve import client
     from amtrain.serve.queue import Queue
     from amtrain.serve.worker import GenerateWorker
 
-    q = Queue(redis_url, "batch")
+    runner = CliRunner()
+    url = ["--redis", redis_url, "--queue", "batch"]
     texts = ["abcd", "wxyz", "ab12", "Lord"]
-    ids = [client.submit(q, {"length": 20, "temperature": 0.0}, text=t)[0] for t in texts]
+    ids = []
+    for t in texts:
+        r = runner.invoke(app, ["client", "submit", "--text", t, "--length", "20", "--temperature", "0", *url])
+        assert r.exit_code == 0, r.output
+        ids.append(r.output.strip())
+    r = runner.invoke(app, ["client", "submit", "--text", "x", "--mode", "sing", *url])
+    assert r.exit_code == 1 and "--mode 'sing': choose one of continue, infill, alternate" in str(r.exception)
+    q = Queue(redis_url, "batch")
     w = GenerateWorker(q, text_ckpt, batch_size=8)
     w.run(max_batches=1, idle_exit=5)
     assert w.last_batch == 4 and w.jobs_done == 4 and w.largest == 4  # one model batch of four
+    r = runner.invoke(app, ["client", "fetch", "--out", str(tmp_path), "--wait", "--timeout", "10", *url,
+                            *(a for i in ids for a in ("--job", i))])
+    assert r.exit_code == 0 and r.output.count(" finished: +20 tokens (added)") == 4, r.output
+    r = runner.invoke(app, ["client", "monitor", "--once", *url])
+    assert "finished 4, failed 0, dead 0" in r.output
     for job_id, text in zip(ids, texts, strict=True):
-        meta, files = q.result(job_id)
-        assert meta["status"] == "finished", meta
         tape = w.rm.modality.continuation_tape(w.rm, [np.array(w.rm.tokenizer.encode(text), np.int64)])
         alone = rollout(w.rm, tape, RolloutConfig(length=20, temperature=0.0))[0]
-        assert np.array_equal(np.load(io.BytesIO(files["sample_0.npy"])), alone)
+        assert np.array_equal(np.load(tmp_path / job_id / "sample_0.npy"), alone)
+        assert (tmp_path / job_id / "sample_0.txt").read_text() == w.rm.tokenizer.decode(alone[1:].tolist())
+        assert json.loads((tmp_path / job_id / "result.json").read_text())["status"] == "finished"
 
 
 def test_auth_and_tls_urls(tmp_path):
