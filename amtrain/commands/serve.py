@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 REDIS = typer.Option("redis://localhost:6379/0", "--redis",
-                     help="Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS. Default: a local one (or an ssh tunnel's).")
+                     help="Redis URL: redis://host:port/db, redis://user:password@host:port/db (password, ACL user), rediss://... (TLS). Default: a local one, or an ssh tunnel to one.")
 QUEUE = typer.Option("default", "--queue", help="Queue name: workers of one checkpoint share one.")
 
 
