@@ -33,6 +33,7 @@ from amtrain.serve.jobs import AUDIO_SUFFIXES, InvalidJob, Limits, batch_key, va
 from amtrain.serve.queue import GROUP, Queue, pack, s, unpack
 
 HEARTBEAT_S = 1.0
+FORGET_S = 3600.0  # a heartbeat this old is of a worker long gone: dropped when a worker starts
 
 
 class Worker:
@@ -74,6 +75,10 @@ class Worker:
         import redis
 
         self.q.ensure_group(self.kind)
+        workers = self.q.key("workers")
+        for name, beat in self.q.r.hgetall(workers).items():
+            if time.time() - float(json.loads(beat)["time"]) > FORGET_S:
+                self.q.r.hdel(workers, name)
         done = threading.Event()
         keeper = threading.Thread(target=self._keep_alive, args=(done,), daemon=True)
         keeper.start()
