@@ -28,15 +28,16 @@ def table(st: dict, name: str):
     from rich.console import Group
     from rich.table import Table
 
-    head = Table(title=f"amtrain queue {name}", show_header=True)
-    for col in ("stream", "queued", "in flight", "finished", "failed", "dead"):
+    head = Table(title=f"amtrain queue {name}: {st['jobs']} jobs, finished {st.get('finished', 0)}, "
+                       f"failed {st.get('failed', 0)}, dead {st.get('dead', 0)}", show_header=True)
+    for col in ("stream", "queued", "in flight"):
         head.add_column(col, justify="right" if col != "stream" else "left")
     for kind in ("generate", "codec"):
-        extra = [str(st.get(k, 0)) for k in ("finished", "failed", "dead")] if kind == "generate" else ["", "", ""]
-        head.add_row(kind, str(st[kind]["queued"]), str(st[kind]["in_flight"]), *extra)
-    workers = Table(title="workers", show_header=True)
-    for col in ("worker", "kind", "state", "heartbeat", "jobs", "jobs/s", "took", "model batch", "largest", "in flight"):
-        workers.add_column(col)
+        head.add_row(kind, str(st[kind]["queued"]), str(st[kind]["in_flight"]))
+    workers = Table(title="workers (batch: jobs in the model batch now; max: the most so far)", show_header=True)
+    workers.add_column("worker", no_wrap=True)
+    for col in ("kind", "state", "beat", "jobs", "jobs/s", "took", "batch", "max", "held"):
+        workers.add_column(col, justify="left" if col in ("kind", "state") else "right")
     for w in st["workers"]:
         state = "[red]stale" if w["age"] > STALE_S else ("[yellow]stopping" if w.get("stopping") else "[green]alive")
         workers.add_row(w["name"], w["kind"], state, f"{w['age']:.1f}s", str(w["jobs"]), f"{w['jobs_per_s']:.2f}",
