@@ -2,9 +2,10 @@
 127.0.0.1 port, no persistence, stopped after the module): 100 jobs over two worker processes,
 one SIGKILLed mid-batch, the other SIGTERMed mid-batch (it finishes the batch, exits 0), a third
 taking over: every job finished exactly once; a poison job dead-lettered while the
-workers go on; bad payloads failed with a reason; batched results equal one-by-one rollouts;
-an audio job codec -> generate -> codec with a WAV of the right length and rate; the monitor;
-the results page in headless Chromium; password and ACL-user URLs."""
+workers go on; bad payloads failed with a reason; batched results (greedy, and sampled with a
+different seed a job) equal one-by-one rollouts; an audio job codec -> generate -> codec with
+a WAV of the right length and rate; the monitor; the results page in headless Chromium;
+password and ACL-user URLs."""
 
 from __future__ import annotations
 
@@ -202,6 +203,32 @@ def test_batched_jobs_equal_one_by_one_rollouts_through_the_cli(redis_url, text_
         assert np.array_equal(np.load(tmp_path / job_id / "sample_0.npy"), alone)
         assert (tmp_path / job_id / "sample_0.txt").read_text() == w.rm.tokenizer.decode(alone[1:].tolist())
         assert json.loads((tmp_path / job_id / "result.json").read_text())["status"] == "finished"
+
+
+def test_batched_jobs_with_different_seeds_sample_what_each_samples_alone(redis_url, text_ckpt):
+    """Temperature 1, jobs of different seeds (`client submit --count 3` makes seeds 1337..1339;
+    one leaves the seed at its default 0) in one model batch, continued past the context (two
+    window rounds): each job's sample is exactly the one `rollout` draws for it alone."""
+    from amtrain.rollout.run import RolloutConfig, rollout
+    from amtrain.serve.client import submit
+    from amtrain.serve.queue import Queue
+    from amtrain.serve.worker import GenerateWorker
+
+    q = Queue(redis_url, "seeds")
+    opts = {"length": 80, "temperature": 1.0}
+    jobs = [(i, "abcd", 1337 + n) for n, i in enumerate(submit(q, opts | {"seed": 1337}, text="abcd", count=3))]
+    jobs += [(submit(q, opts | {"seed": 1337}, text="wxyz")[0], "wxyz", 1337), (submit(q, opts, text="Lord")[0], "Lord", 0)]
+    w = GenerateWorker(q, text_ckpt, batch_size=8)
+    w.run(max_batches=1, idle_exit=5)
+    assert w.last_batch == 5 and w.jobs_done == 5 and w.largest == 5  # one model batch of five
+    samples = []
+    for job_id, text, seed in jobs:
+        tape = w.rm.modality.continuation_tape(w.rm, [np.array(w.rm.tokenizer.encode(text), np.int64)])
+        alone = rollout(w.rm, tape, RolloutConfig(length=80, temperature=1.0, seed=seed))[0]
+        got = np.load(io.BytesIO(q.result(job_id)[1]["sample_0.npy"]))
+        assert np.array_equal(got, alone), (text, seed)
+        samples.append(got)
+    assert len({s.tobytes() for s in samples}) == 5  # different seeds, different samples
 
 
 def test_auth_and_tls_urls(tmp_path):

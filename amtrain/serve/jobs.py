@@ -111,5 +111,8 @@ def validate(options: dict, prompt_name: str | None, prompt_size: int, limits: L
 
 
 def batch_key(options: dict, tape_shape: tuple[int, ...]) -> str:
-    """Jobs whose options (seed included) and prompt tape shape agree run as one batch."""
-    return json.dumps([sorted(options.items()), list(tape_shape)], default=str)
+    """Jobs whose options agree and whose prompt tapes are equally long run as one batch. Their
+    seeds may differ (each row draws from its own generator, `RolloutConfig.row_seeds`); only
+    seeded and unseeded (seed null: the global RNG) jobs are kept apart."""
+    rest = {k: v for k, v in options.items() if k != "seed"} | {"seeded": options.get("seed", 0) is not None}
+    return json.dumps([sorted(rest.items()), list(tape_shape)], default=str)

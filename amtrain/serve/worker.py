@@ -278,7 +278,8 @@ class GenerateWorker(Worker):
     def batch_tape(self, cfg, tape):
         """The (T,) tape a job adds to a batch, or None if it runs alone: plain-id continuation
         (text, ids) of a left-to-right model, one sample; equally long tapes of jobs with the
-        same options stack into one (B, T) batch through the modality's own continuation."""
+        same options (seeds aside: one generator a row) stack into one (B, T) batch through the
+        modality's own continuation."""
         from amtrain.modalities.base import Modality
 
         if not (cfg.mode == "continue" and cfg.num_samples == 1 and self.rm.family.left_to_right
@@ -288,6 +289,8 @@ class GenerateWorker(Worker):
         return tape if isinstance(tape, np.ndarray) and tape.ndim == 1 else None
 
     def handle(self, msgs: list[tuple[str, dict]]) -> None:
+        from dataclasses import replace
+
         groups: dict[str, list[tuple[str, dict, Any, Any]]] = {}
         for msg_id, job in msgs:
             try:
@@ -312,8 +315,11 @@ class GenerateWorker(Worker):
         for group in groups.values():
             self.rows = len(group)
             if len(group) > 1:
+                cfg = group[0][2]
+                if cfg.seed is not None:  # each row its own job's seed: the sample it gets alone
+                    cfg = replace(cfg, row_seeds=tuple(int(g[2].seed) for g in group))
                 try:
-                    rows = self.rm.modality.continue_tape(self.rm, np.stack([g[3] for g in group]), group[0][2], 1)
+                    rows = self.rm.modality.continue_tape(self.rm, np.stack([g[3] for g in group]), cfg, 1)
                 except Exception:  # noqa: BLE001 - run them one by one: only the bad one fails
                     rows = None
                 if rows is not None:
