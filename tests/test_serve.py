@@ -197,6 +197,8 @@ def test_batched_jobs_equal_one_by_one_rollouts_through_the_cli(redis_url, text_
     assert r.exit_code == 0 and r.output.count(" finished: +20 tokens (added)") == 4, r.output
     r = runner.invoke(app, ["client", "monitor", "--once", *url])
     assert "finished 4, failed 0, dead 0" in r.output
+    r = runner.invoke(app, ["client", "fetch", "--out", str(tmp_path / "all"), "--wait", "--timeout", "0", *url])
+    assert r.exit_code == 0 and r.output.count(" finished: ") == 4, r.output  # following: the timeout just ends it
     for job_id, text in zip(ids, texts, strict=True):
         tape = w.rm.modality.continuation_tape(w.rm, [np.array(w.rm.tokenizer.encode(text), np.int64)])
         alone = rollout(w.rm, tape, RolloutConfig(length=20, temperature=0.0))[0]

@@ -147,7 +147,7 @@ def fetch(
     out: Path = typer.Option(..., "--out", help="Folder: one sub-folder per job (its files + result.json)."),
     job: list[str] = typer.Option(None, "--job", help="Fetch these jobs (repeat); default: every result not fetched into --out yet."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the jobs (or, without --job, keep fetching until Ctrl-C)."),
-    timeout: float = typer.Option(None, help="With --wait: give up after this many seconds."),
+    timeout: float = typer.Option(None, help="With --wait: stop after this many seconds (with --job: an error naming the jobs unfinished)."),
     redis: str = REDIS,
     queue: str = QUEUE,
 ) -> None:

@@ -62,7 +62,7 @@ def fetch(queue: Queue, out: Path, wait: bool = False, jobs: list[str] | None = 
           echo=print) -> int:
     """Write the results not fetched yet; with `jobs`, those (waiting for them with `wait`);
     otherwise every result written since the last fetch into `out` (and, with `wait`, go on
-    until interrupted or `timeout`). Returns how many were written."""
+    until interrupted or `timeout`, then return). Returns how many were written."""
     out.mkdir(parents=True, exist_ok=True)
     mark = out / ".fetched"
     after = mark.read_text().strip() if mark.is_file() and not jobs else "0"
@@ -92,6 +92,8 @@ def fetch(queue: Queue, out: Path, wait: bool = False, jobs: list[str] | None = 
             if not wait:
                 return written
         if timeout is not None and time.time() - start > timeout:
+            if not want:  # following every result: the timeout ends the watch
+                return written
             raise UserError(f"--timeout {timeout}: {len(want) or 'no'} jobs still unfinished: {' '.join(sorted(want))}")
 
 
