@@ -174,3 +174,17 @@ def test_generate_restores_training_mode():
     model = tiny().train()
     generate(model, PROMPT, 3, seed=0)
     assert model.training
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "use_cache": False}])
+def test_one_seed_per_row_draws_what_each_row_draws_alone(kw):
+    """A batch with one seed per row (the serve worker's batches of jobs): row i is exactly
+    the batch of one with seed[i]; one int seed keeps one generator for the batch."""
+    model = tiny()
+    seeds = [7, 1337, 7]
+    batched = generate(model, PROMPT, 30, seed=seeds, **kw)
+    alone = [generate(model, PROMPT[i:i + 1], 30, seed=s, **kw) for i, s in enumerate(seeds)]
+    assert torch.equal(batched, torch.cat(alone))
+    assert not torch.equal(generate(model, PROMPT, 30, seed=7, **kw), batched)
+    with pytest.raises(UserError, match="2 seeds for a batch of 3 rows"):
+        generate(model, PROMPT, 5, seed=[1, 2], **kw)

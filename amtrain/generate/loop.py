@@ -17,7 +17,7 @@ Shape legend: B batch, T0 prompt length, t ids so far, n new ids, V the tokenize
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import cast
 
@@ -29,24 +29,50 @@ from amtrain.generate.steps import LMStep, ModelStep, T5Step
 from amtrain.models.base import SequenceModel
 from amtrain.models.t5 import T5
 
+Seed = int | Sequence[int] | None
+"""A sampling seed: None (the global RNG), one int (one private generator for the batch), or
+one int per batch row (a private generator per row: row i draws exactly what it would draw
+alone, as a batch of one, with seed[i])."""
+
+
+def offset_seed(seed: Seed, offset: int) -> Seed:
+    """`seed` moved by `offset` (each row's, for per-row seeds): a window round's or a sample's."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return seed + offset
+    return [s + offset for s in seed]
+
 
 class Sampler:
     """Chooses one id per row from logits (B, V) -> (B, 1): greedy (argmax) at temperature 0,
     else temperature, top-k and top-p (`sampling_processors`) and one draw from the softmax.
     `seed` makes the draws reproducible with a private torch.Generator (the global RNG is
-    untouched); one sampler's draws continue from call to call."""
+    untouched); one sampler's draws continue from call to call. A list of seeds, one per row,
+    gives each row its own generator, drawing for its row alone: the batch's row i gets the
+    ids a batch of one with seed[i] gets (the serve worker batches jobs of different seeds)."""
 
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, device: torch.device | str = "cpu"):
+                 seed: Seed = None, device: torch.device | str = "cpu"):
         self.greedy = temperature == 0
         self.warpers = sampling_processors(temperature, top_k, top_p)
-        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.generator: torch.Generator | None = None
+        self.row_generators: list[torch.Generator] | None = None
+        if isinstance(seed, int):
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        elif seed is not None:
+            self.row_generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
     def __call__(self, logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         if self.greedy:
             return logits.argmax(dim=-1, keepdim=True)
         probs = self.warpers(logits, generated).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)  # (B, 1)
+        if self.row_generators is None:
+            return torch.multinomial(probs, 1, generator=self.generator)  # (B, 1)
+        if len(self.row_generators) != probs.shape[0]:
+            raise UserError(f"{len(self.row_generators)} seeds for a batch of {probs.shape[0]} rows: give one a row")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)  # each row as a (1, V) batch of one
+                          for p, g in zip(probs, self.row_generators, strict=True)])  # (B, 1)
 
 
 @contextmanager
@@ -87,20 +113,21 @@ def decode(step: ModelStep, prompt: torch.Tensor, max_new_tokens: int, sampler: 
 
 
 def generate(model: SequenceModel, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: Seed = None,
              use_cache: bool = True, logits_processor: LogitsProcessor | None = None,
              eos_id: int | None = None) -> torch.Tensor:
     """Decoder or LSTM: continue each row of `prompt` (B, T0) by up to `max_new_tokens` ids;
-    returns (B, T0 + n). Sampling as `Sampler`, processors and EOS as `decode`. Sequences longer
-    than the model's context are `amtrain.generate.window.generate_long`'s: asking for
-    prompt + new tokens > max_seq_len here is an error."""
+    returns (B, T0 + n). Sampling as `Sampler` (`seed`: one int, or one per row), processors and
+    EOS as `decode`. Sequences longer than the model's context are
+    `amtrain.generate.window.generate_long`'s: asking for prompt + new tokens > max_seq_len here
+    is an error."""
     _check_prompt(model, prompt, max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p, seed, prompt.device)
     return decode(LMStep(model, use_cache), prompt, max_new_tokens, sampler, logits_processor, eos_id)
 
 
 def t5_generate(model: SequenceModel, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                top_k: int | None = None, top_p: float | None = None, seed: Seed = None,
                 use_cache: bool = True, logits_processor: LogitsProcessor | None = None,
                 eos_id: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """T5: decode targets for inputs (B, S) (1 = attend in `attention_mask`); returns the

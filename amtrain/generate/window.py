@@ -14,8 +14,9 @@ audio frame), so the model always sees windows shaped like its training data. Th
 of every round are stitched onto one tape; nothing of the tape is ever rewritten.
 
 Each round is one call of the decode loop (`amtrain.generate.loop.generate`). Round r draws
-with seed `seed + r` (a private generator per round), so a fixed seed reproduces the whole
-tape, with or without the KV cache (the cache is rebuilt by one prefill per round).
+with seed `seed + r` (a private generator per round; with one seed per row, row i's generator
+is seeded `seed[i] + r`), so a fixed seed reproduces the whole tape, with or without the KV
+cache (the cache is rebuilt by one prefill per round).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from amtrain.errors import UserError
-from amtrain.generate.loop import generate
+from amtrain.generate.loop import Seed, generate, offset_seed
 from amtrain.generate.processors import ForcedTokens, LogitsProcessor, LogitsProcessorList
 from amtrain.models.base import SequenceModel
 
@@ -47,7 +48,7 @@ def resolve_stride(context: int, stride: int | None, header: int, unit: int) -> 
 @torch.no_grad()
 def generate_long(model: SequenceModel, prompt: torch.Tensor, max_new_tokens: int, *, stride: int | None = None,
                   header: int = 0, unit: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
+                  top_p: float | None = None, seed: Seed = None, use_cache: bool = True,
                   logits_processor: LogitsProcessor | None = None,
                   forced: dict[int, int] | None = None) -> torch.Tensor:
     """Continue prompt (B, T0) by exactly max_new_tokens ids through as many windows as needed;
@@ -71,7 +72,7 @@ def generate_long(model: SequenceModel, prompt: torch.Tensor, max_new_tokens: in
         if forced:
             processors.append(ForcedTokens(forced, start=window.shape[1] - num_before))
         out = generate(model, window, n, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=None if seed is None else seed + r, use_cache=use_cache, logits_processor=processors)
+                       seed=offset_seed(seed, r), use_cache=use_cache, logits_processor=processors)
         tape = torch.cat([tape, out[:, window.shape[1]:]], 1)  # (B, t + n)
         remaining -= n
         r += 1

@@ -69,6 +69,9 @@ class RolloutConfig:
     """Alternate, audio: (start_frame, end_frame, priority) chunks of the prompt."""
     frame_rate: float | None = None
     """Audio codec frames per second (from the codec)."""
+    row_seeds: tuple[int, ...] = ()
+    """A left-to-right continuation of a (B, T) batch of prompts (the serve worker): one seed per
+    row, row i drawing exactly what it draws alone with seed row_seeds[i]; empty: `seed`."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -81,7 +84,9 @@ class RolloutConfig:
             raise UserError(f"--denoiser {self.denoiser!r}: R or X")
 
     def sampling(self, seed_offset: int = 0) -> dict:
-        seed = None if self.seed is None else self.seed + seed_offset
+        seed: int | list[int] | None = None if self.seed is None else self.seed + seed_offset
+        if self.row_seeds:
+            seed = [s + seed_offset for s in self.row_seeds]
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": seed,
                 "use_cache": self.use_cache}
 
