@@ -50,6 +50,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_pretrained(model, out, meta)
 
 
+def export_hf_folder(src: str | Path, out: str | Path) -> Path:
+    """A run, checkpoint or export folder -> a transformers folder (`amtrain.hf.export_hf`)."""
+    from amtrain.hf import export_hf
+
+    model, meta = load_any(src)
+    return export_hf(model, meta, out)
+
+
 def load_any(path: str | Path) -> tuple[SequenceModel, dict]:
     """An export folder (config.json + model.safetensors) or a run / checkpoint folder."""
     from amtrain.models.io import CONFIG, load_pretrained
