@@ -60,12 +60,10 @@ def _bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
 def write_gpt2_files(out: Path) -> list[str]:
     tf = require_transformers()
     vocab, merges = gpt2_vocab_merges()
-    write_bytes_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
-    write_bytes_atomic(out / "merges.txt", ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode())
-    tok = tf.GPT2TokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"),
-                               unk_token=ENDOFTEXT, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT)
-    tok.save_pretrained(str(out))
-    # save_pretrained rewrites vocab.json / merges.txt in its own form; keep ours (OpenAI's layout)
+    tok = tf.GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=ENDOFTEXT, bos_token=ENDOFTEXT,
+                               eos_token=ENDOFTEXT)
+    tok.save_pretrained(str(out))  # tokenizer.json + tokenizer_config.json
+    # OpenAI's own two files as well (encoder.json / vocab.bpe under transformers' names)
     write_bytes_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
     write_bytes_atomic(out / "merges.txt", ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode())
     return ["tokenizer.json", "vocab.json", "merges.txt"]
