@@ -161,6 +161,8 @@ def test_greedy_generate_equals_amtrain_sample_token_for_token(gpt2_export):
     ours = generate(model, ids, n, temperature=0)
     assert theirs.tolist() == ours.tolist()
     assert text == tok.decode(theirs[0, 1:].tolist())
+    with pytest.raises(UserError, match="a transformers folder .model_type 'phi'.; convert it with `amtrain import-hf"):
+        cli("sample", str(hf_dir))
 
 
 def test_gpt2_tokenizer_files_are_openais(gpt2_export):
