@@ -18,7 +18,7 @@ from amtrain.errors import UserError
 from amtrain.hf import export_hf, import_hf
 from amtrain.models.decoder import Decoder, DecoderConfig
 from amtrain.models.io import load_pretrained
-from tests.rollout_helpers import MIDI, decoder_ckpt, lstm_ckpt
+from tests.rollout_helpers import MIDI, decoder_ckpt, fim_decoder_ckpt, lstm_ckpt
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
@@ -136,9 +136,10 @@ def test_gpt2_from_transformers_imports_with_same_logits_and_cached_decoding(tmp
 
 @pytest.fixture(scope="module")
 def gpt2_export(tmp_path_factory):
-    """A debug decoder on the gpt2 vocabulary and its `amtrain export --format hf` folder."""
+    """A debug decoder on the gpt2 vocabulary (+ the 3 FIM sentinels, which plain sampling never
+    emits) and its `amtrain export --format hf` folder."""
     root = tmp_path_factory.mktemp("gpt2_export")
-    ckpt = decoder_ckpt(root / "ckpt", "gpt2", max_seq_len=64, seed=3)
+    ckpt = fim_decoder_ckpt(root / "ckpt", "gpt2", max_seq_len=64, seed=3)
     out = cli("export", str(ckpt), str(root / "hf"), "--format", "hf")
     assert "exported" in out
     return ckpt, root / "hf"

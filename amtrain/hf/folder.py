@@ -50,7 +50,10 @@ def export_hf(model: SequenceModel, meta: dict, out: str | Path) -> Path:
     files = []
     with atomic_target(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in w.state.items()}, str(tmp), metadata={"format": "pt"})
-    gen = {"suppress_tokens": w.suppress_ids or None, "do_sample": False}
+    suppress = set(w.suppress_ids)
+    if layout is not None and fam.left_to_right:  # FIM sentinels above the tokenizer's ids: never generated
+        suppress |= set(range(layout["vocab_size"], model.cfg.vocab_size))
+    gen = {"suppress_tokens": sorted(suppress) or None, "do_sample": False}
     if layout is not None:
         gen |= {"eos_token_id": layout["eot_id"], "bos_token_id": layout["eot_id"]}
         if hasattr(w.config, "decoder_start_token_id") and w.config.is_encoder_decoder:
