@@ -72,7 +72,8 @@ def check_local_folder(path: str | Path) -> Path:
     parts = text.split("/")
     if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
         raise UserError(f"{text} is a hub id; download it first and pass the folder "
-                        f"(e.g. `huggingface-cli download {text} --local-dir DIR`); amtrain never downloads")
+                        f"(e.g. `huggingface-cli download {text} --local-dir DIR`; no folder {text} here, and "
+                        "amtrain never downloads)")
     raise UserError(f"{p}: no such folder; pass a local transformers model folder")
 
 

@@ -144,9 +144,12 @@ class DecoderHF:
     def to_hf(model: Decoder) -> HFWeights:
         c = model.cfg
         key = (c.block, c.norm)
-        if key not in TARGETS:
+        if key == ("parallel", "rmsnorm"):
             raise UserError(f"model.norm={c.norm!r} with model.block={c.block!r}: no transformers family has a "
                             "parallel block on one RMSNorm; export a layernorm parallel or an rmsnorm serial decoder")
+        if key not in TARGETS:
+            raise UserError(f"model.block={c.block!r} with model.norm={c.norm!r} has no equivalent in transformers; "
+                            f"--format hf exports {', '.join(f'{b}/{n}' for b, n in TARGETS)}")
         model_type = TARGETS[key]
         hf_config = _hf_config(model_type, c)
         mapped = MAPPED if c.block == "gpt2" else tuple(m for m in MAPPED if m != "scale_attn_by_inverse_layer_idx")
