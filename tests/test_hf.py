@@ -67,7 +67,7 @@ def test_decoder_exports_load_in_transformers_with_same_logits(tmp_path, block, 
     assert ours.shape == theirs.shape == (2, 40, 320)  # padded vocabulary
     assert _max_diff(ours, theirs) <= TOL
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert gen["suppress_tokens"] == list(range(300, 320)) and gen["eos_token_id"] == 256
+    assert gen["suppress_tokens"] == list(range(258, 320)) and gen["eos_token_id"] == 256  # ids past ascii
     readme = (tmp_path / "hf" / "README.md").read_text()
     assert "ascii" in readme and "<|endoftext|>" in readme
     # and back: the amtrain folder import-hf writes is the same model
@@ -128,6 +128,11 @@ def test_gpt2_from_transformers_imports_with_same_logits_and_cached_decoding(tmp
         assert _max_diff(torch.cat(steps, 1), hf(x).logits) <= TOL
     # without the inverse-layer scale the logits differ: the flag is honoured, not ignored
     plain = _hf_gpt2(tmp_path / "plain", scale_attn_by_inverse_layer_idx=False)
+    # as an old-style pytorch_model.bin (read with weights_only=True, never unpickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(plain / "model.safetensors"), plain / "pytorch_model.bin")
+    (plain / "model.safetensors").unlink()
     _, m2, _ = import_hf(plain, tmp_path / "amt2", tokenizer="ascii")
     with torch.no_grad():
         assert _max_diff(m2(x)[0], transformers.AutoModelForCausalLM.from_pretrained(plain).eval()(x).logits) <= TOL
@@ -219,6 +224,17 @@ def test_hub_id_unsupported_and_unmapped_are_refused_in_one_line(tmp_path):
         src = _hf_gpt2(tmp_path / key[:8], **over)
         with pytest.raises(UserError, match=f"config.json: {key} cannot be represented"):
             import_hf(src, tmp_path / "y", tokenizer="ascii")
+    # a transformers Phi whose biases are not zero is not an amtrain block
+    from safetensors.torch import load_file, save_file
+
+    export_hf(Decoder(DecoderConfig(**small)), ASCII, tmp_path / "phi")
+    state = load_file(tmp_path / "phi" / "model.safetensors")
+    state["model.layers.0.mlp.fc1.bias"][3] = 0.5
+    save_file(state, tmp_path / "phi" / "model.safetensors")
+    (tmp_path / "phi" / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((tmp_path / "phi" / "config.json").read_text()).items() if k != "amtrain"}))
+    with pytest.raises(UserError, match="model.layers.0.mlp.fc1.bias is not zero"):
+        import_hf(tmp_path / "phi", tmp_path / "w", tokenizer="ascii")
     (tmp_path / "notmodel").mkdir()
     with pytest.raises(UserError, match="not a transformers model folder"):
         import_hf(tmp_path / "notmodel", tmp_path / "z")
