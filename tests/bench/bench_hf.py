@@ -1,9 +1,9 @@
 """`amtrain sample`'s decode loop vs transformers `generate` on the same exported weights, measured
 in the same run.
 
-    PYTHONPATH=. python tests/bench/bench_hf.py [--size small] [--block parallel] [--prompt 128] [--new 128] [--threads 1] [--batch 1]
+    PYTHONPATH=. python tests/bench/bench_hf.py [--size small] [--block parallel] [--prompt 128] [--new 128] [--threads 1] [--batch 1] [--vocab 50257]
 
-A `size` decoder (gpt2 vocabulary, random init: speed does not depend on the weights) is
+A `size` decoder (gpt2 vocabulary unless --vocab, random init: speed does not depend on the weights) is
 exported with `amtrain.hf.export_hf` (parallel -> PhiForCausalLM, serial -> Starcoder2ForCausalLM,
 gpt2 -> GPT2LMHeadModel) and loaded with `AutoModelForCausalLM.from_pretrained`. Both continue
 the same prompt greedily by `new` tokens (KV cache on both sides; transformers with its default
@@ -47,17 +47,19 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=GPT2_VOCAB, help="55028: the AMT / midi vocabulary")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = family("decoder").config(args.size, vocab_size=GPT2_VOCAB, max_seq_len=args.prompt + args.new,
-                                   block=args.block)
+    cfg = family("decoder").config(args.size, vocab_size=args.vocab, max_seq_len=args.prompt + args.new,
+                                   block=args.block, scale_attn_by_inverse_layer_idx=args.block == "gpt2")
     model = Decoder(cfg).eval()
-    prompt = torch.randint(0, GPT2_VOCAB, (args.batch, args.prompt))
+    prompt = torch.randint(0, args.vocab, (args.batch, args.prompt))
     with tempfile.TemporaryDirectory() as d:
-        export_hf(model, {"tokenizer": "gpt2", "tokenizer_params": {}}, d)
+        tokenizer = {GPT2_VOCAB: "gpt2", 55028: "midi"}[args.vocab]
+        export_hf(model, {"tokenizer": tokenizer, "tokenizer_params": {}}, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     hf.generation_config.eos_token_id = None  # run the full length, as amtrain sample does
 
