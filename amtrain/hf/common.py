@@ -74,7 +74,8 @@ def check_local_folder(path: str | Path) -> Path:
         raise UserError(f"{text} is a hub id; download it first and pass the folder "
                         f"(e.g. `huggingface-cli download {text} --local-dir DIR`; no folder {text} here, and "
                         "amtrain never downloads)")
-    raise UserError(f"{p}: no such folder; pass a local transformers model folder")
+    raise UserError(f"{p}: no such folder; pass a local transformers model folder (a hub id must be downloaded "
+                    "first; amtrain never downloads)")
 
 
 # -- weight tables ---------------------------------------------------------------------------
