@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "amtrain.commands.rollout",
     "amtrain.commands.scaling",
     "amtrain.commands.serve",
+    "amtrain.commands.hf",
 ]
 
 _state = {"debug": False}

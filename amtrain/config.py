@@ -193,6 +193,10 @@ class TrainConfig:
     """Seed of the model init, the data order and every RNG."""
     out_dir: str = "runs/default"
     """Run directory: config, engine JSON, metrics, TensorBoard events, checkpoints/."""
+    init_from: str = ""
+    """Fine-tune: start from the weights and model config of an export folder (`amtrain export`,
+    `amtrain import-hf`) instead of a fresh init; model.size is then unused, model.overrides
+    may change only shape-free fields (dropout...). A checkpoint to resume from still wins."""
     resume: str = "auto"
     """auto: continue from out_dir's complete checkpoint with the highest step if there is one
     (found by scanning checkpoints/step_*, whatever `latest` says); never: start fresh (refused

@@ -60,7 +60,8 @@ class ModelFamily:
     study_name: str | None = None
     """Its name in `amtrain scaling run --arch` (None: not offered there)."""
     adapters: Mapping[str, str] = field(default_factory=dict)
-    """Export format -> "module:attr" of a state-dict adapter (e.g. "hf" for Hugging Face)."""
+    """Export format -> "module:attr" of an adapter: "hf" = the transformers family it maps to
+    exactly (`amtrain.hf.common` states the contract; `export --format hf`, `import-hf`)."""
 
     def config(self, size: str, **fields_):
         """The config of a named size; keyword fields replace the row's. A wrong size or field is

@@ -9,6 +9,7 @@ import torch
 
 from amtrain.errors import UserError
 from amtrain.generate.loop import t5_generate
+from amtrain.hf.t5 import from_hf_state_dict, hf_config, to_hf_state_dict
 from amtrain.models.t5 import (
     T5,
     T5_SIZES,
@@ -195,19 +196,6 @@ def test_cached_decoding_equals_full_forward(parallel):
 # --- Hugging Face parity -----------------------------------------------------------------------
 
 
-def hf_config(cfg: T5Config):
-    from transformers import T5Config as HFConfig
-
-    return HFConfig(vocab_size=cfg.padded_vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv,
-                    d_ff=cfg.d_ff, num_layers=cfg.num_encoder_layers,
-                    num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
-                    relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-                    relative_attention_max_distance=cfg.relative_attention_max_distance,
-                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                    layer_norm_epsilon=cfg.layer_norm_epsilon, pad_token_id=cfg.pad_token_id,
-                    decoder_start_token_id=cfg.decoder_start_token_id)
-
-
 def hf_inputs():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 128, (3, 40), generator=g)  # 40 > max_distance 20: log buckets used
@@ -239,7 +227,7 @@ def test_hf_state_dict_loads_and_gives_same_logits(tmp_path):
     hf.lm_head.weight = torch.nn.Parameter(torch.randn(128, 32) * 0.2)  # untie (v1.1)
     hf.eval()
     assert hf.lm_head.weight.data_ptr() != hf.shared.weight.data_ptr()
-    model = T5.from_hf_state_dict(hf.state_dict(), cfg).eval()
+    model = from_hf_state_dict(hf.state_dict(), cfg).eval()
     x, mask, labels = hf_inputs()
     with torch.no_grad():
         ref = hf(input_ids=x, attention_mask=mask, labels=labels)
@@ -256,7 +244,7 @@ def test_export_to_hf_loads_through_from_pretrained(tmp_path):
     cfg = tiny_cfg()
     torch.manual_seed(3)
     model = T5(cfg).eval()
-    sd = model.to_hf_state_dict()
+    sd = to_hf_state_dict(model)
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
     hf_config(cfg).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["feed_forward_proj"] == "gated-gelu"
@@ -271,14 +259,14 @@ def test_export_to_hf_loads_through_from_pretrained(tmp_path):
         logits, loss = model(x, mask, labels=labels)
     torch.testing.assert_close(ref.logits, logits)
     torch.testing.assert_close(ref.loss, loss)
-    back = T5.from_hf_state_dict(sd, cfg).state_dict()
+    back = from_hf_state_dict(sd, cfg).state_dict()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_parallel_decoder_has_no_hf_form():
     model = T5(tiny_cfg(parallel_decoder=True))
-    with pytest.raises(UserError, match="parallel_decoder=True has no Hugging Face T5 equivalent"):
-        model.to_hf_state_dict()
+    with pytest.raises(UserError, match="model.parallel_decoder=True has no equivalent in transformers' T5"):
+        to_hf_state_dict(model)
     assert model.num_params() < T5(tiny_cfg()).num_params()  # two norms fewer per layer
 
 
@@ -304,7 +292,7 @@ def test_greedy_generate_matches_hf_generate():
     hf = T5ForConditionalGeneration(hf_config(cfg))
     hf.lm_head.weight = torch.nn.Parameter(torch.randn(128, 32) * 0.5)
     hf.eval()
-    model = T5.from_hf_state_dict(hf.state_dict(), cfg)
+    model = from_hf_state_dict(hf.state_dict(), cfg)
     x, mask, _ = hf_inputs()
 
     def greedy(n, **kw):  # the start token, then the generated targets, as HF returns them

@@ -40,12 +40,21 @@ def models(
 
 
 def export(
-    ckpt: Path = typer.Argument(..., help="Run folder, RUN/checkpoints or RUN/checkpoints/step_N."),
+    ckpt: Path = typer.Argument(..., help="Run folder, RUN/checkpoints or RUN/checkpoints/step_N (--format hf: also an export folder)."),
     out: Path = typer.Argument(..., help="Folder to write model.safetensors + config.json into."),
+    format: str = typer.Option("amtrain", "--format", help="amtrain: for amtrain load_pretrained; hf: a transformers folder (from_pretrained, no custom code)."),
 ) -> None:
     """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 safetensors + config that load without DeepSpeed."""
-    from amtrain.train.export import export_checkpoint
+    from amtrain.errors import UserError
+    from amtrain.train.export import export_checkpoint, export_hf_folder
 
+    if format == "hf":
+        folder = export_hf_folder(ckpt, out)
+        typer.echo(f"exported {folder} (load with transformers AutoModelForCausalLM / AutoModelForSeq2SeqLM"
+                   ".from_pretrained; README.md / docs/hf.md)")
+        return
+    if format != "amtrain":
+        raise UserError(f"--format {format!r}: choose amtrain or hf")
     folder = export_checkpoint(ckpt, out)
     typer.echo(f"exported {folder} (load with amtrain.models.io.load_pretrained)")
 

@@ -8,7 +8,8 @@ Shape legend:
 
 Decisions:
 - Parallel blocks (PaLM / GPT-J) by default, `block="serial"` for the GPT-2 pre-norm layout;
-  see `amtrain.models.layers.ParallelBlock` for the diagram.
+  see `amtrain.models.layers.ParallelBlock` for the diagram. `block="gpt2"` is GPT-2 itself
+  (learned positions, biases: `amtrain.models.gpt2`), for imported GPT-2 / AMT checkpoints.
 - RoPE, no learned position embeddings; no bias terms anywhere.
 - Input and output embeddings are tied (one (V, D) matrix, counted once).
 - The vocabulary is padded up to a multiple of 64 for matmul efficiency. Padded ids never
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amtrain.models.base import SequenceModel
+from amtrain.models.gpt2 import GPT2Attention, GPT2Block, LearnedPositions, init_gpt2_extras
 from amtrain.models.layers import (
     FLASH_AVAILABLE,
     CausalSelfAttention,
@@ -43,7 +45,7 @@ from amtrain.tokens import IGNORE_INDEX
 
 __all__ = ["DecoderConfig", "Decoder", "KVCache"]
 
-BLOCKS = ("parallel", "serial")
+BLOCKS = ("parallel", "serial", "gpt2")
 ATTENTIONS = ("mha", "mla")
 NORMS = ("layernorm", "rmsnorm")
 ATTN_IMPLS = ("auto", "sdpa", "flash")
@@ -61,7 +63,8 @@ class DecoderConfig:
     max_seq_len: int = 1024
     """Longest sequence (context) the model is trained and sampled at; sizes the RoPE tables."""
     block: str = "parallel"
-    """"parallel": y = x + Attn(Norm(x)) + MLP(Norm(x)); "serial": GPT-2 pre-norm."""
+    """"parallel": y = x + Attn(Norm(x)) + MLP(Norm(x)); "serial": GPT-2 pre-norm; "gpt2": GPT-2
+    exactly (learned positions, biases, no RoPE; `amtrain.models.gpt2`, `norm` must be layernorm)."""
     norm: str = "layernorm"
     """"layernorm" (no bias) or "rmsnorm"."""
     rope_theta: float = 10000.0
@@ -100,6 +103,8 @@ class DecoderConfig:
     """MLA: width of the RoPE query part and of the one RoPE key shared by all heads; None -> head_dim / 2."""
     v_head_dim: int | None = None
     """MLA: per-head value width; None -> head_dim."""
+    scale_attn_by_inverse_layer_idx: bool = False
+    """block "gpt2" only: attention logits also divided by layer_idx + 1 (Levanter / AMT)."""
 
     def __post_init__(self):
         if self.d_ff is None:
@@ -111,13 +116,17 @@ class DecoderConfig:
                 raise ValueError(f"model.{name}: must be a positive integer, got {value!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"model.d_model: {self.d_model} is not divisible by model.num_heads={self.num_heads}")
-        if (self.d_model // self.num_heads) % 2:
+        if self.block != "gpt2" and (self.d_model // self.num_heads) % 2:
             raise ValueError(f"model.d_model: head width d_model/num_heads = {self.d_model // self.num_heads} "
                              "must be even for RoPE; change model.d_model or model.num_heads")
         _check_choice("block", self.block, BLOCKS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("attention", self.attention, ATTENTIONS)
+        if self.block == "gpt2" and self.norm != "layernorm":
+            raise ValueError("model.norm: block 'gpt2' uses LayerNorm with bias; set model.norm layernorm")
+        if self.scale_attn_by_inverse_layer_idx and self.block != "gpt2":
+            raise ValueError("model.scale_attn_by_inverse_layer_idx: only block 'gpt2' has it")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
@@ -151,12 +160,15 @@ class Decoder(SequenceModel):
         self.cfg = cfg
         V, D = cfg.padded_vocab_size, cfg.d_model
         self.embed = nn.Embedding(V, D)
-        block_cls = ParallelBlock if cfg.block == "parallel" else SerialBlock
         assert cfg.d_ff is not None  # DecoderConfig.__post_init__ resolves it
+        gpt2 = cfg.block == "gpt2"
+        self.pos_embed = LearnedPositions(cfg.max_seq_len, D) if gpt2 else None
+        block_cls = ParallelBlock if cfg.block == "parallel" else SerialBlock
         self.blocks = nn.ModuleList(
+            GPT2Block(D, cfg.d_ff, self._gpt2_attention(i), cfg.dropout) if gpt2 else
             block_cls(cfg.norm, D, cfg.d_ff, self._attention(i), cfg.dropout, self._ffn(i))
             for i in range(cfg.num_layers))
-        self.norm = make_norm(cfg.norm, D)
+        self.norm = nn.LayerNorm(D) if gpt2 else make_norm(cfg.norm, D)
         self.lm_head = nn.Linear(D, V, bias=False)
         self.lm_head.weight = self.embed.weight  # tied: one (V, D) parameter
         self.drop = nn.Dropout(cfg.dropout)
@@ -198,13 +210,18 @@ class Decoder(SequenceModel):
             m.apply_bias_update(row)
         return torch.stack([m.expert_bias for m in layers])
 
+    def _gpt2_attention(self, layer_idx: int) -> GPT2Attention:
+        c = self.cfg
+        return GPT2Attention(c.d_model, c.num_heads, c.dropout, c.attn_impl, layer_idx,
+                             c.scale_attn_by_inverse_layer_idx)
+
     def _init_weights(self) -> None:
         # GPT-2 / nanoGPT (karpathy/nanoGPT model.py `_init_weights` and the c_proj rescale).
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         for block in self.blocks:  # projections that write into the residual stream
-            assert isinstance(block, ParallelBlock | SerialBlock)
+            assert isinstance(block, ParallelBlock | SerialBlock | GPT2Block)
             std = residual_init_std(self.cfg.num_layers)
             attn, mlp = block.attn, block.mlp
             assert isinstance(attn.proj, nn.Linear)
@@ -214,6 +231,7 @@ class Decoder(SequenceModel):
             else:
                 assert isinstance(mlp.down, nn.Linear)
                 nn.init.normal_(mlp.down.weight, mean=0.0, std=std)
+        init_gpt2_extras(self)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,7 +246,10 @@ class Decoder(SequenceModel):
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.drop(self.embed(idx))  # (B, T, D)
+        x = self.embed(idx)  # (B, T, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(start, T)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, cache)  # (B, T, D)
         if last_only:
@@ -294,4 +315,5 @@ class Decoder(SequenceModel):
 register_family(ModelFamily(
     name="decoder", config_cls=DecoderConfig, model_cls=Decoder, sizes={**DECODER_SIZES, **SEED_DECODER_SIZES}, left_to_right=True,
     objective="amtrain.train.objective:LMObjective", study_name="transformer",
+    adapters={"hf": "amtrain.hf.decoder:DecoderHF"},
     description="parallel-block decoder (PaLM / GPT-J blocks; serial blocks as an option)"))

@@ -73,6 +73,9 @@ def _read_config(folder: Path) -> dict:
         config = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{folder / CONFIG}: not valid JSON ({e}); re-export the model") from None
+    if "arch" not in config and "model_type" in config:
+        raise UserError(f"{folder}: a transformers folder (model_type {config['model_type']!r}); convert it with "
+                        f"`amtrain import-hf {folder} OUT` and pass OUT")
     for key in ("arch", "model"):
         if key not in config:
             raise UserError(f"{folder / CONFIG}: missing key {key!r}; re-export the model")

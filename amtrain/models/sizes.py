@@ -31,7 +31,8 @@ DECODER_SIZES: dict[str, dict] = {
     "large": {"num_layers": 16, "num_heads": 8, "d_model": 512, "max_seq_len": 1024},
     "xl": {"num_layers": 16, "num_heads": 12, "d_model": 768, "max_seq_len": 1024},
     # GPT-2 small as trained by jthickstun/anticipation (train/ on levanter): the shape only;
-    # this toolkit's block, norm and RoPE apply unless overridden (block="serial" is closest).
+    # this toolkit's block, norm and RoPE apply unless overridden (block="gpt2" is GPT-2 itself;
+    # `amtrain import-hf` loads the released checkpoints, docs/hf.md).
     "amt-gpt2": {"num_layers": 12, "num_heads": 12, "d_model": 768, "max_seq_len": 1024},
 }
 

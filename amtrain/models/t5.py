@@ -1,4 +1,5 @@
-"""T5 v1.1-style encoder-decoder denoiser: config + size table, model, KV-cached decoding, HF conversion.
+"""T5 v1.1-style encoder-decoder denoiser: config + size table, model, KV-cached decoding
+(transformers' `T5ForConditionalGeneration` <-> this: `amtrain.hf.t5`).
 
 Shape legend: B batch, S encoder (input) length, T decoder (target) length, D width (d_model),
 H heads, Dh head width (d_kv), F FFN width (d_ff), V padded vocabulary, L layers.
@@ -38,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amtrain.errors import UserError
 from amtrain.models.base import SequenceModel
 from amtrain.models.layers import KVCache
 from amtrain.registry import ModelFamily, register_family
@@ -465,42 +465,6 @@ class T5(SequenceModel):
         return DecoderCache.empty(c.num_decoder_layers, batch_size, c.num_heads, max_len, c.d_kv,
                                   device or w.device, dtype or w.dtype)
 
-    # -- HF conversion ----------------------------------------------------------------------
-
-    @classmethod
-    def from_hf_state_dict(cls, sd: dict[str, torch.Tensor], cfg: T5Config) -> T5:
-        """A model holding the weights of a HF `T5ForConditionalGeneration` v1.1 state dict
-        (gated-gelu, untied head). `cfg` must describe the same shapes; vocab = padded vocab."""
-        refuse_parallel_for_hf(cfg)
-        model = cls(cfg)
-        ours = {key: v for k, v in sd.items() if (key := _hf_to_ours(k)) is not None}
-        missing, unexpected = model.load_state_dict(ours, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"HF state dict does not match T5Config: missing {missing}, "
-                             f"unexpected {unexpected}")
-        return model
-
-    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under HF `T5ForConditionalGeneration` names (shared embedding written as
-        shared / encoder.embed_tokens / decoder.embed_tokens, as HF saves it)."""
-        refuse_parallel_for_hf(self.cfg)
-        sd = {_ours_to_hf(k): v.detach().clone() for k, v in self.state_dict().items()}
-        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-            sd[alias] = sd["shared.weight"].clone()
-        return sd
-
-
-
-
-def refuse_parallel_for_hf(cfg: T5Config) -> None:
-    """transformers' T5 blocks are serial (a norm per sub-block): a parallel T5's weights under HF
-    names would load there (the missing norms initialised to ones, a warning at most) and compute
-    another function, so the HF adapter refuses it both ways."""
-    which = [name for name in ("parallel_encoder", "parallel_decoder") if getattr(cfg, name)]
-    if which:
-        raise UserError(f"a T5 with {', '.join(f'{name}=True' for name in which)} has no Hugging Face T5 "
-                        "equivalent (its blocks are serial); use `amtrain export` (safetensors + config.json "
-                        "for amtrain) or train a size without -parallel for an HF export")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -522,57 +486,7 @@ def per_example_loss(token_nll: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return token_nll.sum(1) / count
 
 
-# HF key <-> our key. HF: {encoder,decoder}.block.{i}.layer.{j}.<sub>; encoder j: 0 attn, 1 ffn;
-# decoder j: 0 self-attn, 1 cross-attn, 2 ffn. The position bias lives in block 0 of each stack.
-_HF_SUBLAYERS = {
-    "encoder": {"0.SelfAttention": "attn", "0.layer_norm": "attn_norm",
-                "1.DenseReluDense": "ffn", "1.layer_norm": "ffn_norm"},
-    "decoder": {"0.SelfAttention": "self_attn", "0.layer_norm": "self_norm",
-                "1.EncDecAttention": "cross_attn", "1.layer_norm": "cross_norm",
-                "2.DenseReluDense": "ffn", "2.layer_norm": "ffn_norm"},
-}
-_HF_TOP = {"shared.weight": "embed.weight", "lm_head.weight": "lm_head.weight",
-           "encoder.final_layer_norm.weight": "encoder.final_norm.weight",
-           "decoder.final_layer_norm.weight": "decoder.final_norm.weight",
-           "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-               "encoder.rel_bias.embedding.weight",
-           "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
-               "decoder.rel_bias.embedding.weight"}
-_OURS_TOP = {v: k for k, v in _HF_TOP.items()}
-
-
-def _hf_to_ours(key: str) -> str | None:
-    """None for HF's aliases of the shared embedding."""
-    if key in _HF_TOP:
-        return _HF_TOP[key]
-    if key.endswith("embed_tokens.weight"):
-        return None
-    stack, _, block, rest = key.split(".", 3)  # encoder, block, 3, layer.0.SelfAttention.q.weight
-    _, j, sub, tail = rest.split(".", 3)
-    return f"{stack}.layers.{block}.{_HF_SUBLAYERS[stack][f'{j}.{sub}']}.{tail}"
-
-
-def _ours_to_hf(key: str) -> str:
-    if key in _OURS_TOP:
-        return _OURS_TOP[key]
-    stack, _, block, name, tail = key.split(".", 4)  # decoder, layers, 3, cross_attn, q.weight
-    inverse = {v: k for k, v in _HF_SUBLAYERS[stack].items()}
-    return f"{stack}.block.{block}.layer.{inverse[name]}.{tail}"
-
-
-class HFAdapter:
-    """State dicts of transformers' `T5ForConditionalGeneration` <-> this T5 (same weights)."""
-
-    @staticmethod
-    def to_hf(model: T5) -> dict[str, torch.Tensor]:
-        return model.to_hf_state_dict()
-
-    @staticmethod
-    def from_hf(state: dict[str, torch.Tensor], cfg: T5Config) -> T5:
-        return T5.from_hf_state_dict(state, cfg)
-
-
 register_family(ModelFamily(
     name="t5", config_cls=T5Config, model_cls=T5, sizes=T5_SIZES, left_to_right=False,
-    objective="amtrain.train.objective:DenoiseObjective", adapters={"hf": "amtrain.models.t5:HFAdapter"},
+    objective="amtrain.train.objective:DenoiseObjective", adapters={"hf": "amtrain.hf.t5:T5HF"},
     description="T5 encoder-decoder denoiser (span corruption / UL2 under a curriculum)"))

@@ -45,6 +45,10 @@ def build_model(cfg: RunConfig, dataset: Dataset):
     decides (vocabulary, context), `model.overrides` the rest."""
     fam = family(cfg.model.arch)
     data_fields = fam.objective_cls().model_fields(cfg, dataset)
+    if cfg.train.init_from:  # fine-tuning: the export's config and weights (amtrain export / import-hf)
+        from amtrain.train.export import init_model_from
+
+        return init_model_from(cfg, dataset, data_fields)
     model_cfg = fam.config(cfg.model.size, **{**data_fields, **cfg.model.overrides})
     fam.objective_cls().check_model(cfg, model_cfg)
     return fam.build(model_cfg)

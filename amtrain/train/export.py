@@ -50,6 +50,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_pretrained(model, out, meta)
 
 
+def export_hf_folder(src: str | Path, out: str | Path) -> Path:
+    """A run, checkpoint or export folder -> a transformers folder (`amtrain.hf.export_hf`)."""
+    from amtrain.hf import export_hf
+
+    model, meta = load_any(src)
+    return export_hf(model, meta, out)
+
+
 def load_any(path: str | Path) -> tuple[SequenceModel, dict]:
     """An export folder (config.json + model.safetensors) or a run / checkpoint folder."""
     from amtrain.models.io import CONFIG, load_pretrained
@@ -60,3 +68,37 @@ def load_any(path: str | Path) -> tuple[SequenceModel, dict]:
     if not p.exists():
         raise UserError(f"{p}: no such folder; pass an `amtrain export` folder, a run folder or a checkpoint folder")
     return load_checkpoint_model(p)
+
+
+def init_model_from(cfg, dataset, data_fields: dict) -> SequenceModel:
+    """The model of `train.init_from` (an export folder), checked against the run: same family
+    (`model.arch`), same tokenizer as the dataset, a vocabulary and context the data fits in."""
+    import dataclasses
+
+    from amtrain.models.io import load_pretrained
+    from amtrain.registry import family_of
+
+    where = f"train.init_from {cfg.train.init_from}"
+    if not Path(cfg.train.init_from).is_dir():
+        raise UserError(f"{where}: no such folder; pass an `amtrain export` or `amtrain import-hf` folder")
+    model, meta = load_pretrained(cfg.train.init_from)
+    arch = family_of(model).name
+    if arch != cfg.model.arch:
+        raise UserError(f"{where}: a {arch} model but model.arch is {cfg.model.arch}; set --model.arch {arch}")
+    if meta.get("tokenizer") not in (None, dataset.manifest.tokenizer):
+        raise UserError(f"{where}: trained on {meta['tokenizer']} ids but the dataset {dataset.folder} holds "
+                        f"{dataset.manifest.tokenizer} ids; fine-tune on data of the model's tokenizer")
+    if data_fields.get("vocab_size", 0) > model.cfg.vocab_size:
+        raise UserError(f"{where}: model vocab_size {model.cfg.vocab_size} < the {data_fields['vocab_size']} ids "
+                        "the run needs (data.fim_rate > 0 adds 3 sentinels: set --data.fim_rate 0)")
+    if cfg.model.overrides:
+        fam = family_of(model)
+        try:
+            tuned = fam.build(dataclasses.replace(model.cfg, **cfg.model.overrides))
+            tuned.load_state_dict(model.state_dict())
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{where}: model.overrides {cfg.model.overrides} do not fit the export's weights "
+                            f"({str(e).splitlines()[0]}); only shape-free fields can change") from None
+        model = tuned
+    family_of(model).objective_cls().check_model(cfg, model.cfg)
+    return model.train()
