@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "amtrain.commands.model",
     "amtrain.commands.rollout",
     "amtrain.commands.scaling",
+    "amtrain.commands.evaluate",
 ]
 
 _state = {"debug": False}
