@@ -17,6 +17,7 @@ import numpy as np
 
 from amtrain.evaluate import music
 from amtrain.evaluate.stats import (
+    centres_of,
     compare,
     distinct_n,
     entropy_bits,
@@ -28,6 +29,7 @@ from amtrain.evaluate.stats import (
 
 REP_N = 4  # seq-rep-4 (Welleck et al. 2019)
 DISTINCT_N = (1, 2)  # distinct-1, distinct-2 (Li et al. 2016)
+WORD_EDGES = list(range(1, 22))
 
 
 @dataclass
@@ -71,6 +73,9 @@ def set_stats(modality, tokenizer, ids_list: Sequence[np.ndarray], validity: boo
     for n in DISTINCT_N:
         out.pooled[f"distinct_{n}"] = distinct_n(unit_seqs, n)
         out.pooled[f"token_distinct_{n}"] = distinct_n(token_seqs, n)
+    words = [u for seq in unit_seqs for u in seq if isinstance(u, str)]
+    if words:  # text: how long the words are (characters, 1..20+)
+        out.hists["word_length"] = (histogram([len(w) for w in words], WORD_EDGES), centres_of(WORD_EDGES))
     if pieces:
         out.hists.update(music.histograms(pieces, modality.has_velocity))
         out.pooled["pitch_class_entropy_pooled"] = entropy_bits(out.hists["pitch_class"][0])

@@ -122,7 +122,14 @@ class MidiModality(Modality):
         return MidiTape(AUTOREGRESS, np.zeros((0, 3), np.int64)) if rm.family.left_to_right else None
 
     def generated_part(self, rm: RolloutModel, before: MidiTape, after: MidiTape) -> MidiTape:
-        return MidiTape(after.flag, after.triples[len(before.triples):])
+        """The triples after the prompt's (with the REST padding a left-to-right continuation
+        adds to a MIDI file's events)."""
+        from amtrain.generate.amt import is_control
+
+        ev = before.triples[~is_control(before.triples)]
+        prompt = _padded(before.triples, int(ev[:, 0].max()) if len(ev) else 0) if rm.family.left_to_right \
+            else before.triples
+        return MidiTape(after.flag, after.triples[len(prompt):])
 
     def invalid_ids(self, tokenizer, ids: np.ndarray) -> np.ndarray:
         """The AMT grammar of `MidiConstraint` on a tape (absolute times, so a time may run past
@@ -222,7 +229,6 @@ class MidiModality(Modality):
 
     def continue_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
         from amtrain.generate.amt import amt_generate, is_control
-        from amtrain.midi.tokenize import pad
 
         tri = tape.triples
         ev = tri[~is_control(tri)]
@@ -231,8 +237,7 @@ class MidiModality(Modality):
             if cfg.seconds:
                 raise UserError("T5 MIDI continuation takes --length in tokens (whole events: 3 tokens each)")
             return self._seq2seq_continue(rm, tape, cfg, num_samples, seed_offset)
-        if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
-            tri = pad(tri, now)  # a MIDI file's events: REST padding as in training
+        tri = _padded(tri, now)
         end = now + round(cfg.length * TIME_RESOLUTION) if cfg.seconds else None
         max_events = event_cap(cfg.length) if cfg.seconds else max(1, int(cfg.length) // 3)
         flag, tapes = amt_generate(rm.model, tri, tri[:0], num_samples, _amt_sampling(cfg, seed_offset),
@@ -326,6 +331,17 @@ class MidiModality(Modality):
         ev = tape.events()
         ev = ev[ev[:, 2] != REST]
         return MidiTape(AUTOREGRESS, ev[np.argsort(ev[:, 0], kind="stable")])
+
+
+def _padded(tri: np.ndarray, now: int) -> np.ndarray:
+    """A MIDI file's events (no controls, no REST) get REST padding as in training; other
+    tapes stay as they are."""
+    from amtrain.generate.amt import is_control
+    from amtrain.midi.tokenize import pad
+
+    if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
+        return pad(tri, now)
+    return tri
 
 
 def _tape_of_ids(ids: np.ndarray, where) -> MidiTape:
