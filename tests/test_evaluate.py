@@ -17,7 +17,15 @@ from typer.testing import CliRunner
 from amtrain.cli import app
 from amtrain.evaluate import music
 from amtrain.evaluate.sets import compare_sets, flat, set_stats
-from amtrain.evaluate.stats import compare, distinct_n, emd, entropy_bits, kl_bits, overlap, repetition_share
+from amtrain.evaluate.stats import (
+    compare,
+    distinct_n,
+    emd,
+    entropy_bits,
+    kl_bits,
+    overlap,
+    repetition_share,
+)
 from amtrain.midi.events import Notes
 from amtrain.registry import modality_of
 from amtrain.tokens import get_tokenizer
