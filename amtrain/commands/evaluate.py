@@ -70,12 +70,13 @@ def evaluate(
                        heldout_docs=heldout_docs, loss_tokens=loss_tokens, data=str(data) if data else None,
                        split=split, progress=progress)
     codec = None
-    if load_rollout_model(run).modality.needs_codec:
+    rm = load_rollout_model(run, device=device)
+    if rm.modality.needs_codec:
         from amtrain.codec import load_codec
 
         codec = load_codec(codec_path, codec_model)
     out = out or (Path(run) / "evaluation" if Path(run).is_dir() else Path(run).parent / "evaluation")
-    results = run_evaluate(run, out, opts, codec=codec, device=device, log=typer.echo)
+    results = run_evaluate(run, out, opts, codec=codec, device=device, log=typer.echo, rm=rm)
     loss = results["heldout_loss"]
     if loss.get("loss") is not None:
         typer.echo(f"held-out loss {loss['loss']:.4f} nats/token ({loss['bits_per_token']:.4f} bits) over {loss['tokens']} tokens")

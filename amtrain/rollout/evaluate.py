@@ -108,15 +108,16 @@ def generate_samples(rm: RolloutModel, docs: list, opts: EvalOptions, log=print)
 
 
 def evaluate(run: str | Path, out: str | Path, opts: EvalOptions, codec=None, device: str = "cpu",
-             log=print) -> dict:
-    """Generate, write and measure; -> the evaluation results (also DIR/evaluation_results.json)."""
+             log=print, rm: RolloutModel | None = None) -> dict:
+    """Generate, write and measure; -> the evaluation results (also DIR/evaluation_results.json).
+    `rm`: the run already loaded."""
     from amtrain.evaluate import plots
     from amtrain.evaluate.heldout import excerpts, heldout_loss
     from amtrain.evaluate.sets import compare_sets, flat, set_stats
     from amtrain.rollout.load import load_rollout_model
 
     out = Path(out)
-    rm = load_rollout_model(run, device=device)
+    rm = rm or load_rollout_model(run, device=device)
     if rm.modality.needs_codec and codec is None:
         raise UserError(f"{run}: an audio model; pass --codec-path (the EnCodec weights its data was prepped with)")
     dataset, split = _dataset(rm, opts)
