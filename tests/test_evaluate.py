@@ -184,9 +184,13 @@ def test_scaling_rollout_columns_and_stat_plot(tmp_path):
                                  "run_dir": "runs/b", "rollout_pitch_class_entropy": 2.5})
     rows = read_results(table)
     assert rows[0]["rollout_pitch_class_entropy"] is None and rows[1]["rollout_pitch_class_entropy"] == 2.5
+    ev = tmp_path / "evaluation_results.json"
+    ev.write_text(json.dumps({"heldout": {"pitch_class_entropy": 2.4}}))
     r = CliRunner().invoke(app, ["scaling", "plot", str(table), "--out", str(tmp_path / "p"),
-                                 "--stat", "pitch_class_entropy", "--num-boot", "2"])
+                                 "--stat", "pitch_class_entropy", "--num-boot", "2", "--heldout", str(ev)])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["scaling", "plot", str(table), "--out", str(tmp_path / "p"), "--heldout", str(table)])
+    assert r.exit_code != 0 and "not an evaluation_results.json" in str(r.exception)
     assert (tmp_path / "p" / "pitch_class_entropy_vs_params.png").stat().st_size > 1000
     r = CliRunner().invoke(app, ["scaling", "plot", str(table), "--out", str(tmp_path / "p"), "--stat", "nope"])
     assert r.exit_code != 0 and "rollout_pitch_class_entropy" in str(r.exception)
@@ -254,3 +258,15 @@ def test_evaluate_audio_run(tmp_path):
 def test_evaluate_study_needs_best(tmp_path):
     r = CliRunner().invoke(app, ["evaluate", "--study", str(tmp_path)])
     assert r.exit_code != 0 and "--best" in str(r.exception)
+
+
+def test_heldout_loss_takes_the_trainers_validation_windows(one_process, kjv_gpt2):
+    """On the windows the trainer validated on (2 micro-batches of 4 x 64 tokens), the held-out
+    loss is the run's final val_loss."""
+    from amtrain.evaluate.heldout import heldout_loss
+    from amtrain.rollout.load import load_rollout_model
+    from amtrain.store import Dataset
+
+    rm = load_rollout_model(one_process.run_dir)
+    loss = heldout_loss(rm.model, Dataset(kjv_gpt2), "val", 64, 2 * 4 * 64, batch=4)
+    assert loss["tokens"] == 512 and loss["loss"] == pytest.approx(one_process.val_loss, rel=1e-5)

@@ -105,6 +105,8 @@ def plot(
     num_boot: int = typer.Option(200, help="Bootstrap resamples for the α interval."),
     stat: list[str] = typer.Option([], "--stat",
                                    help="A rollout statistic (a rollout_* column, e.g. rollout_pitch_class_entropy or pitch_class_entropy) drawn against model size beside the loss; repeatable."),
+    heldout: Path = typer.Option(None, "--heldout",
+                                 help="An evaluation_results.json of `amtrain evaluate` on the study's data: each --stat's held-out value is drawn as a dashed line."),
 ) -> None:
     """PNGs: validation loss against parameters with fitted curves, and every run's training curve;
     with --stat, each statistic against parameters beside the loss."""
@@ -112,6 +114,14 @@ def plot(
     from amtrain.scaling.results import read_results
 
     rows = read_results(results)
+    reference = {}
+    if heldout is not None:
+        import json
+
+        try:
+            reference = json.loads(heldout.read_text())["heldout"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--heldout {heldout}: not an evaluation_results.json of `amtrain evaluate`") from None
     out.mkdir(parents=True, exist_ok=True)
     a = plot_loss_vs_params(rows, _fits(rows, num_boot, 0), out / "loss_vs_params.png")
     b = plot_training_curves(rows, results.parent, out / "training_curves.png")
@@ -123,4 +133,5 @@ def plot(
             raise UserError(f"--stat {name}: {results} has no column {column}; it has "
                             f"{', '.join(have) or 'none (run the study with --rollout-prompt)'}")
         png = out / f"{column.removeprefix('rollout_')}_vs_params.png"
-        typer.echo(f"wrote {plot_stat_vs_params(rows, column, png)}")
+        ref = reference.get(column.removeprefix("rollout_"))
+        typer.echo(f"wrote {plot_stat_vs_params(rows, column, png, ref)}")

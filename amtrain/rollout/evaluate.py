@@ -67,8 +67,8 @@ def _dataset(rm: RolloutModel, opts: EvalOptions):
         raise UserError(f"{data}: no dataset here (manifest.json missing); pass --data DIR")
     dataset = Dataset(data)
     if dataset.manifest.tokenizer != rm.meta["tokenizer"]:
-        raise UserError(f"{data}: a {dataset.manifest.tokenizer} dataset, but {rm.path} is a {rm.meta['tokenizer']} "
-                        "model; pass the dataset it was trained on with --data")
+        raise UserError(f"{data}: a dataset of {dataset.manifest.tokenizer} ids, but {rm.path} models "
+                        f"{rm.meta['tokenizer']} ids; pass the dataset it was trained on with --data")
     split = opts.split or _val_split(rm.path)
     if not dataset.manifest.splits.get(split, {}).get("docs", 0):
         raise UserError(f"{data}: no '{split}' documents; pass --split with one of {', '.join(dataset.manifest.splits)}")
@@ -140,7 +140,7 @@ def evaluate(run: str | Path, out: str | Path, opts: EvalOptions, codec=None, de
     comparison = compare_sets(sample_stats, held_stats)
     loss: dict = {"loss": None, "bits_per_token": None, "tokens": 0}
     if rm.family.left_to_right:
-        loss = heldout_loss(rm.model, docs, min(rm.context, 1024), opts.loss_tokens)
+        loss = heldout_loss(rm.model, dataset, split, min(rm.context, 1024), opts.loss_tokens)
         loss |= rm.modality.val_metrics(loss["loss"]) if loss["tokens"] else {}
     else:
         loss["note"] = "a denoiser: its held-out loss is the run's val_loss (metrics.jsonl)"

@@ -88,9 +88,10 @@ def plot_training_curves(rows: list[dict], study_dir: Path, out: Path) -> Path:
     return out
 
 
-def plot_stat_vs_params(rows: list[dict], column: str, out: Path) -> Path:
+def plot_stat_vs_params(rows: list[dict], column: str, out: Path, reference: float | None = None) -> Path:
     """Two panels over non-embedding parameters: validation loss, and `column` (a rollout_*
-    statistic of results.csv; runs without it are left out)."""
+    statistic of results.csv; runs without it are left out), with `reference` (the held-out
+    data's value, from `amtrain evaluate`) as a dashed line."""
     plt = _plt()
     fig, (ax_loss, ax_stat) = plt.subplots(1, 2, figsize=(11, 4.2))
     name = column.removeprefix("rollout_")
@@ -104,6 +105,8 @@ def plot_stat_vs_params(rows: list[dict], column: str, out: Path) -> Path:
         for r in have:
             ax_stat.annotate(r["size"], (r["non_embedding_params"], r[column]), fontsize=7,
                              textcoords="offset points", xytext=(3, 3))
+    if reference is not None:
+        ax_stat.axhline(reference, color="grey", linestyle="--", label=f"held-out music: {reference:.3g}")
     for ax, label in ((ax_loss, "validation loss (nats/token)"), (ax_stat, f"{name} (last rollout)")):
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters N")
