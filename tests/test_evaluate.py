@@ -55,6 +55,10 @@ def test_c_major_scale():
     chord = notes([60, 64, 67, 72], [0, 0, 0, 0], [100, 100, 100, 100])
     assert music.polyphony(chord) == 4.0 and music.iois(chord).size == 0
     assert music.pitch_class_entropy(chord) == pytest.approx(1.5)  # C twice, E, G: -(.5 log .5 + 2 .25 log .25)
+    hists = music.histograms([C_MAJOR, chord], velocity=True)
+    assert hists["pitch_class"][0].tolist() == [3, 0, 1, 0, 2, 1, 0, 2, 0, 1, 0, 1]
+    assert hists["velocity"][0][64 // 8] == 11 and hists["velocity"][0].sum() == 11  # velocity 64: bin [64, 72)
+    assert hists["ioi"][0].sum() == 6 and "velocity" not in music.histograms([C_MAJOR], velocity=False)
     drums = notes([36, 38], [0, 50], [10, 10], instr=128)
     assert music.pitch_range(drums) == 0 and music.polyphony(drums) == 0.0  # drums have no pitch
 

@@ -91,6 +91,11 @@ def test_two_ranks_zero3_and_export(two_rank_zero2, kjv_gpt2, tmp_path):
     for r in recs:
         assert r["tokens"] == 16 and 0 <= r["rep_4"] <= 1 and 0 < r["distinct_1"] <= 1 and r["invalid_share"] == 0
         assert 0 <= r["units"] <= 16  # words of the 16 new tokens (the prompt not counted)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "z3" / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("rollout/rep_4")] == [4, 8]
     r = CliRunner().invoke(app, ["export", str(tmp_path / "z3"), str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     model, meta = load_pretrained(tmp_path / "exp")
