@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "amtrain.commands.scaling",
     "amtrain.commands.serve",
     "amtrain.commands.hf",
+    "amtrain.commands.evaluate",
 ]
 
 _state = {"debug": False}

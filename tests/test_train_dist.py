@@ -4,7 +4,8 @@ bundled corpus). Launches are few and each carries several checks:
 * deepspeed --num_accelerators 2, ZeRO-2: the loss falls; it equals one process at the same
   global batch step by step; a one-process run resumed from its step-4 checkpoint (world size
   2 -> 1, amtrain's universal-checkpoint conversion) continues with the same losses.
-* deepspeed --num_accelerators 2, ZeRO-3: the same losses; `amtrain export` gathers the ZeRO-3
+* deepspeed --num_accelerators 2, ZeRO-3: the same losses, with rollouts every 4 steps whose
+  statistics (amtrain.evaluate) land in metrics.jsonl; `amtrain export` gathers the ZeRO-3
   shards into a model that loads without DeepSpeed.
 * two torchrun launches with --nnodes 2 --node_rank 0/1 on 127.0.0.1 (simulated two nodes),
   ZeRO-1: the same losses.
@@ -80,10 +81,21 @@ def test_two_ranks_zero3_and_export(two_rank_zero2, kjv_gpt2, tmp_path):
     from amtrain.cli import app
     from amtrain.models.io import load_pretrained
 
-    run(_deepspeed(tiny(kjv_gpt2, tmp_path / "z3", ds_config=str(REPO / "ds_configs" / "zero3.json"))))
+    rollouts = {"train.rollout_every": 4, "train.rollout_prompts": ["In the beginning"], "train.rollout_length": 16}
+    run(_deepspeed(tiny(kjv_gpt2, tmp_path / "z3", ds_config=str(REPO / "ds_configs" / "zero3.json"), **rollouts)))
     z3 = losses(tmp_path / "z3")
     _assert_falls(z3)
-    assert_same_losses(z3, losses(two_rank_zero2), range(1, STEPS + 1))
+    assert_same_losses(z3, losses(two_rank_zero2), range(1, STEPS + 1))  # rollouts leave training alone
+    recs = metrics(tmp_path / "z3", "rollout")  # rank 0's rollout statistics (amtrain.evaluate)
+    assert [r["step"] for r in recs] == [4, 8]
+    for r in recs:
+        assert r["tokens"] == 16 and 0 <= r["rep_4"] <= 1 and 0 < r["distinct_1"] <= 1 and r["invalid_share"] == 0
+        assert 0 <= r["units"] <= 16  # words of the 16 new tokens (the prompt not counted)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "z3" / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("rollout/rep_4")] == [4, 8]
     r = CliRunner().invoke(app, ["export", str(tmp_path / "z3"), str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     model, meta = load_pretrained(tmp_path / "exp")

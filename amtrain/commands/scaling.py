@@ -42,13 +42,19 @@ def run(
     nproc: int = typer.Option(1, help="Processes per run (torchrun) — tokens per step scale with it."),
     ds_config: str = typer.Option("ds_configs/zero2.json", help="DeepSpeed engine config for every run."),
     lr: float = typer.Option(0.0, help="Peak learning rate for every run (0 = the run config default)."),
+    rollout_prompt: list[str] = typer.Option([], "--rollout-prompt",
+                                             help="A prompt every run rolls out (repeatable: text, or a prompt file such as a .mid); the statistics of each run's last rollout become rollout_* columns of results.csv."),
+    rollout_every: int = typer.Option(0, help="Steps between rollouts (0 = once, at the last step)."),
+    rollout_length: int = typer.Option(64, help="Tokens generated per prompt and rollout."),
 ) -> None:
     """Train one model per (architecture, size) under identical settings; append results.csv."""
     from amtrain.models.sizes import table_sizes
     from amtrain.scaling.run import StudySettings, run_study
 
+    prompts = tuple(str(Path(p).resolve()) if Path(p).exists() else p for p in rollout_prompt)  # runs start in the repo
     settings = StudySettings(data=data, out=out, tokens=tokens or None, seq_len=seq_len, micro_batch=micro_batch,
-                             grad_accum=grad_accum, nproc=nproc, ds_config=ds_config, lr=lr or None)
+                             grad_accum=grad_accum, nproc=nproc, ds_config=ds_config, lr=lr or None,
+                             rollout_prompts=prompts, rollout_every=rollout_every, rollout_length=rollout_length)
     results = run_study(settings, arch.split(","), table_sizes(size_table, sizes.split(",")), log=typer.echo)
     typer.echo(f"results: {results}  (next: amtrain scaling fit {results}; amtrain scaling plot {results} --out {out})")
 
@@ -99,13 +105,35 @@ def plot(
     results: Path = typer.Argument(..., help="results.csv written by `amtrain scaling run`."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs."),
     num_boot: int = typer.Option(200, help="Bootstrap resamples for the α interval."),
+    stat: list[str] = typer.Option([], "--stat",
+                                   help="A rollout statistic (a rollout_* column, e.g. rollout_pitch_class_entropy or pitch_class_entropy) drawn against model size beside the loss; repeatable."),
+    heldout: Path = typer.Option(None, "--heldout",
+                                 help="An evaluation_results.json of `amtrain evaluate` on the study's data: each --stat's held-out value is drawn as a dashed line."),
 ) -> None:
-    """PNGs: validation loss against parameters with fitted curves, and every run's training curve."""
-    from amtrain.scaling.plot import plot_loss_vs_params, plot_training_curves
+    """PNGs: validation loss against parameters with fitted curves, and every run's training curve;
+    with --stat, each statistic against parameters beside the loss."""
+    from amtrain.scaling.plot import plot_loss_vs_params, plot_stat_vs_params, plot_training_curves
     from amtrain.scaling.results import read_results
 
     rows = read_results(results)
+    reference = {}
+    if heldout is not None:
+        import json
+
+        try:
+            reference = json.loads(heldout.read_text())["heldout"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--heldout {heldout}: not an evaluation_results.json of `amtrain evaluate`") from None
     out.mkdir(parents=True, exist_ok=True)
     a = plot_loss_vs_params(rows, _fits(rows, num_boot, 0), out / "loss_vs_params.png")
     b = plot_training_curves(rows, results.parent, out / "training_curves.png")
     typer.echo(f"wrote {a} and {b}")
+    for name in stat:
+        column = name if name.startswith("rollout_") else f"rollout_{name}"
+        have = sorted(k for k in rows[0] if k.startswith("rollout_")) if rows else []
+        if column not in have:
+            raise UserError(f"--stat {name}: {results} has no column {column}; it has "
+                            f"{', '.join(have) or 'none (run the study with --rollout-prompt)'}")
+        png = out / f"{column.removeprefix('rollout_')}_vs_params.png"
+        ref = reference.get(column.removeprefix("rollout_"))
+        typer.echo(f"wrote {plot_stat_vs_params(rows, column, png, ref)}")

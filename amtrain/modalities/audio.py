@@ -113,6 +113,46 @@ class AudioModality(Modality):
     def continuation_tape(self, rm: RolloutModel, prompt):
         return prompt
 
+    def tape_ids(self, rm: RolloutModel, codes: np.ndarray) -> np.ndarray:
+        """As prep-audio stores a file: <eot>, then the codes in the tokenizer's layout."""
+        tok = audio_tokenizer(rm)
+        return np.concatenate([[tok.eot_id], tok.encode(codes).astype(np.int64)])
+
+    def generated_part(self, rm: RolloutModel, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        return after[:, before.shape[1]:]
+
+    def units(self, tokenizer, ids: np.ndarray) -> tuple[str, list]:
+        """Frames: each frame's K codes."""
+        codes = self.codes(tokenizer, ids)
+        return "frames", [tuple(c) for c in codes.T.tolist()]
+
+    def invalid_ids(self, tokenizer, ids: np.ndarray) -> np.ndarray:
+        """The layout's grammar (`CodebookConstraint`): after each <eot>, step s position k holds
+        an id of codebook k; <pad> only where the delay layout puts it (step s < k at a
+        piece's start, the last K-1 steps at its end)."""
+        ids = np.asarray(ids, np.int64)
+        K, size = tokenizer.num_codebooks, tokenizer.codebook_size
+        bad = np.zeros(ids.size, bool)
+        cuts = np.flatnonzero(ids == tokenizer.eot_id)
+        for a, b in zip(np.concatenate([[-1], cuts]), np.concatenate([cuts, [ids.size]]), strict=True):
+            piece = ids[a + 1:b]
+            p = np.arange(piece.size)
+            k, step = p % K, p // K
+            steps = -(-piece.size // K)
+            ok = (piece // size == k) & (piece < tokenizer.eot_id)
+            if tokenizer.layout == "delay":
+                ok |= (piece == tokenizer.pad_id) & ((step < k) | (step >= steps - (K - 1)))
+            bad[a + 1:b] = ~ok
+        return bad
+
+    def codes(self, tokenizer, ids: np.ndarray) -> np.ndarray:
+        """The whole frames of every <eot>-separated piece of a stream cut anywhere, joined (K, T)."""
+        ids = np.asarray(ids, np.int64)
+        cuts = np.flatnonzero(ids == tokenizer.eot_id)
+        bounds = np.concatenate([[-1], cuts, [ids.size]])
+        pieces = [stream_codes(ids[a + 1:b], tokenizer) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return np.concatenate(pieces, axis=1) if pieces else np.zeros((tokenizer.num_codebooks, 0), np.int64)
+
     def describe(self, rm: RolloutModel, before: np.ndarray, after: np.ndarray, cfg) -> tuple[str, list[str]]:
         """Frames (and seconds, with the codec's frame rate) added, or changed by an in-fill."""
         if cfg.mode == "infill":

@@ -312,6 +312,42 @@ class Modality:
         """The tape an in-fill returned, as the next iteration of `alternate` reads it."""
         return tape
 
+    # -- evaluation (amtrain.evaluate) ---------------------------------------------------
+    def tape_ids(self, rm: RolloutModel, tape) -> np.ndarray:
+        """A tape as the ids a dataset stores: what evaluation reads samples and held-out data as."""
+        return np.asarray(tape, np.int64)
+
+    def start_tape(self, rm: RolloutModel) -> Any | None:
+        """The tape of an empty document, for unconditional samples: a left-to-right model's
+        `document_prefix`; None where generation needs a prompt (then a held-out opening is one)."""
+        head = self.document_prefix(rm.tokenizer)
+        return np.asarray(head, np.int64) if head and rm.family.left_to_right else None
+
+    def generated_part(self, rm: RolloutModel, before, after):
+        """The part of a continued tape `after` that generation added to `before`."""
+        return np.asarray(after)[len(before):]
+
+    def units(self, tokenizer: Tokenizer, ids: np.ndarray) -> tuple[str, list]:
+        """(what a sample is measured in, its units in order) for repetition, distinct-n and
+        length: symbolic music's notes as (onset gap, duration, pitch) from `notes`, else the
+        token ids; text overrides with words, audio with frames."""
+        notes = self.notes(tokenizer, ids)
+        if notes is not None:
+            gaps = np.diff(notes.time, prepend=notes.time[:1])
+            return "notes", list(zip(gaps.tolist(), notes.dur.tolist(), notes.pitch.tolist(), strict=True))
+        return "tokens", np.asarray(ids).tolist()
+
+    def codes(self, tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray | None:
+        """Codec codes (K, T) of ids (codebook usage per level); None where there is no codec."""
+        return None
+
+    def invalid_ids(self, tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
+        """(N,) True where a well-formed document's grammar forbids the id at its position (token
+        validity; the rules `amtrain.generate.grammar` enforces while sampling): ids outside
+        the vocabulary."""
+        ids = np.asarray(ids, np.int64)
+        return (ids < 0) | (ids >= tokenizer.vocab_size)
+
     # -- after training ------------------------------------------------------------------
     def sample_command(self, run_dir: str, dataset: Dataset, split: str, codec_path: str) -> str:
         """The command that samples from a finished run, printed after training: `amtrain

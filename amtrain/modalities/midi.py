@@ -117,6 +117,55 @@ class MidiModality(Modality):
 
         return ids_to_notes(ids)[0]
 
+    def tape_ids(self, rm: RolloutModel, tape: MidiTape) -> np.ndarray:
+        return tape.ids()
+
+    def start_tape(self, rm: RolloutModel) -> MidiTape | None:
+        """A left-to-right model starts a piece from nothing (AMT's autoregressive flag)."""
+        return MidiTape(AUTOREGRESS, np.zeros((0, 3), np.int64)) if rm.family.left_to_right else None
+
+    def generated_part(self, rm: RolloutModel, before: MidiTape, after: MidiTape) -> MidiTape:
+        """The triples after the prompt's (with the REST padding a left-to-right continuation
+        adds to a MIDI file's events)."""
+        from amtrain.generate.amt import is_control
+
+        ev = before.triples[~is_control(before.triples)]
+        prompt = _padded(before.triples, int(ev[:, 0].max()) if len(ev) else 0) if rm.family.left_to_right \
+            else before.triples
+        return MidiTape(after.flag, after.triples[len(prompt):])
+
+    def invalid_ids(self, tokenizer, ids: np.ndarray) -> np.ndarray:
+        """The AMT grammar of `MidiConstraint` on a tape (absolute times, so a time may run past
+        the TIME block): after the flags, whole (time, dur, note) triples — an event's onset
+        never before the latest event onset so far, DUR block, NOTE block or REST — or
+        controls (the same blocks + CONTROL_OFFSET, anticipated: their times run ahead), or
+        SEPARATOR triples (the next piece's times start again). A trailing partial triple is
+        invalid."""
+        ids = np.asarray(ids, np.int64)
+        bad = np.zeros(ids.size, bool)
+        head = 0
+        while head < ids.size and ids[head] in (AUTOREGRESS, ANTICIPATE):
+            head += 1
+        n = (ids.size - head) // 3
+        bad[head + 3 * n:] = True
+        tri = ids[head:head + 3 * n].reshape(-1, 3).copy()
+        sep = (tri == SEPARATOR).all(axis=1)
+        ctrl = (tri[:, 2] >= CONTROL_OFFSET) & ~sep
+        tri[ctrl] -= CONTROL_OFFSET
+        event = ~ctrl & ~sep
+        t_ok = tri[:, 0] >= TIME_OFFSET
+        latest = TIME_OFFSET
+        for i in np.flatnonzero(event | sep).tolist():  # a SEPARATOR starts the next piece at 0
+            latest = TIME_OFFSET if sep[i] else latest
+            t_ok[i] &= sep[i] or tri[i, 0] >= latest
+            latest = latest if sep[i] else max(latest, int(tri[i, 0]))
+        d_ok = (tri[:, 1] >= DUR_OFFSET) & (tri[:, 1] < DUR_OFFSET + MAX_DUR)
+        n_ok = (tri[:, 2] >= NOTE_OFFSET) & (tri[:, 2] <= NOTE_OFFSET + MAX_NOTE)
+        n_ok |= event & (tri[:, 2] == REST)
+        ok = np.stack([t_ok, d_ok, n_ok], 1) | sep[:, None]
+        bad[head:head + 3 * n] = ~ok.ravel()
+        return bad
+
     # -- prompts and outputs -------------------------------------------------------------
     def read_prompt(self, rm: RolloutModel, path: Path, cfg, codec=None) -> MidiTape:
         """.mid -> events (no controls; padding happens at generation); id file -> the triples as
@@ -183,7 +232,6 @@ class MidiModality(Modality):
 
     def continue_tape(self, rm: RolloutModel, tape: MidiTape, cfg, num_samples: int, seed_offset: int = 0) -> list:
         from amtrain.generate.amt import amt_generate, is_control
-        from amtrain.midi.tokenize import pad
 
         tri = tape.triples
         ev = tri[~is_control(tri)]
@@ -192,8 +240,7 @@ class MidiModality(Modality):
             if cfg.seconds:
                 raise UserError("T5 MIDI continuation takes --length in tokens (whole events: 3 tokens each)")
             return self._seq2seq_continue(rm, tape, cfg, num_samples, seed_offset)
-        if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
-            tri = pad(tri, now)  # a MIDI file's events: REST padding as in training
+        tri = _padded(tri, now)
         end = now + round(cfg.length * TIME_RESOLUTION) if cfg.seconds else None
         max_events = event_cap(cfg.length) if cfg.seconds else max(1, int(cfg.length) // 3)
         flag, tapes = amt_generate(rm.model, tri, tri[:0], num_samples, _amt_sampling(cfg, seed_offset),
@@ -287,6 +334,17 @@ class MidiModality(Modality):
         ev = tape.events()
         ev = ev[ev[:, 2] != REST]
         return MidiTape(AUTOREGRESS, ev[np.argsort(ev[:, 0], kind="stable")])
+
+
+def _padded(tri: np.ndarray, now: int) -> np.ndarray:
+    """A MIDI file's events (no controls, no REST) get REST padding as in training; other
+    tapes stay as they are."""
+    from amtrain.generate.amt import is_control
+    from amtrain.midi.tokenize import pad
+
+    if len(tri) and not is_control(tri).any() and not (tri[:, 2] == REST).any():
+        return pad(tri, now)
+    return tri
 
 
 def _tape_of_ids(ids: np.ndarray, where) -> MidiTape:

@@ -63,6 +63,11 @@ class TextModality(Modality):
         write_bytes_atomic(stem.with_suffix(".txt"), tok.decode(body.tolist()).encode())
         return [stem.with_suffix(".txt"), save_npy(ids, stem)]
 
+    def units(self, tokenizer, ids: np.ndarray) -> tuple[str, list]:
+        """Words: the decoded text (end-of-text ids dropped) split at whitespace."""
+        ids = np.asarray(ids, np.int64)
+        return "words", tokenizer.decode(ids[ids != tokenizer.eot_id].tolist()).split()
+
     def sample_command(self, run_dir: str, dataset, split: str, codec_path: str) -> str:
         return f'python -m amtrain sample {shlex.quote(run_dir)} --prompt "In the beginning"'
 

@@ -1,5 +1,5 @@
-"""Plots of a scaling study (PNG): validation loss against parameters with the fitted laws, and
-every run's training curve."""
+"""Plots of a scaling study (PNG): validation loss against parameters with the fitted laws,
+every run's training curve, and a rollout statistic against parameters beside the loss."""
 
 from __future__ import annotations
 
@@ -82,6 +82,39 @@ def plot_training_curves(rows: list[dict], study_dir: Path, out: Path) -> Path:
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_stat_vs_params(rows: list[dict], column: str, out: Path, reference: float | None = None) -> Path:
+    """Two panels over non-embedding parameters: validation loss, and `column` (a rollout_*
+    statistic of results.csv; runs without it are left out), with `reference` (the held-out
+    data's value, from `amtrain evaluate`) as a dashed line."""
+    plt = _plt()
+    fig, (ax_loss, ax_stat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    name = column.removeprefix("rollout_")
+    for arch, color in arch_colors(rows).items():
+        sub = sorted((r for r in rows if r["arch"] == arch), key=lambda r: r["non_embedding_params"])
+        n = np.array([r["non_embedding_params"] for r in sub], float)
+        ax_loss.plot(n, [r["val_loss"] for r in sub], "o-", color=color, label=arch)
+        have = [r for r in sub if r.get(column) is not None]
+        ax_stat.plot([r["non_embedding_params"] for r in have], [r[column] for r in have], "o-", color=color,
+                     label=arch)
+        for r in have:
+            ax_stat.annotate(r["size"], (r["non_embedding_params"], r[column]), fontsize=7,
+                             textcoords="offset points", xytext=(3, 3))
+    if reference is not None:
+        ax_stat.axhline(reference, color="grey", linestyle="--", label=f"held-out music: {reference:.3g}")
+    for ax, label in ((ax_loss, "validation loss (nats/token)"), (ax_stat, f"{name} (last rollout)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_loss.set_title("loss against model size")
+    ax_stat.set_title(f"{name} of generated samples against model size")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -6,7 +6,9 @@ written before this column reads it as params), tokens (trained on),
 train_loss (mean of the last logged train losses), val_loss (final), wall_s (training time of the
 run's steps summed over every launch of it, from its checkpointed clock: a run resumed after a kill
 counts the segments before the kill too; evaluation and checkpoint writes excluded), tokens_per_s,
-peak_mem_gb, run_dir (where the run's metrics.jsonl is, relative to the table's folder). A row is
+peak_mem_gb, run_dir (where the run's metrics.jsonl is, relative to the table's folder), then any
+`rollout_<statistic>` columns (the run's last rollout during training, `amtrain.evaluate`; empty
+for a run without). A row is
 appended only when its run has finished, by rewriting the file atomically, so a study killed
 midway keeps every finished row and nothing half-written.
 """
@@ -39,6 +41,7 @@ def read_results(path: str | Path) -> list[dict]:
         if missing:
             raise UserError(f"{path}: not a scaling results table (missing columns {', '.join(sorted(missing))})")
         rows = list(reader)
+        extra = [k for k in reader.fieldnames or [] if k.startswith("rollout_")]
     for row in rows:
         row.setdefault("active_params", row["params"])  # a table from before the column
     for i, row in enumerate(rows, start=2):
@@ -49,6 +52,8 @@ def read_results(path: str | Path) -> list[dict]:
                 row[k] = float(row[k])
             for k in OPTIONAL_COLUMNS:
                 row[k] = float(row[k]) if row.get(k) else None
+            for k in extra:
+                row[k] = float(row[k]) if row[k] not in ("", None) else None
         except ValueError as e:
             raise UserError(f"{path}:{i}: bad number ({e}); fix or delete that row") from None
     return rows
@@ -58,10 +63,11 @@ def append_result(path: str | Path, row: dict) -> None:
     path = Path(path)
     rows = read_results(path) if path.is_file() else []
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS + OPTIONAL_COLUMNS, lineterminator="\n")
+    extra = sorted({k for r in [*rows, row] for k in r if k.startswith("rollout_")})
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS + OPTIONAL_COLUMNS + extra, lineterminator="\n")
     w.writeheader()
     for r in [*rows, row]:
-        w.writerow({**{k: r[k] for k in RESULT_COLUMNS}, **{k: "" if r.get(k) is None else r[k] for k in OPTIONAL_COLUMNS}})
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in RESULT_COLUMNS + OPTIONAL_COLUMNS + extra})
     write_bytes_atomic(path, buf.getvalue().encode())
 
 

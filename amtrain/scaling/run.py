@@ -41,6 +41,12 @@ class StudySettings:
     lr: float | None = None
     extra: tuple[str, ...] = ()
     """More `--key value` overrides passed to every run."""
+    rollout_prompts: tuple[str, ...] = ()
+    """Prompts every run rolls out (`train.rollout_prompts`); the statistics of its last rollout
+    (`amtrain.evaluate`) become `rollout_<name>` columns of results.csv."""
+    rollout_every: int = 0
+    """Steps between rollouts (0: once, at the last step)."""
+    rollout_length: int = 64
 
 
 def tokens_per_step(s: StudySettings) -> int:
@@ -75,6 +81,9 @@ def run_command(s: StudySettings, arch: str, size: str, steps: int, run_dir: Pat
             "--train.out_dir", str(run_dir), "--train.progress", "false"]
     if s.lr is not None:
         args += ["--optim.lr", str(s.lr)]
+    if s.rollout_prompts:
+        args += ["--train.rollout_every", str(s.rollout_every or steps), "--train.rollout_length", str(s.rollout_length),
+                 "--train.rollout_prompts", json.dumps(list(s.rollout_prompts))]
     launcher = [sys.executable] if s.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={s.nproc}"]
     return [*launcher, *args, *s.extra]
@@ -100,8 +109,11 @@ def summarize(run_dir: Path, study_dir: Path, arch: str, size: str, tokens: int,
     info_file = run_dir / "run_info.json"
     active = json.loads(info_file.read_text()).get("num_params_active", total) if info_file.is_file() else total
     tail = train[-3:]
-    return {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb, "active_params": active,
-            "tokens": tokens,
+    rollouts = [r for r in records if r["kind"] == "rollout"]
+    stats = {f"rollout_{k}": v for k, v in rollouts[-1].items()
+             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)} if rollouts else {}
+    return stats | {"arch": arch, "size": size, "params": total, "non_embedding_params": non_emb,
+                    "active_params": active, "tokens": tokens,
             "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": val[-1]["val_loss"],
             "wall_s": round(train[-1]["elapsed_s"], 2), "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train),
             "peak_mem_gb": max(r["mem_gb"] for r in train), "run_dir": str(run_dir.relative_to(study_dir)),

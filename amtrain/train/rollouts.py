@@ -8,6 +8,11 @@ as strings (for the metrics log); the others (MIDI, audio) write
 paths. Sampling is seeded (`seed + i` per
 prompt) so the same prompts give comparable rollouts across steps; the model is put back in
 training mode afterwards (`generate` restores it).
+
+Each rollout also measures what was generated (`amtrain.evaluate.sets`: tokens and units per
+sample, repetition, distinct-n, invalid ids, and for symbolic music pitch-class entropy,
+polyphony, note density, ...): the means go into the returned dict as numbers, so the trainer
+logs them in metrics.jsonl (kind "rollout") and TensorBoard (rollout/<name>).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ def rollout_hook(model: SequenceModel, prompts: list, *, tokenizer, step: int, r
         results.append(modality.continue_tape(rm, tape, cfg, 1, seed_offset=seed + i)[0])
         tapes.append(tape)
         added.append(n)
+    from amtrain.evaluate.sets import flat, set_stats
+
+    generated = [modality.tape_ids(rm, modality.generated_part(rm, t, r)) for t, r in zip(tapes, results, strict=True)]
+    out |= flat(set_stats(modality, tokenizer, generated))
     if modality.text_output:  # without the ids hook_tape put before the prompt
         out["texts"] = [tokenizer.decode(np.asarray(r)[n:].tolist()) for r, n in zip(results, added, strict=True)]
         return out
