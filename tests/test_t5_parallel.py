@@ -181,15 +181,18 @@ def test_parallel_cached_decoding_and_generation_equal_the_full_forward():
 
 
 def test_hf_adapter_refuses_a_parallel_t5_in_one_line():
+    from amtrain.hf.t5 import from_hf_state_dict, to_hf_state_dict
+
     hf = family("t5").adapter("hf")
+    serial = to_hf_state_dict(T5(tiny_cfg(parallel_encoder=False, parallel_decoder=False)))
     for over in ({"parallel_decoder": False}, {"parallel_encoder": False}, {}):
         cfg = tiny_cfg(**over)
-        with pytest.raises(UserError, match="no Hugging Face T5 equivalent") as err:
+        with pytest.raises(UserError, match="has no equivalent in transformers' T5") as err:
             hf.to_hf(T5(cfg))
         assert "\n" not in str(err.value)
         assert all(f"{k}=" not in str(err.value) or getattr(cfg, k) for k in ("parallel_encoder", "parallel_decoder"))
-        with pytest.raises(UserError, match="no Hugging Face T5 equivalent"):
-            hf.from_hf(T5(tiny_cfg(parallel_encoder=False, parallel_decoder=False)).to_hf_state_dict(), cfg)
+        with pytest.raises(UserError, match="has no equivalent in transformers' T5"):
+            from_hf_state_dict(serial, cfg)
 
 
 # --- the shipped config under the trainer ----------------------------------------------------------

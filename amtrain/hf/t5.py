@@ -83,8 +83,7 @@ def to_hf_state_dict(model: T5) -> dict[str, torch.Tensor]:
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: T5Config, where: str = "state dict") -> T5:
     """A T5 holding the weights of a `T5ForConditionalGeneration` v1.1 state dict; `cfg` gives the
     shapes (its padded vocabulary = the HF vocabulary)."""
-    if cfg.parallel_decoder:
-        raise UserError(f"{where}: transformers' T5 has sequential decoder blocks; model.parallel_decoder must be false")
+    refuse_unmapped(cfg, MAPPED, "T5ForConditionalGeneration")  # e.g. parallel sub-blocks: HF's T5 is serial
     model = T5(cfg)
     ours = {key: v.float() for k, v in sd.items() if (key := hf_key_to_ours(k)) is not None}
     missing, unexpected = model.load_state_dict(ours, strict=False)

@@ -127,6 +127,9 @@ class DecoderConfig:
             raise ValueError("model.norm: block 'gpt2' uses LayerNorm with bias; set model.norm layernorm")
         if self.scale_attn_by_inverse_layer_idx and self.block != "gpt2":
             raise ValueError("model.scale_attn_by_inverse_layer_idx: only block 'gpt2' has it")
+        if self.block == "gpt2" and (self.n_routed_experts or self.attention != "mha"):
+            raise ValueError("model.block: 'gpt2' is GPT-2's own block (dense MLP, multi-head attention); "
+                             "MoE and MLA need block parallel or serial")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
