@@ -88,4 +88,5 @@ def test_models_lists_every_family_size_with_its_pinned_count_unwrapped():
         for size in family(name).sizes:
             assert any(f" {name} " in line and f" {size} " in line for line in lines), (name, size)
     assert any(" decoder " in line and " debug " in line and "3,317,952" in line for line in lines)
-    assert "midi (tokenizers midi); text (tokenizers gpt2, ascii); tokens (tokenizers any other)" in r.stdout
+    assert ("abc (tokenizers abc); audio (tokenizers audio); midi (tokenizers midi); nvd (tokenizers nvd); "
+            "text (tokenizers gpt2, ascii); tokens (tokenizers any other)") in r.stdout
