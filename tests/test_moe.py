@@ -206,6 +206,13 @@ def test_export_and_sample_moe_mla(moe_run, tmp_path):
         assert r.exit_code == 0, r.output
         outs.append(r.output.strip())
     assert outs[0].startswith("In the beginning") and len(outs[0]) > 20 and outs[1].endswith(outs[0])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("In the beginning")
+    r = runner.invoke(app, ["rollout", str(tmp_path / "exp"), "--prompt", str(prompt), "--out", str(tmp_path / "ro"),
+                            "--length", "8", "-n", "2"])
+    assert r.exit_code == 0, r.output
+    texts = [(tmp_path / "ro" / f"sample_{i}.txt").read_text() for i in range(2)]
+    assert all(t.startswith("In the beginning") and len(t) > len("In the beginning") for t in texts)
 
 
 def test_nanogpt_v3_recipe_builds_with_its_shape(repo_root):
@@ -236,9 +243,16 @@ def test_two_ranks_zero2_equal_one_process_with_the_same_biases(ep_size, moe_run
     from tests.train_helpers import LAUNCHER, argv, assert_same_losses, free_port, losses, run
 
     args = tiny(kjv_gpt2, tmp_path, **{"model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3,
-                                       "train.ep_size": ep_size})
+                                       "train.ep_size": ep_size, "train.checkpoint_every": 3})
     run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), LAUNCHER, *argv(args)])
     assert_same_losses(moe_run.losses, losses(tmp_path), range(1, 7))
+    if ep_size == 2:  # an expert-parallel checkpoint is an ordinary one: resume it on one process
+        step3 = tmp_path / "checkpoints" / "step_00000003"
+        resumed = train(from_args(tiny(kjv_gpt2, tmp_path / "one", **{
+            "model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3, "train.resume": str(step3)})))
+        for a, b in zip(metrics(moe_run.run_dir, "moe")[3:], metrics(tmp_path / "one", "moe"), strict=True):
+            assert b["moe1/bias"] == pytest.approx(a["moe1/bias"], abs=1e-6), (a, b)  # the biases came back
+        assert_same_losses(moe_run.losses, resumed.losses, range(4, 7))
     one, two = metrics(moe_run.run_dir, "moe"), metrics(tmp_path, "moe")
     for a, b in zip(one, two, strict=True):
         for i in range(2):

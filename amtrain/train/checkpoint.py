@@ -400,10 +400,27 @@ def load(engine, point: ResumePoint) -> RunState:
                                          load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"{point.folder}: DeepSpeed could not load this checkpoint")
+    if point.universal:
+        restore_buffers(engine.module, point.folder)
     rng_file = point.folder / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng_file.is_file() and point.meta["world_size"] == dist.get_world_size():
         _set_rng_state(safe_load(rng_file))
     return RunState(**point.meta["run_state"])
+
+
+def restore_buffers(module: torch.nn.Module, folder: Path) -> None:
+    """The module's persistent buffers (e.g. the MoE selection biases) from the checkpoint's
+    saved module state: DeepSpeed's universal-checkpoint load (world size changed) restores the
+    parameters and the optimizer state but leaves buffers as built."""
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        return
+    saved = safe_load(files[0], map_location="cpu")["module"]
+    skip = {f"{n}.{b}" if n else b for n, m in module.named_modules() for b in m._non_persistent_buffers_set}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name not in skip and name in saved:
+                buf.copy_(saved[name])
 
 
 def check_zero_stage(point: ResumePoint, stage: int) -> None:
