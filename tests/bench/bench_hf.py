@@ -9,7 +9,7 @@ gpt2 -> GPT2LMHeadModel) and loaded with `AutoModelForCausalLM.from_pretrained`.
 the same prompt greedily by `new` tokens (KV cache on both sides; transformers with its default
 attention implementation, sdpa); the tokens must be identical (checked). Tokens/s counts the
 generated tokens over the whole call (prefill included); best of `--repeats` calls each.
-Prints a markdown table; figures go in docs/benchmarks_hf.md.
+Prints a markdown table; figures go in docs/benchmarks.md (## hugging face export).
 """
 
 from __future__ import annotations
