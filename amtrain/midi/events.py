@@ -29,6 +29,7 @@ unclosed notes (-1) set to 250 ms, as `compound_to_events` does.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,11 +346,17 @@ def parse_notes(data: bytes) -> Notes:
 
 
 def read_notes(path: str | Path) -> Notes:
+    return read_midi_file(path)[1]
+
+
+def read_midi_file(path: str | Path) -> tuple[str, Notes]:
+    """-> (MD5 hex of the file's bytes: prep's split key, its notes). MidiReadError (one line)
+    for a file that cannot be read or parsed."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise MidiReadError(f"unreadable ({e.strerror})") from None
-    return parse_notes(data)
+    return hashlib.md5(data).hexdigest(), parse_notes(data)
 
 
 def notes_to_events(notes: Notes) -> tuple[np.ndarray, int]:

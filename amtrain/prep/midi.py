@@ -21,7 +21,6 @@ f -> test, else train; or `ratio`: the MD5 as a fraction in [0, 1) against --val
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -34,7 +33,7 @@ import numpy as np
 
 from amtrain.errors import UserError
 from amtrain.fileio import make_dirs, short_hash, source_id, write_bytes_atomic
-from amtrain.midi.events import MidiReadError, Notes, notes_to_events, parse_notes
+from amtrain.midi.events import MidiReadError, Notes, notes_to_events, parse_notes, read_midi_file
 from amtrain.midi.tokenize import DROP_REASONS, SequenceCutter, drop_reason, piece_chunks
 from amtrain.prep.common import SkipReport, begin_dataset, expand_inputs, process_pool, progress
 from amtrain.store import DatasetBuilder
@@ -115,16 +114,11 @@ def process_file(task: tuple[str, str, str, MidiPrepConfig]) -> UnitResult:
     uid, path, cache_dir, cfg = task
     res = UnitResult(uid, path)
     try:
-        data = Path(path).read_bytes()
-        res.md5 = hashlib.md5(data).hexdigest()
-        res.split = file_split(res.md5, cfg)
-        notes = parse_notes(data)
-    except OSError as e:
-        res.error = f"unreadable ({e.strerror})"
-        return res
+        res.md5, notes = read_midi_file(path)
     except MidiReadError as e:
         res.error = str(e)
         return res
+    res.split = file_split(res.md5, cfg)
     res.num_notes = len(notes)
     variants = cfg.variants() if res.split == "train" else [(0, 1.0)]
     arrays = {}

@@ -20,7 +20,6 @@ same inputs writes it again (the same), and `--append` is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import numpy as np
 
 from amtrain.errors import UserError
 from amtrain.fileio import short_hash, write_bytes_atomic
-from amtrain.midi.events import MidiReadError, parse_notes
+from amtrain.midi.events import MidiReadError, read_midi_file
 from amtrain.midi.nvd import EncodeStats, augment, check_grid, chunks, notes_to_values, variants
 from amtrain.prep.common import SkipReport, begin_dataset, expand_inputs, process_pool, progress
 from amtrain.prep.encodings import PrepReport
@@ -102,15 +101,11 @@ def encode_file(task: tuple[str, NvdPrepConfig]) -> FileResult:
     path, cfg = task
     res = FileResult(path)
     try:
-        data = Path(path).read_bytes()
-        res.split = file_split(hashlib.md5(data).hexdigest(), cfg.split_cfg())
-        notes = parse_notes(data)
-    except OSError as e:
-        res.error = f"unreadable ({e.strerror})"
-        return res
+        md5, notes = read_midi_file(path)
     except MidiReadError as e:
         res.error = str(e)
         return res
+    res.split = file_split(md5, cfg.split_cfg())
     res.num_notes = len(notes)
     values = notes_to_values(notes, cfg.grid_ms, res.stats)
     if not len(notes):
