@@ -49,7 +49,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 STEPS = 8
 SBIN = ("/usr/sbin", "/sbin")  # daemons live there; a non-root PATH may lack them
 START_TIMEOUT_S = 30
-RUN_TIMEOUT_S = 240  # hang guard; a first distributed start on a fresh machine JIT-builds a comm op
+RUN_TIMEOUT_S = 240  # hang guard
 
 
 def _which(name: str) -> str | None:

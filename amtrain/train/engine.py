@@ -13,7 +13,7 @@
   warm-up + cosine LambdaLR, handed to `deepspeed.initialize`. A torch optimizer avoids
   DeepSpeed's JIT-built fused/CPU Adam (about a minute of compiling on first use on CPU).
 * `gathered`: ZeRO-3's full parameters around a generate or rollout that only some ranks run.
-* `cpu_comm_op`: DeepSpeed's CPU comm op is not built for one rank, and announced for several.
+* `cpu_comm_op`: DeepSpeed's CPU shared-memory comm op (inference only) is neither built nor loaded.
 """
 
 from __future__ import annotations
@@ -98,50 +98,30 @@ def init_distributed(timeout_s: float) -> DistInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         check_master_port()
-        with cpu_comm_op(cuda, int(os.environ.get("WORLD_SIZE", "1")), local_rank):
+        with cpu_comm_op(cuda):
             deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
 @contextlib.contextmanager
-def cpu_comm_op(cuda: bool, world_size: int, local_rank: int) -> Iterator[None]:
-    """Around the start of DeepSpeed's process group on CPU. DeepSpeed's CPU accelerator then
-    JIT-compiles its shared-memory comm op (`deepspeed_shm_comm`): about 2 silent minutes the
-    first time on a machine, cached in $TORCH_EXTENSIONS_DIR afterwards. The op serves only
-    `inference_all_reduce` (tensor-parallel inference), a no-op for one rank: a single rank
-    skips the build; with several ranks, local rank 0 says what is happening while it builds."""
+def cpu_comm_op(cuda: bool) -> Iterator[None]:
+    """Around the start of DeepSpeed's process group on CPU, which would JIT-compile its
+    shared-memory comm op (`deepspeed_shm_comm`: 35 s to 2 minutes the first time on a machine)
+    and then take a lock file in its build folder on every start, which every other rank polls
+    until it goes: a rank killed while holding it leaves later runs on the machine waiting
+    forever. The op serves only `inference_all_reduce` (DeepSpeed's tensor-parallel inference,
+    which amtrain does not use; without the op DeepSpeed falls back to the process group's
+    all_reduce), so on CPU it is neither built nor loaded."""
     ds_comm = importlib.import_module("deepspeed.comm.torch")  # (`deepspeed.comm.torch` as an attribute is torch)
-
     if cuda:
         yield
-    elif world_size == 1:
-        build, ds_comm.build_shm_op = ds_comm.build_shm_op, lambda: None  # type: ignore[attr-defined]
-        try:
-            yield
-        finally:
-            ds_comm.build_shm_op = build  # type: ignore[attr-defined]
-    else:
-        folder = shm_op_build_folder()
-        if folder is not None and local_rank == 0:
-            print(f"DeepSpeed is building its CPU communication op into {folder}: about 2 minutes, once per "
-                  "machine (later runs load it)", flush=True)
+        return
+    build, ds_comm.build_shm_op = ds_comm.build_shm_op, lambda: None  # type: ignore[attr-defined]
+    try:
         yield
-
-
-def shm_op_build_folder() -> Path | None:
-    """Where DeepSpeed's CPU comm op is about to be JIT-built, or None if it needs no build
-    (prebuilt, built before, or not for this machine)."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import _get_build_directory
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or installed_ops.get(builder.NAME) or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
-        return None
-    folder = Path(_get_build_directory(builder.NAME, verbose=False))
-    return None if (folder / f"{builder.NAME}.so").is_file() else folder
+    finally:
+        ds_comm.build_shm_op = build  # type: ignore[attr-defined]
 
 
 def load_ds_config(path: Path) -> dict:
