@@ -292,6 +292,7 @@ def _ep_worker(rank: int, port: int, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from amtrain.errors import UserError
     from amtrain.train.experts import apply_expert_parallel, expert_weights_gathered
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -304,7 +305,10 @@ def _ep_worker(rank: int, port: int, out: str) -> None:
     want = m.w_up.grad.clone()
     m.zero_grad()
     full = m.w_up.detach().clone()
-    apply_expert_parallel(torch.nn.Sequential(m), 2, 2, zero_stage=2)  # sharded: this rank's 2 experts only
+    if rank == 0:
+        with pytest.raises(UserError, match="contiguous_gradients"):
+            apply_expert_parallel(torch.nn.Sequential(m), 2, 2, {"zero_optimization": {"stage": 2, "contiguous_gradients": False}})
+    apply_expert_parallel(torch.nn.Sequential(m), 2, 2, {"zero_optimization": {"stage": 2}})  # sharded: this rank's 2 experts only
     y = m(x)
     y.sum().backward()
     dist.all_reduce(want)

@@ -34,7 +34,7 @@ def expert_balance(model, bad: bool) -> dict | None:
     return values
 
 
-def apply_expert_parallel(model, ep_size: int, world_size: int, zero_stage: int) -> None:
+def apply_expert_parallel(model, ep_size: int, world_size: int, ds_config: dict) -> None:
     """Expert parallelism over groups of `ep_size` ranks (`train.ep_size`): DeepSpeed's expert
     groups (`deepspeed.utils.groups`, "ep_size_N"), and every MoE layer's routed experts computed
     on their owner rank (`AllToAllExperts`). A no-op at ep_size 1.
@@ -65,7 +65,12 @@ def apply_expert_parallel(model, ep_size: int, world_size: int, zero_stage: int)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     rank = groups._get_expert_parallel_rank(name)
-    sharded = zero_stage in (1, 2)
+    zero = ds_config.get("zero_optimization", {})
+    sharded = int(zero.get("stage", 0)) in (1, 2)
+    for key in ("contiguous_gradients", "reduce_scatter"):  # DeepSpeed asserts both for MoE groups
+        if sharded and not zero.get(key, True):
+            raise UserError(f"train.ep_size = {ep_size} under ZeRO-{zero['stage']} needs zero_optimization.{key} "
+                            f"true in the DeepSpeed config (DeepSpeed's MoE parameter groups); remove it or set it true")
     dispatch = AllToAllExperts(groups._get_expert_parallel_group(name), ep_size, rank, sharded)
     for m in layers:
         m.dispatch = dispatch

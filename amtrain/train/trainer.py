@@ -43,7 +43,7 @@ from amtrain.train.builders import (
     build_shape,
 )
 from amtrain.train.checkpoint import RunState
-from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision, zero_stage
+from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision
 from amtrain.train.experts import apply_expert_parallel, expert_balance, expert_param_counts
 from amtrain.train.metrics import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
 
@@ -100,7 +100,7 @@ class Trainer:
         self.resume = build_resume(cfg, d, self.model)
         self.precision = resolve_precision(cfg.train.precision, d.device)
         self.ds_config = build_ds_config(cfg, self.plan, self.precision, self.resume)
-        apply_expert_parallel(self.model, cfg.train.ep_size, d.world_size, zero_stage(self.ds_config))  # MoE: experts on their owner ranks
+        apply_expert_parallel(self.model, cfg.train.ep_size, d.world_size, self.ds_config)  # MoE: experts on their owner ranks
         self.engine, self.optimizer = build_engine(self.model, cfg, self.ds_config)
         if cfg.model.compile:
             self.engine.compile()
