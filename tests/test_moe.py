@@ -6,6 +6,7 @@ checkpoint, and the load records."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -237,22 +238,47 @@ def test_nanogpt_v3_recipe_builds_with_its_shape(repo_root):
 @pytest.mark.parametrize("ep_size", [1, 2])
 def test_two_ranks_zero2_equal_one_process_with_the_same_biases(ep_size, moe_run, kjv_gpt2, tmp_path):
     """2 ranks, ZeRO-2, at the same global batch as the one-process run: data parallel (ep_size
-    1: every rank computes every expert) and expert parallel (ep_size 2: each rank computes 2 of
-    the 4 experts for both ranks' tokens, exchanged all-to-all). The summed expert load gives
-    both ranks the one process's biases; losses and biases match step by step."""
+    1: every rank computes every expert) and expert parallel (ep_size 2: each rank stores and
+    computes 2 of the 4 experts, in their own ZeRO groups, for both ranks' tokens, exchanged
+    all-to-all). The summed expert load gives both ranks the one process's biases; losses,
+    biases and the final weights match."""
     from tests.train_helpers import LAUNCHER, argv, assert_same_losses, free_port, losses, run
 
     args = tiny(kjv_gpt2, tmp_path, **{"model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3,
                                        "train.ep_size": ep_size, "train.checkpoint_every": 3})
     run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), LAUNCHER, *argv(args)])
     assert_same_losses(moe_run.losses, losses(tmp_path), range(1, 7))
-    if ep_size == 2:  # an expert-parallel checkpoint is an ordinary one: resume it on one process
+    one_w = checkpoint.consolidated_state_dict(moe_run.checkpoint)
+    two_w = checkpoint.consolidated_state_dict(tmp_path / "checkpoints" / "step_00000006")
+    assert one_w.keys() == two_w.keys()
+    for k, v in one_w.items():  # the final weights, full experts gathered from both ranks at ep_size 2
+        torch.testing.assert_close(two_w[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    if ep_size == 2:  # a world-size-independent checkpoint: resume it on one process
+        info = json.loads((tmp_path / "run_info.json").read_text())
+        assert info["expert_params_total"] == 2 * 4 * 2 * 64 * 64  # 2 MoE layers, 4 experts of 64 x 64 up + down
+        assert info["expert_params_local"] == info["expert_params_total"] // 2  # each rank holds its 2 experts
+        from amtrain.cli import app
+        from amtrain.models.io import load_pretrained
+
+        r = CliRunner().invoke(app, ["export", str(tmp_path), str(tmp_path / "exp")])
+        assert r.exit_code == 0, r.output
+        exported = load_pretrained(tmp_path / "exp")[0].state_dict()
+        assert all(torch.equal(exported[k], v) for k, v in two_w.items())  # the full model
         step3 = tmp_path / "checkpoints" / "step_00000003"
         resumed = train(from_args(tiny(kjv_gpt2, tmp_path / "one", **{
             "model.overrides": MOE_MLA, "train.max_steps": 6, "train.eval_every": 3, "train.resume": str(step3)})))
         for a, b in zip(metrics(moe_run.run_dir, "moe")[3:], metrics(tmp_path / "one", "moe"), strict=True):
             assert b["moe1/bias"] == pytest.approx(a["moe1/bias"], abs=1e-6), (a, b)  # the biases came back
         assert_same_losses(moe_run.losses, resumed.losses, range(4, 7))
+        # 2 ranks at ep_size 2 again: from their own checkpoint (each rank's experts from its own
+        # ZeRO file) and from the one-process one (whole experts, each rank takes its own)
+        dense = tmp_path / "dense" / "step_00000003"
+        shutil.copytree(moe_run.run_dir / "checkpoints" / "step_00000003", dense)
+        for name, src in (("same", step3), ("from_one", dense)):
+            again = tiny(kjv_gpt2, tmp_path / name, **{"model.overrides": MOE_MLA, "train.max_steps": 6,
+                                                       "train.eval_every": 3, "train.ep_size": 2, "train.resume": str(src)})
+            run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), LAUNCHER, *argv(again)])
+            assert_same_losses(moe_run.losses, losses(tmp_path / name), range(4, 7))
     one, two = metrics(moe_run.run_dir, "moe"), metrics(tmp_path, "moe")
     for a, b in zip(one, two, strict=True):
         for i in range(2):
@@ -266,7 +292,8 @@ def _ep_worker(rank: int, port: int, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from amtrain.train.experts import apply_expert_parallel
+    from amtrain.errors import UserError
+    from amtrain.train.experts import apply_expert_parallel, expert_weights_gathered
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -277,28 +304,37 @@ def _ep_worker(rank: int, port: int, out: str) -> None:
     ref.sum().backward()
     want = m.w_up.grad.clone()
     m.zero_grad()
-    apply_expert_parallel(torch.nn.Sequential(m), 2, 2)
+    full = m.w_up.detach().clone()
+    if rank == 0:
+        with pytest.raises(UserError, match="contiguous_gradients"):
+            apply_expert_parallel(torch.nn.Sequential(m), 2, 2, {"zero_optimization": {"stage": 2, "contiguous_gradients": False}})
+    apply_expert_parallel(torch.nn.Sequential(m), 2, 2, {"zero_optimization": {"stage": 2}})  # sharded: this rank's 2 experts only
     y = m(x)
     y.sum().backward()
-    mine = (m.w_up.grad.flatten(1).abs().sum(1) > 0).tolist()
-    got = m.w_up.grad.clone()
-    dist.all_reduce(got)
     dist.all_reduce(want)
-    torch.save({"out": float((y - ref).abs().max()), "grad": float((got - want).abs().max()), "mine": mine},
-               f"{out}.{rank}")
+    shard = [bool(torch.equal(m.w_up[i], full[e])) for i, e in enumerate(range(2 * rank, 2 * rank + 2))]
+    seq = torch.nn.Sequential(m)
+    with expert_weights_gathered(seq):  # what a rank-0-only rollout sees: all experts, no exchange
+        whole = m.w_up.shape[0] == 4 and m.dispatch is None and bool(torch.equal(m.w_up, full))
+        if rank == 0:
+            whole = whole and float((m(x) - ref).abs().max()) < 1e-6
+    whole = whole and list(m.w_up.shape) == [2, D, FF] and m.dispatch is not None  # shards back
+    torch.save({"out": float((y - ref).abs().max()), "grad": float((m.w_up.grad - want[2 * rank:2 * rank + 2]).abs().max()),
+                "shape": list(m.w_up.shape), "shard": shard, "whole": whole}, f"{out}.{rank}")
 
 
 @pytest.mark.slow
 def test_expert_parallel_exchange_computes_the_same_function(tmp_path):
-    """Two ranks, all-to-all over gloo: each rank computes only its 2 of the 4 experts (its
-    gradient is zero elsewhere), for tokens of both ranks; outputs and summed gradients equal
-    the single-device layer's."""
+    """Two ranks, all-to-all over gloo: each rank holds and computes only its 2 of the 4
+    experts, for tokens of both ranks; outputs equal the single-device layer's, and each rank's
+    expert gradient is the single-device gradient of its experts summed over both ranks' tokens;
+    gathered (as around a rollout rank 0 runs alone), one rank computes the layer by itself."""
     import torch.multiprocessing as mp
 
     from tests.train_helpers import free_port
 
     mp.spawn(_ep_worker, args=(free_port(), str(tmp_path / "r")), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"r.{i}", weights_only=True) for i in range(2))
-    assert r0["mine"] == [True, True, False, False] and r1["mine"] == [False, False, True, True]
     for r in (r0, r1):
+        assert r["shape"] == [2, D, FF] and r["shard"] == [True, True] and r["whole"]
         assert r["out"] < 1e-6 and r["grad"] < 1e-5

@@ -99,14 +99,15 @@ class MoEFeedForward(nn.Module):
         return s, idx, g / g.sum(-1, keepdim=True)
 
     def experts(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """sum_k g[n, k] * Expert_{idx[n, k]}(x[n]) for every token: (N, D). In training with a
-        `dispatch` set (expert parallelism, `amtrain.train.experts`), the (token, slot) rows go
-        through it instead: the same function, the experts computed on their owner ranks."""
+        """sum_k g[n, k] * Expert_{idx[n, k]}(x[n]) for every token: (N, D). With a `dispatch`
+        set (expert parallelism, `amtrain.train.experts`: w_up / w_down then hold only this rank's
+        experts), the (token, slot) rows go through it instead: the same function, the experts
+        computed on their owner ranks."""
         N, D = x.shape
         K = self.top_k
         rows = x.repeat_interleave(K, dim=0)  # (N K, D): one row per (token, slot)
         w_up, w_down = self.w_up.to(x.dtype), self.w_down.to(x.dtype)
-        ffn = self.dispatch if self.dispatch is not None and self.training else grouped_ffn
+        ffn = self.dispatch if self.dispatch is not None else grouped_ffn
         y = ffn(rows, idx.reshape(-1), w_up, w_down)  # (N K, D)
         return (y.view(N, K, D) * g.to(x.dtype).unsqueeze(-1)).sum(1)  # (N, D)
 

@@ -74,7 +74,8 @@ def build_objective(cfg: RunConfig, dataset: Dataset, d: DistInfo) -> Objective:
 
 def build_resume(cfg: RunConfig, d: DistInfo, model) -> ResumePoint | None:
     """The checkpoint to resume from (train.resume), refused if it holds another model."""
-    resume = find_resume(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints", d.world_size)
+    shards = cfg.train.ep_size if zero_stage(load_ds_config(cfg.resolved_ds_config())) in (1, 2) else 1
+    resume = find_resume(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints", d.world_size, shards)
     if resume is not None:
         check_same_model(resume, model.cfg)
     return resume

@@ -69,6 +69,12 @@ import torch.distributed as dist
 
 from amtrain.errors import UserError
 from amtrain.fileio import file_sha256, write_errors, write_json_atomic, write_text_atomic
+from amtrain.train.experts import (
+    expert_shards,
+    restore_expert_shards,
+    sharded_experts,
+    write_universal,
+)
 from amtrain.train.safe_load import check_pickle, checkpoint_engine, forced_weights_only, safe_load
 
 STATE_FILE = "amtrain_state.json"
@@ -166,8 +172,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
                     f"pass a run folder or RUN/checkpoints/step_N")
 
 
-def find_resume(resume: str, ckpt_dir: Path, world_size: int) -> ResumePoint | None:
-    """The checkpoint to continue from (verified; collective when a process group runs), or None."""
+def find_resume(resume: str, ckpt_dir: Path, world_size: int, expert_shards: int = 1) -> ResumePoint | None:
+    """The checkpoint to continue from (verified; collective when a process group runs), or None.
+    `expert_shards`: the ep_size this run shards its experts over (1: not sharded); a checkpoint
+    saved with another sharding loads through the universal path too."""
     if resume == "never":
         if latest_checkpoint(ckpt_dir) is not None:
             raise UserError(f"{ckpt_dir}: holds checkpoints but train.resume = never; choose another "
@@ -180,7 +188,8 @@ def find_resume(resume: str, ckpt_dir: Path, world_size: int) -> ResumePoint | N
         _note_stale_latest(ckpt_dir, folder)
     verify(folder, collective=True)
     meta = read_meta(folder)
-    return ResumePoint(folder, meta, universal=meta["world_size"] != world_size)
+    return ResumePoint(folder, meta, universal=meta["world_size"] != world_size
+                       or meta.get("expert_shards", 1) != expert_shards)
 
 
 def _note_stale_latest(ckpt_dir: Path, folder: Path) -> None:
@@ -328,10 +337,15 @@ def save(engine, ckpt_dir: Path, state: RunState, extra_meta: dict, keep_last: i
         rng_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng_file)
     dist.barrier()  # every rank's shards are on disk
+    shards = expert_shards(engine.module)
+    if shards > 1:  # rank-local expert groups: a world-size-independent copy for resume elsewhere and export
+        with _save_errors(tmp, ckpt_dir):
+            write_universal(engine, tmp / UNIVERSAL)
+        dist.barrier()
     files = _record_files(tmp)
     if rank == 0:
         meta = {"run_state": asdict(state), "world_size": dist.get_world_size(), "time": time.time(), **extra_meta,
-                "files": files}
+                "expert_shards": shards, "files": files}
         write_json_atomic(tmp / STATE_FILE, meta)
         _publish(tmp, final)
         write_text_atomic(ckpt_dir / LATEST, tag)
@@ -394,18 +408,57 @@ def load(engine, point: ResumePoint) -> RunState:
     check_zero_stage(point, engine.zero_optimization_stage())
     if point.universal:
         make_universal(point, dist.get_rank())
+        if expert_shards(engine.module) > 1:
+            fit_universal_to_shards(point.load_dir / point.tag, engine)
     engine.checkpoint_engine = checkpoint_engine(engine._config)
     with forced_weights_only():  # the optimizers' universal-checkpoint readers call torch.load themselves
         path, _ = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"{point.folder}: DeepSpeed could not load this checkpoint")
+    _match_schedule_groups(engine.lr_scheduler)
+    restore_expert_shards(engine.module)
     if point.universal:
         restore_buffers(engine.module, point.folder)
     rng_file = point.folder / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng_file.is_file() and point.meta["world_size"] == dist.get_world_size():
         _set_rng_state(safe_load(rng_file))
     return RunState(**point.meta["run_state"])
+
+
+def _match_schedule_groups(sched) -> None:
+    """Sharded experts have a parameter group of their own (amtrain.train.experts): a schedule
+    saved with another number of groups gets one entry per group of this run, the same warm-up
+    and cosine LambdaLR for every group (`engine.build_engine`), and every group the saved lr."""
+    groups = sched.optimizer.param_groups
+    if len(sched.base_lrs) != len(groups):
+        sched.base_lrs = [sched.base_lrs[0]] * len(groups)
+        sched._last_lr = [sched._last_lr[0]] * len(groups)
+        for g, lr in zip(groups, sched._last_lr, strict=True):  # a group the checkpoint lacks kept its initial lr
+            g["lr"] = lr
+
+
+def fit_universal_to_shards(universal: Path, engine) -> None:
+    """A universal folder made from a checkpoint with whole experts, loaded into sharded ones
+    (rank 0, once; idempotent): each expert parameter's files marked as such, so DeepSpeed's
+    universal load takes this rank's experts from the full tensors, and the optimizer's saved
+    groups completed with the experts' own group (DeepSpeed restores only the groups it pairs
+    with a saved one)."""
+    from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS
+
+    if dist.get_rank() == 0:
+        for name, p in sharded_experts(engine.module):
+            for f in sorted((universal / "zero" / name).glob("*.pt")):
+                d = safe_load(f)
+                if isinstance(d, dict) and EP_IS_EXPERT_PARAM not in d:
+                    torch.save({**d, EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: p.amtrain_experts}, f)  # type: ignore[attr-defined]
+        f = universal / "zero" / "optimizer_state.pt"
+        optim = safe_load(f)
+        saved, current = optim["param_groups"], engine.optimizer.param_groups
+        if len(saved) < len(current):
+            extra = [{**saved[0], **{k: g[k] for k in ("name", "moe") if k in g}} for g in current[len(saved):]]
+            torch.save({**optim, "param_groups": saved + extra}, f)
+    dist.barrier()
 
 
 def restore_buffers(module: torch.nn.Module, folder: Path) -> None:
@@ -438,7 +491,12 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     gathered by deepspeed.utils.zero_to_fp32; ZeRO-0 checkpoints hold the full module already.
     The checkpoint is verified first; every file is read with weights_only."""
     verify(folder)
-    if any(folder.glob("*_optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
+    if read_meta(folder).get("expert_shards", 1) > 1:  # written at save (amtrain.train.experts.write_universal)
+        saved = safe_load(folder / UNIVERSAL / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        zero = folder / UNIVERSAL / "zero"
+        sd = {k: safe_load(zero / k / "fp32.pt")["param"] if (zero / k / "fp32.pt").is_file() else v
+              for k, v in saved.items()}
+    elif any(folder.glob("*_optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # its progress notes and tqdm bars (stderr) would mix into `amtrain sample` / `rollout`'s

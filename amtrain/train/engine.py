@@ -12,7 +12,7 @@
 * `build_engine`: AdamW (torch, or bitsandbytes 8-bit) over decay / no-decay groups and a
   warm-up + cosine LambdaLR, handed to `deepspeed.initialize`. A torch optimizer avoids
   DeepSpeed's JIT-built fused/CPU Adam (about a minute of compiling on first use on CPU).
-* `gathered`: ZeRO-3's full parameters around a generate or rollout that only some ranks run.
+* `gathered`: ZeRO-3's full parameters (and sharded experts' full weights) around a generate or rollout that only some ranks run.
 * `cpu_comm_op`: DeepSpeed's CPU shared-memory comm op (inference only) is neither built nor loaded.
 """
 
@@ -191,8 +191,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     (embeddings, Linear and LSTM weights) decay, 1-D gains and biases do not. Each parameter
     appears once (a tied one counted once)."""
     params = list(model.parameters())
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if any(not getattr(p, "allreduce", True) for p in params):  # sharded experts (amtrain.train.experts)
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -219,9 +224,31 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.optim.lr_at(s, max_steps) / peak)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config)
+    with _moe_engine(model):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=ds_config)
+    engine.has_moe_layers = False  # save / load the ordinary way (amtrain.train.experts.write_universal)
     return engine, optimizer
+
+
+@contextlib.contextmanager
+def _moe_engine(model: torch.nn.Module) -> Iterator[None]:
+    """Sharded experts (`amtrain.train.experts`): DeepSpeed's engine turns on its MoE handling
+    (expert-data-parallel groups in the ZeRO optimizer) only for its own `MoE` layer class, found
+    by isinstance; our MoE layers count as such while the engine is built."""
+    from deepspeed.runtime import engine as ds_engine
+
+    from amtrain.models.moe import MoEFeedForward
+
+    if not any(hasattr(m, "num_experts") for m in model.modules() if isinstance(m, MoEFeedForward)):
+        yield
+        return
+    cls = ds_engine.MoE
+    ds_engine.MoE = (cls, MoEFeedForward)
+    try:
+        yield
+    finally:
+        ds_engine.MoE = cls
 
 
 class gathered:
@@ -235,6 +262,9 @@ class gathered:
         self.ctx = None
 
     def __enter__(self):
+        from amtrain.train.experts import expert_weights_gathered
+
+        self.experts = expert_weights_gathered(self.engine.module).__enter__()
         if self.engine.zero_optimization_stage() == 3:
             from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
@@ -243,6 +273,7 @@ class gathered:
         return self
 
     def __exit__(self, *exc):
+        self.experts.__exit__(*exc)
         if self.ctx is not None:
             return self.ctx.__exit__(*exc)
         return False

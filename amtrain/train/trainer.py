@@ -44,7 +44,7 @@ from amtrain.train.builders import (
 )
 from amtrain.train.checkpoint import RunState
 from amtrain.train.engine import DistInfo, build_engine, gathered, resolve_precision
-from amtrain.train.experts import apply_expert_parallel, expert_balance
+from amtrain.train.experts import apply_expert_parallel, expert_balance, expert_param_counts
 from amtrain.train.metrics import MetricsLog, Progress, measure_peak_flops, memory_gb, record_run
 
 
@@ -94,13 +94,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and world size
         self.dataset = build_dataset(cfg, d)
         self.model = build_model(cfg, self.dataset)
-        apply_expert_parallel(self.model, cfg.train.ep_size, d.world_size)  # MoE: experts on their owner ranks
         self.shape = build_shape(self.model)  # counts parameters and FLOPs (ZeRO-3 empties self.model's tensors)
         self.objective = build_objective(cfg, self.dataset, d)
         self.plan = self.objective.plan
         self.resume = build_resume(cfg, d, self.model)
         self.precision = resolve_precision(cfg.train.precision, d.device)
         self.ds_config = build_ds_config(cfg, self.plan, self.precision, self.resume)
+        apply_expert_parallel(self.model, cfg.train.ep_size, d.world_size, self.ds_config)  # MoE: experts on their owner ranks
         self.engine, self.optimizer = build_engine(self.model, cfg, self.ds_config)
         if cfg.model.compile:
             self.engine.compile()
@@ -127,7 +127,7 @@ class Trainer:
             "world_size": self.d.world_size, "backend": self.d.backend, "device": str(self.d.device),
             "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.shape.num_params(),
             "num_params_active": active_params(self.shape),
-            "tokens_per_step": self.plan.tokens_per_step,
+            "tokens_per_step": self.plan.tokens_per_step, **(expert_param_counts(self.engine.module) or {}),
             "resumed_from": str(self.resume.folder) if self.resume else None})
 
     # ---------------------------------------------------------------- the loop
