@@ -201,6 +201,10 @@ def test_cpu_runs_neither_build_nor_load_the_shm_comm_op(tmp_path, monkeypatch, 
     assert not list(tmp_path.iterdir())
 
 
+# ---------------------------------------------------------------- banner, resume, exports
+
+
+@pytest.fixture(scope="module")
 def bundled_run(kjv_gpt2, tmp_path_factory):
     """4 steps with data.path empty, the bundled corpus's folder pointed at the session's
     prepped KJV (so nothing is prepped into the checkout); -> (RunResult, what it printed)."""
