@@ -23,6 +23,10 @@ class SequenceModel(nn.Module):
         token embedding (Kaplan et al. 2020)."""
         raise NotImplementedError
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses (fewer than `num_params()` for a mixture of experts)."""
+        return self.num_params()
+
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> Any:
         """An empty generation cache for `batch_size` sequences of up to `max_len` positions
         (decoder: KV cache; LSTM: recurrent state; T5: the decoder's KV cache)."""

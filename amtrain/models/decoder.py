@@ -293,6 +293,8 @@ class Decoder(SequenceModel):
             n -= sum(m.routed_params() * (m.n_routed - m.top_k) // m.n_routed for m in self.moe_layers())
         return n - self.embed.weight.numel() if non_embedding else n
 
+    def num_active_params(self) -> int:
+        return self.num_params(active=True)
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at context `seq_len`, PaLM appendix B:
 

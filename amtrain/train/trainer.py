@@ -18,7 +18,6 @@ objective state, bad steps, elapsed time), checkpointed with the engine (`amtrai
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ class Trainer:
         record_run(run_dir, self.cfg, self.ds_config, {
             "world_size": self.d.world_size, "backend": self.d.backend, "device": str(self.d.device),
             "precision": self.precision, "peak_flops": self.peak_flops, "num_params": self.shape.num_params(),
-            "num_params_active": active_params(self.shape),
+            "num_params_active": self.shape.num_active_params(),
             "tokens_per_step": self.plan.tokens_per_step, **(expert_param_counts(self.engine.module) or {}),
             "resumed_from": str(self.resume.folder) if self.resume else None})
 
@@ -292,14 +291,6 @@ class Trainer:
         result.state = self.state
 
 
-def active_params(model) -> int:
-    """Parameters a token uses: fewer than `num_params()` for a mixture of experts (models whose
-    `num_params` takes `active`), else all of them."""
-    if "active" in inspect.signature(model.num_params).parameters:
-        return model.num_params(active=True)
-    return model.num_params()
-
-
 def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else math.nan
@@ -314,7 +305,7 @@ def describe_start(tr: Trainer) -> str:
     data = f"{tr.dataset.folder} ({tr.dataset.manifest.tokenizer})"
     if not cfg.data.path:
         data = f"the bundled KJV corpus (data.path is empty) in {data}"
-    total, active = tr.shape.num_params(), active_params(tr.shape)
+    total, active = tr.shape.num_params(), tr.shape.num_active_params()
     params = f"{total:,} params" + (f" ({active:,} active per token)" if active != total else "")
     return (f"amtrain: {cfg.model.size} {cfg.model.arch}, {params}; data {data}; "
             f"{d.world_size} rank(s) on "
