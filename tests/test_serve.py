@@ -376,3 +376,15 @@ def test_results_page_in_headless_chromium(audio_job, redis_url, tmp_path):
             assert len(img.convert("L").getcolors(256) or []) > 2  # text drawn, not a blank page
     finally:
         stop(web)
+
+
+def test_results_page_on_a_taken_port_is_one_line(redis_url):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "amtrain", "serve", "web", "--redis", redis_url, "--port", str(port)],
+                           env=env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"error: serve web: cannot listen on 127.0.0.1:{port} (Address already in "
+                                             "use); pass another --port, or stop what holds that one"], p.stderr

@@ -92,7 +92,6 @@ def web(
     from amtrain.serve.web import serve
 
     q = Queue(redis, queue)
-    typer.echo(f"serve web: http://{host}:{port}/ (queue {queue})", err=True)
     serve(q, host, port)
 
 

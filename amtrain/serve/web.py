@@ -110,6 +110,22 @@ def make_app(queue: Queue):
 
 
 def serve(queue: Queue, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Bind first (a taken port is one line, before anything says the page is up), then hand the
+    socket to uvicorn."""
+    import socket
+    import sys
+
     import uvicorn
 
-    uvicorn.run(make_app(queue), host=host, port=port, log_level="warning")
+    from amtrain.errors import UserError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"serve web: cannot listen on {host}:{port} ({e.strerror}); pass another --port, "
+                        "or stop what holds that one") from None
+    print(f"serve web: http://{host}:{sock.getsockname()[1]}/ (queue {queue.name})", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(make_app(queue), log_level="warning")).run(sockets=[sock])
